@@ -1,0 +1,5 @@
+import sys
+
+from blindfold.cli import main
+
+sys.exit(main())

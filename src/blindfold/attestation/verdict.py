@@ -1,0 +1,95 @@
+"""What every TEE verifier consumes (Evidence) and produces (Verdict).
+
+A verifier only checks that evidence is genuine: signatures, certificate chains to the
+vendor root, collateral validity at the given time, TCB level selection. Whether what the
+evidence reports is *acceptable* is the policy's job (`attestation.policy`).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+TEE_KINDS = ("simulation", "sgx", "tdx", "sev-snp", "nitro")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Evidence as the server publishes it at `GET /v2/attestation`.
+
+    `collateral` maps file names (as laid out in a vector folder of the attestation store,
+    e.g. ``collateral.dcap-qvl.json``, ``vcek.der``, ``ask_ark.pem``) to their bytes.
+    """
+
+    kind: str
+    evidence: bytes
+    collateral: dict[str, bytes] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "evidence": base64.b64encode(self.evidence).decode(),
+            "collateral": {k: base64.b64encode(v).decode() for k, v in self.collateral.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Evidence:
+        from blindfold.errors import EvidenceError
+
+        try:
+            return cls(
+                kind=str(data["kind"]),
+                evidence=base64.b64decode(data["evidence"], validate=True),
+                collateral={
+                    str(k): base64.b64decode(v, validate=True)
+                    for k, v in (data.get("collateral") or {}).items()
+                },
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise EvidenceError(
+                f"attestation evidence is malformed ({exc!r}); expected JSON with 'kind', "
+                "base64 'evidence' and a 'collateral' object. Check that the URL points to a "
+                "Blindfold server."
+            ) from None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The verified claims of one piece of evidence.
+
+    `measurements` uses these keys per kind (hex strings for byte fields, ints for numbers):
+      simulation: measurement
+      sgx: mr_enclave, mr_signer, isv_prod_id, isv_svn, attributes, cpu_svn
+      tdx: mr_td, rtmr0, rtmr1, rtmr2, rtmr3, mr_config_id, mr_owner, mr_owner_config,
+           tee_tcb_svn, td_attributes, xfam
+      sev-snp: measurement, host_data, policy, reported_tcb_bootloader, reported_tcb_tee,
+           reported_tcb_snp, reported_tcb_microcode, chip_id, vmpl, guest_svn, version
+      nitro: pcr0 .. pcr8 (only those present), module_id
+    `report_data` is the 64 bytes the TEE bound into the evidence (for Nitro: user_data).
+    `valid_from` / `valid_until` bound the validity window of the collateral (unix seconds).
+    """
+
+    kind: str
+    measurements: dict[str, Any]
+    report_data: bytes
+    debug: bool = False
+    tcb_status: str | None = None
+    advisory_ids: tuple[str, ...] = ()
+    valid_from: int | None = None
+    valid_until: int | None = None
+    nonce: bytes | None = None
+    public_key: bytes | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly view for printing (CLI, `client.attestation`)."""
+        return {
+            "kind": self.kind,
+            "measurements": self.measurements,
+            "report_data": self.report_data.hex(),
+            "debug": self.debug,
+            "tcb_status": self.tcb_status,
+            "advisory_ids": list(self.advisory_ids),
+            "valid_from": self.valid_from,
+            "valid_until": self.valid_until,
+        }

@@ -1,0 +1,98 @@
+"""Verifying a server's attestation: genuine evidence, acceptable claims, bound to its key.
+
+`verify_evidence` dispatches to the verifier module of the evidence's TEE kind (which checks
+only that the evidence is genuine); `verify_server_evidence` adds the policy and the binding
+of the evidence to the server's TLS certificate (and the client's nonce).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import time
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from blindfold.attestation.policy import Policy
+from blindfold.attestation.simulation import WARNING
+from blindfold.attestation.verdict import TEE_KINDS, Evidence, Verdict
+from blindfold.errors import EvidenceError, ReportDataMismatch, SimulationNotAllowed
+
+_VERIFIER_MODULES = {
+    "simulation": "blindfold.attestation.simulation",
+    "sgx": "blindfold.attestation.sgx",
+    "tdx": "blindfold.attestation.tdx",
+    "sev-snp": "blindfold.attestation.sevsnp",
+    "nitro": "blindfold.attestation.nitro",
+}
+
+
+def verify_evidence(evidence: Evidence, at: int | None = None) -> Verdict:
+    """Checks that `evidence` is genuine at time `at` (default: now) and returns its claims."""
+    if evidence.kind not in _VERIFIER_MODULES:
+        raise EvidenceError(
+            f"unknown TEE kind {evidence.kind!r}; this client knows {', '.join(TEE_KINDS)}"
+        )
+    module = importlib.import_module(_VERIFIER_MODULES[evidence.kind])
+    verdict: Verdict = module.verify(
+        evidence.evidence, evidence.collateral, int(time.time()) if at is None else int(at)
+    )
+    return verdict
+
+
+def spki_sha256(certificate_der: bytes) -> bytes:
+    """SHA-256 of the certificate's DER SubjectPublicKeyInfo: what the report data binds."""
+    certificate = x509.load_der_x509_certificate(certificate_der)
+    spki = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).digest()
+
+
+def expected_report_data(certificate_der: bytes, nonce: bytes | None) -> bytes:
+    return spki_sha256(certificate_der) + (nonce if nonce is not None else bytes(32))
+
+
+def verify_server_evidence(
+    evidence: Evidence,
+    certificate_der: bytes,
+    policy: Policy,
+    *,
+    nonce: bytes | None,
+    allow_simulation: bool,
+    at: int | None = None,
+) -> Verdict:
+    """The whole client-side check of DESIGN.md step 4; raises an AttestationError subclass."""
+    if evidence.kind == "simulation" and not allow_simulation:
+        raise SimulationNotAllowed(
+            "the server offers simulation evidence, which proves nothing (no TEE protects the "
+            "data). Pass allow_simulation=True / --allow-simulation only for development."
+        )
+    verdict = verify_evidence(evidence, at)
+    check_report_data(verdict, certificate_der, nonce)
+    policy.verify(verdict)
+    if verdict.kind == "simulation":
+        import warnings
+
+        warnings.warn(WARNING, stacklevel=3)
+    return verdict
+
+
+def check_report_data(verdict: Verdict, certificate_der: bytes, nonce: bytes | None) -> None:
+    expected = expected_report_data(certificate_der, nonce)
+    found = verdict.report_data
+    if found[:32] != expected[:32]:
+        raise ReportDataMismatch(
+            "the evidence binds another public key than the certificate this server presents "
+            f"(report data binds {found[:32].hex()}, certificate key hashes to "
+            f"{expected[:32].hex()}): a proxy or another server may be relaying the evidence. "
+            "Connect directly to the attested server."
+        )
+    if found[32:64] != expected[32:]:
+        what = "the nonce this client sent" if nonce is not None else "32 zero bytes"
+        raise ReportDataMismatch(
+            f"the evidence's freshness field is {found[32:64].hex()}, expected {what} "
+            f"({expected[32:].hex()}): the evidence may be replayed. Retry; if it persists, "
+            "the server is not answering attestation requests honestly."
+        )

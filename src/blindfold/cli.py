@@ -1,0 +1,423 @@
+"""The `blindfold` command line: serve, attest, measure, policy, models and inference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from blindfold.errors import BlindfoldError
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from blindfold.client.client import connect
+
+    return connect(
+        args.url,
+        policy=args.policy,
+        allow_simulation=args.allow_simulation,
+        token=args.token or os.environ.get("BLINDFOLD_TOKEN"),
+    )
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _progress_bar(label: str) -> Callable[[int, int], None]:
+    def show(done: int, total: int) -> None:
+        if not sys.stderr.isatty() and done != total:
+            return
+        width = 30
+        filled = width * done // max(total, 1)
+        sys.stderr.write(
+            f"\r{label} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB"
+        )
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+# --- commands ---
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from blindfold.server.limits import Limits
+    from blindfold.server.main import ServerConfig, serve
+
+    limits = Limits(
+        max_model_bytes=args.max_model_bytes,
+        max_request_bytes=args.max_request_bytes,
+        max_tensor_elements=args.max_tensor_elements,
+        max_models=args.max_models,
+        max_concurrent_inferences=args.max_concurrent_inferences,
+    )
+    serve(
+        ServerConfig(
+            host=args.host,
+            port=args.port,
+            hostnames=args.hostname,
+            tee=args.tee,
+            allow_simulation_fallback=args.allow_simulation_fallback,
+            limits=limits,
+            upload_key_file=args.upload_key_file,
+            open_upload=args.open_upload,
+            intra_op_threads=args.intra_op_threads,
+            access_log=args.access_log,
+        )
+    )
+    return 0
+
+
+def cmd_attest(args: argparse.Namespace) -> int:
+    if args.evidence is not None:
+        return _attest_offline(args)
+    if args.url is None:
+        raise BlindfoldError("give a server URL, or --evidence FILE --kind KIND for offline checks")
+    with _client(args) as client:
+        _print_json({"verified": True, **client.attestation.describe()})
+    return 0
+
+
+def _load_offline_evidence(args: argparse.Namespace) -> Any:
+    from blindfold.attestation.collateral import load_collateral
+    from blindfold.attestation.verdict import Evidence
+
+    collateral = load_collateral(args.collateral, args.kind) if args.collateral else {}
+    return Evidence(args.kind, args.evidence.read_bytes(), collateral)
+
+
+def _attest_offline(args: argparse.Namespace) -> int:
+    from blindfold.attestation.policy import Policy
+    from blindfold.attestation.verify import verify_evidence
+
+    if args.kind is None:
+        raise BlindfoldError("--evidence needs --kind sgx|tdx|sev-snp|nitro")
+    verdict = verify_evidence(_load_offline_evidence(args), args.at)
+    result: dict[str, Any] = {"genuine": True, **verdict.describe()}
+    if args.policy:
+        Policy.load(args.policy).verify(verdict)
+        result["policy"] = "accepted"
+    _print_json(result)
+    return 0
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from blindfold.attestation.simulation import measure_package
+
+    print(measure_package())
+    return 0
+
+
+def cmd_policy_init(args: argparse.Namespace) -> int:
+    from blindfold.attestation.policy import Policy, dump_toml
+
+    header = ["Blindfold attestation policy: the TEE kinds and measured code this client trusts."]
+    if args.measurement:
+        policy = Policy.from_dict({"simulation": {"measurement": [args.measurement]}})
+        sections = {k: v.values for k, v in policy.kinds.items()}
+        header.append("simulation proves nothing; clients must also pass --allow-simulation.")
+    elif args.from_evidence:
+        from blindfold.attestation.verify import verify_evidence
+
+        args.evidence = args.from_evidence
+        verdict = verify_evidence(_load_offline_evidence(args), args.at)
+        sections = {verdict.kind: policy_section_from(verdict)}
+        header.append("Written from evidence for a first deployment: CHECK these values against")
+        header.append("a build you reproduced before trusting them.")
+        print("warning: check the pinned values before trusting this policy", file=sys.stderr)
+    else:
+        raise BlindfoldError("policy init needs --measurement HEX or --from-evidence FILE --kind K")
+    text = dump_toml(sections, header)
+    Policy.from_dict(sections)  # never write a policy we would not load
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def policy_section_from(verdict: Any) -> dict[str, Any]:
+    """Pins what the evidence measured; TCB status and debug stay at their safe defaults, so
+    the operator opts into anything else by editing the named fields."""
+    m = verdict.measurements
+    kind = verdict.kind
+    section: dict[str, Any] = {}
+    if kind == "sgx":
+        section = {
+            "mr_enclave": [m["mr_enclave"]],
+            "mr_signer": [m["mr_signer"]],
+            "isv_prod_id": m["isv_prod_id"],
+            "min_isv_svn": m["isv_svn"],
+        }
+    elif kind == "tdx":
+        section = {k: [m[k]] for k in ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3") if k in m}
+    elif kind == "sev-snp":
+        section = {
+            "measurement": [m["measurement"]],
+            "min_tcb": {
+                part: m[f"reported_tcb_{part}"]
+                for part in ("bootloader", "tee", "snp", "microcode")
+            },
+        }
+    elif kind == "nitro":
+        section = {k: [m[k]] for k in ("pcr0", "pcr1", "pcr2") if k in m}
+    elif kind == "simulation":
+        section = {"measurement": [m["measurement"]]}
+    if kind != "simulation":
+        section["allowed_tcb_status"] = ["UpToDate"]
+        section["allow_debug"] = False
+        if verdict.tcb_status not in (None, "UpToDate"):
+            print(
+                f"note: the evidence's TCB status is {verdict.tcb_status} (advisories: "
+                f"{', '.join(verdict.advisory_ids) or 'none'}); the policy still requires "
+                "UpToDate: add the status to allowed_tcb_status after review",
+                file=sys.stderr,
+            )
+        if verdict.debug:
+            print(
+                "note: the evidence is from a DEBUG TEE; the policy refuses debug", file=sys.stderr
+            )
+    return section
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        size = args.model.stat().st_size
+        progress = _progress_bar("uploading") if size >= 8 << 20 else None
+        public = None if args.access is None else args.access == "public"
+        model = client.upload_model(args.model, args.name, public=public, progress=progress)
+        _print_json(model.__dict__)
+    return 0
+
+
+def _read_inputs(path: Path) -> Any:
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    raise BlindfoldError(f"inputs file {path} must be .npz, .npy or .json")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    inputs = _read_inputs(args.inputs)
+    with _client(args) as client:
+        outputs = client.run_model(args.model, inputs, dtype=args.dtype)
+    if args.out:
+        np.savez(args.out, **outputs)
+        print(f"wrote {args.out}")
+    else:
+        _print_json(
+            {
+                name: {"dtype": str(a.dtype), "shape": list(a.shape), "data": a.tolist()}
+                for name, a in outputs.items()
+            }
+        )
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete_model(args.name)
+    print(f"deleted {args.name}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_json(client.list_models())
+    return 0
+
+
+def cmd_export_cert(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        args.out.write_text(client.attestation.certificate_pem)
+        print(
+            f"verified the server, wrote its pinned certificate to {args.out} "
+            f"(public key SHA-256 {client.attestation.spki_sha256.hex()})"
+        )
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.keys_command == "create":
+            key_id, run_key = client.create_run_key(args.name)
+            _print_json({"model": args.name, "key_id": key_id, "run_key": run_key})
+        else:
+            client.revoke_run_key(args.name, args.key_id)
+            print(f"revoked run key {args.key_id} of {args.name}")
+    return 0
+
+
+def cmd_access(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.set_public(args.name, args.access == "public")
+    print(f"model {args.name} is now {args.access}")
+    return 0
+
+
+# --- parser ---
+
+
+def _client_options(parser: argparse.ArgumentParser, url_required: bool = True) -> None:
+    if url_required:
+        parser.add_argument("url", help="server URL, e.g. https://127.0.0.1:8443")
+    parser.add_argument("--policy", type=Path, help="attestation policy TOML file")
+    parser.add_argument(
+        "--allow-simulation",
+        action="store_true",
+        help="accept the simulation TEE (it protects nothing)",
+    )
+    parser.add_argument(
+        "--token", help="upload key, owner token or run key (default: $BLINDFOLD_TOKEN)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from blindfold.server.limits import Limits
+
+    parser = argparse.ArgumentParser(prog="blindfold", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    defaults = Limits()
+
+    serve = commands.add_parser("serve", help="run the attested inference server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8443)
+    serve.add_argument(
+        "--hostname",
+        action="append",
+        default=[],
+        help="extra DNS name or IP for the certificate (repeatable)",
+    )
+    serve.add_argument(
+        "--tee",
+        default="simulation",
+        choices=["auto", "simulation", "sgx", "tdx", "sev-snp", "nitro"],
+    )
+    serve.add_argument(
+        "--allow-simulation-fallback",
+        action="store_true",
+        help="with --tee auto: use simulation when no TEE hardware is found",
+    )
+    serve.add_argument("--max-model-bytes", type=int, default=defaults.max_model_bytes)
+    serve.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes)
+    serve.add_argument("--max-tensor-elements", type=int, default=defaults.max_tensor_elements)
+    serve.add_argument("--max-models", type=int, default=defaults.max_models)
+    serve.add_argument(
+        "--max-concurrent-inferences", type=int, default=defaults.max_concurrent_inferences
+    )
+    serve.add_argument("--upload-key-file", type=Path, help="file with one upload key per line")
+    serve.add_argument(
+        "--open-upload", action="store_true", help="let anyone who attests the server upload models"
+    )
+    serve.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="onnxruntime threads per inference (0 = onnxruntime's default)",
+    )
+    serve.add_argument("--access-log", action="store_true")
+    serve.set_defaults(handler=cmd_serve)
+
+    attest = commands.add_parser("attest", help="verify a server's (or saved) evidence")
+    attest.add_argument("url", nargs="?")
+    attest.add_argument("--policy", type=Path)
+    attest.add_argument("--allow-simulation", action="store_true")
+    attest.add_argument("--token", help=argparse.SUPPRESS)
+    attest.add_argument("--evidence", type=Path, help="saved evidence file (offline check)")
+    attest.add_argument("--kind", choices=["sgx", "tdx", "sev-snp", "nitro"])
+    attest.add_argument(
+        "--collateral",
+        type=Path,
+        help="vector-style folder, dcap-qvl collateral JSON, or VCEK cert",
+    )
+    attest.add_argument("--at", type=int, help="verification time, unix seconds (default: now)")
+    attest.set_defaults(handler=cmd_attest)
+
+    measure = commands.add_parser("measure", help="print the simulation measurement of this code")
+    measure.set_defaults(handler=cmd_measure)
+
+    policy = commands.add_parser("policy", help="write attestation policies")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    init = policy_commands.add_parser("init", help="write a policy pinning a measurement")
+    init.add_argument("--measurement", help="simulation measurement (blindfold measure)")
+    init.add_argument("--from-evidence", type=Path, help="pin what this evidence measured")
+    init.add_argument("--kind", choices=["sgx", "tdx", "sev-snp", "nitro"])
+    init.add_argument("--collateral", type=Path)
+    init.add_argument("--at", type=int)
+    init.add_argument("--out", type=Path, required=True)
+    init.set_defaults(handler=cmd_policy_init)
+
+    upload = commands.add_parser("upload", help="upload an ONNX model")
+    _client_options(upload)
+    upload.add_argument("model", type=Path)
+    upload.add_argument("--name")
+    upload.add_argument("--access", choices=["public", "restricted"])
+    upload.set_defaults(handler=cmd_upload)
+
+    run = commands.add_parser("run", help="run a model on inputs from .npz/.npy/.json")
+    _client_options(run)
+    run.add_argument("model", help="model name or sha256:<hex>")
+    run.add_argument("inputs", type=Path)
+    run.add_argument("--dtype", help="numpy dtype for JSON (list) inputs")
+    run.add_argument("--out", type=Path, help="write outputs to this .npz")
+    run.set_defaults(handler=cmd_run)
+
+    delete = commands.add_parser("delete", help="unload and delete a model (owner token)")
+    _client_options(delete)
+    delete.add_argument("name")
+    delete.set_defaults(handler=cmd_delete)
+
+    models = commands.add_parser("models", help="list the server's models")
+    _client_options(models)
+    models.set_defaults(handler=cmd_models)
+
+    export = commands.add_parser("export-cert", help="verify, then write the pinned certificate")
+    _client_options(export)
+    export.add_argument("--out", type=Path, required=True)
+    export.set_defaults(handler=cmd_export_cert)
+
+    keys = commands.add_parser("keys", help="issue or revoke run keys (owner token)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create")
+    _client_options(create)
+    create.add_argument("name")
+    revoke = key_commands.add_parser("revoke")
+    _client_options(revoke)
+    revoke.add_argument("name")
+    revoke.add_argument("key_id")
+    keys.set_defaults(handler=cmd_keys)
+
+    access = commands.add_parser("access", help="make a model public or restricted (owner)")
+    _client_options(access)
+    access.add_argument("name")
+    access.add_argument("access", choices=["public", "restricted"])
+    access.set_defaults(handler=cmd_access)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+        return code
+    except BlindfoldError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Blindfold SDK: attest the server, pin its key, then talk to it."""

@@ -1,0 +1,116 @@
+"""Step 4 of the attested channel, client side: fetch the server's evidence, verify it under
+the policy, and return what to pin. Nothing but the attestation request (and a nonce) is
+sent before this succeeds."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from blindfold.attestation.policy import Policy
+from blindfold.attestation.verdict import Evidence, Verdict
+from blindfold.attestation.verify import verify_server_evidence
+from blindfold.client.transport import (
+    Endpoint,
+    PinnedConnection,
+    spki_sha256_of,
+    unverified_context,
+)
+from blindfold.errors import AttestationError, EvidenceError, PinnedKeyMismatch
+
+
+@dataclass(frozen=True)
+class AttestedServer:
+    """What the client verified: the claims, the evidence, and the certificate it pins."""
+
+    verdict: Verdict
+    evidence: Evidence
+    certificate_pem: str
+    certificate_der: bytes
+    spki_sha256: bytes
+    nonce: bytes | None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.verdict.describe(),
+            "public_key_sha256": self.spki_sha256.hex(),
+            "nonce": self.nonce.hex() if self.nonce else None,
+        }
+
+
+def fetch_attestation(
+    endpoint: Endpoint, nonce: bytes | None, timeout: float = 30.0
+) -> tuple[dict[str, Any], bytes]:
+    """GET /v2/attestation; returns the document and the certificate the TLS peer presented."""
+    connection = PinnedConnection(endpoint, unverified_context(), None, timeout)
+    path = "/v2/attestation" + (f"?nonce={nonce.hex()}" if nonce is not None else "")
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+    except OSError as exc:
+        raise AttestationError(
+            f"cannot fetch attestation from https://{endpoint.host}:{endpoint.port}: {exc}"
+        ) from None
+    finally:
+        peer = connection.peer_certificate
+        connection.close()
+    if response.status != 200:
+        raise AttestationError(
+            f"the server answered {response.status} to GET /v2/attestation: "
+            f"{body[:300].decode(errors='replace')}"
+        )
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise EvidenceError(
+            "the attestation document is not JSON; is this a Blindfold server?"
+        ) from None
+    return document, peer
+
+
+def attest(
+    endpoint: Endpoint,
+    policy: Policy,
+    *,
+    allow_simulation: bool,
+    nonce: bool = True,
+    at: int | None = None,
+    timeout: float = 30.0,
+) -> AttestedServer:
+    nonce_bytes = secrets.token_bytes(32) if nonce else None
+    document, peer_certificate = fetch_attestation(endpoint, nonce_bytes, timeout)
+    evidence = Evidence.from_json(document)
+    try:
+        certificate = x509.load_pem_x509_certificate(str(document["certificate"]).encode())
+    except (KeyError, ValueError):
+        raise EvidenceError("the attestation document has no valid 'certificate' PEM") from None
+    certificate_der = certificate.public_bytes(serialization.Encoding.DER)
+    verdict = verify_server_evidence(
+        evidence,
+        certificate_der,
+        policy,
+        nonce=nonce_bytes,
+        allow_simulation=allow_simulation,
+        at=at,
+    )
+    pin = spki_sha256_of(certificate_der)
+    if spki_sha256_of(peer_certificate) != pin:
+        raise PinnedKeyMismatch(
+            "the TLS connection that delivered the evidence presented public key "
+            f"{spki_sha256_of(peer_certificate).hex()}, but the evidence binds {pin.hex()}: a "
+            "proxy is relaying another server's evidence. Connect to the attested server directly."
+        )
+    return AttestedServer(
+        verdict=verdict,
+        evidence=evidence,
+        certificate_pem=certificate.public_bytes(serialization.Encoding.PEM).decode(),
+        certificate_der=certificate_der,
+        spki_sha256=pin,
+        nonce=nonce_bytes,
+    )

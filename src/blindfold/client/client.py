@@ -1,0 +1,325 @@
+"""The SDK's client: attest, pin, then manage models and run inference.
+
+with blindfold.connect("https://127.0.0.1:8443", allow_simulation=True) as client:
+    uploaded = client.upload_model("model.onnx")
+    outputs = client.run_model(uploaded.sha256, {"x": array})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+from blindfold.attestation.policy import Policy
+from blindfold.client.attest import AttestedServer, attest
+from blindfold.client.inputs import normalize_inputs
+from blindfold.client.protocol import decode_infer_response, encode_infer_request
+from blindfold.client.transport import Endpoint, HttpResponse, Transport, pinned_context
+from blindfold.errors import InputError, PinnedKeyMismatch, server_error
+
+UPLOAD_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class UploadedModel:
+    name: str
+    sha256: str
+    version: str
+    owner_token: str | None  # returned once, for a new model; keep it to delete or share it
+    public: bool
+
+
+class Outputs(dict[str, np.ndarray]):
+    """Output tensors by name, in the model's declared order; `.receipt` when requested."""
+
+    receipt: Any = None
+
+
+class Client:
+    def __init__(
+        self,
+        url: str,
+        *,
+        policy: Policy | None = None,
+        allow_simulation: bool = False,
+        nonce: bool = True,
+        token: str | None = None,
+        timeout: float = 300.0,
+    ) -> None:
+        self.url = url
+        self.policy = policy if policy is not None else Policy.simulation()
+        self.allow_simulation = allow_simulation
+        self.token = token
+        self._nonce = nonce
+        self._timeout = timeout
+        self._endpoint = Endpoint.parse(url)
+        self._lock = threading.Lock()
+        self._metadata: dict[str, dict[str, Any]] = {}
+        self.attestation: AttestedServer = attest(
+            self._endpoint,
+            self.policy,
+            allow_simulation=allow_simulation,
+            nonce=nonce,
+            timeout=min(timeout, 60.0),
+        )
+        self._transport = self._pinned_transport()
+
+    def _pinned_transport(self) -> Transport:
+        return Transport(
+            self._endpoint,
+            pinned_context(self.attestation.certificate_pem),
+            self.attestation.spki_sha256,
+            self._timeout,
+        )
+
+    # --- plumbing ---
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | Any = None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        token: str | None = None,
+        content_length: int | None = None,
+        body_factory: Callable[[], Any] | None = None,
+    ) -> HttpResponse:
+        send = dict(headers or {})
+        bearer = token if token is not None else self.token
+        if bearer:
+            send["Authorization"] = f"Bearer {bearer}"
+        transport = self._transport
+        try:
+            response = transport.request(method, path, body, send, content_length)
+        except PinnedKeyMismatch:
+            # The server restarted with a new key: re-attest under the same policy and
+            # retry. The mismatch is detected at the handshake, before any byte was sent.
+            self._reattest(transport)
+            if body_factory is not None:
+                body = body_factory()
+            response = self._transport.request(method, path, body, send, content_length)
+        if response.status >= 400:
+            try:
+                message = json.loads(response.body)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = response.body[:300].decode(errors="replace")
+            raise server_error(response.status, message, method=method, path=path)
+        return response
+
+    def _reattest(self, failed: Transport) -> None:
+        with self._lock:
+            if self._transport is not failed:
+                return  # another thread already re-attested
+            self.attestation = attest(
+                self._endpoint,
+                self.policy,
+                allow_simulation=self.allow_simulation,
+                nonce=self._nonce,
+            )
+            self._transport = self._pinned_transport()
+            self._metadata.clear()
+            failed.close()
+
+    def _json(self, method: str, path: str, document: Any = None, **kwargs: Any) -> Any:
+        body = None if document is None else json.dumps(document).encode()
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        return json.loads(self._request(method, path, body, headers, **kwargs).body)
+
+    # --- server ---
+
+    def server_metadata(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", "/v2")
+        return result
+
+    def is_ready(self) -> bool:
+        return bool(self._json("GET", "/v2/health/ready").get("ready"))
+
+    # --- models ---
+
+    def upload_model(
+        self,
+        model: str | Path | bytes | Any,
+        name: str | None = None,
+        *,
+        public: bool | None = None,
+        token: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> UploadedModel:
+        """Uploads ONNX bytes (a path, bytes or an onnx.ModelProto) and returns its identity.
+
+        `token` is the upload key for a new name, or the owner token to replace a model.
+        """
+        data, default_name = _model_bytes(model)
+        name = name or default_name or f"model-{hashlib.sha256(data).hexdigest()[:12]}"
+        path = f"/v2/repository/models/{quote(name, safe='')}/load"
+        if public is not None:
+            path += f"?public={'true' if public else 'false'}"
+
+        def chunks() -> Iterator[bytes]:
+            view = memoryview(data)
+            for start in range(0, len(view), UPLOAD_CHUNK):
+                yield bytes(view[start : start + UPLOAD_CHUNK])
+                if progress is not None:
+                    progress(min(start + UPLOAD_CHUNK, len(view)), len(view))
+
+        answer = json.loads(
+            self._request(
+                "POST",
+                path,
+                chunks(),
+                {"Content-Type": "application/octet-stream"},
+                token=token,
+                content_length=len(data),
+                body_factory=chunks,
+            ).body
+        )
+        self._metadata.pop(name, None)
+        return UploadedModel(
+            name=answer["name"],
+            sha256=answer["sha256"],
+            version=answer["version"],
+            owner_token=answer.get("owner_token"),
+            public=answer["public"],
+        )
+
+    def delete_model(self, name: str, *, token: str | None = None) -> None:
+        self._json("POST", f"/v2/repository/models/{quote(name, safe='')}/unload", {}, token=token)
+        self._metadata.pop(name, None)
+
+    def list_models(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._json("POST", "/v2/repository/index", {})
+        return result
+
+    def model_metadata(self, model: str, *, version: str | None = None) -> dict[str, Any]:
+        key = model if version is None else f"{model}@{version}"
+        cached = self._metadata.get(key)
+        if cached is None:
+            cached = self._json("GET", _model_path(model, version))
+            self._metadata[key] = cached
+        return cached
+
+    def set_public(self, name: str, public: bool, *, token: str | None = None) -> None:
+        self._json(
+            "POST",
+            f"/v2/repository/models/{quote(name, safe='')}/access",
+            {"public": public},
+            token=token,
+        )
+
+    def create_run_key(self, name: str, *, token: str | None = None) -> tuple[str, str]:
+        """Issues a key that may run a restricted model; returns (key id, run key)."""
+        answer = self._json(
+            "POST", f"/v2/repository/models/{quote(name, safe='')}/keys", {}, token=token
+        )
+        return answer["key_id"], answer["run_key"]
+
+    def revoke_run_key(self, name: str, key_id: str, *, token: str | None = None) -> None:
+        self._json(
+            "DELETE", f"/v2/repository/models/{quote(name, safe='')}/keys/{key_id}", token=token
+        )
+
+    # --- inference ---
+
+    def run_model(
+        self,
+        model: str,
+        inputs: Any,
+        *,
+        dtype: Any = None,
+        outputs: list[str] | None = None,
+        version: str | None = None,
+        token: str | None = None,
+    ) -> Outputs:
+        """Runs `model` (a name or "sha256:<hex>" or a bare 64-hex hash) on `inputs`."""
+        if len(model) == 64 and all(c in "0123456789abcdef" for c in model.lower()):
+            model = f"sha256:{model.lower()}"
+        metadata = self.model_metadata(model, version=version)
+        arrays = normalize_inputs(inputs, metadata["inputs"], dtype)
+        parts, header_length, total = encode_infer_request(arrays, outputs)
+        response = self._request(
+            "POST",
+            _model_path(model, version) + "/infer",
+            b"".join(parts),
+            {
+                "Inference-Header-Content-Length": str(header_length),
+                "Content-Type": "application/octet-stream",
+            },
+            token=token,
+        )
+        decoded, _ = decode_infer_response(
+            response.body, response.headers.get("inference-header-content-length")
+        )
+        result = Outputs(decoded)
+        return result
+
+    # --- lifetime ---
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _model_path(model: str, version: str | None) -> str:
+    path = f"/v2/models/{quote(model, safe=':')}"
+    return path if version is None else f"{path}/versions/{quote(version, safe='')}"
+
+
+def _safe_name(name: str | None) -> str | None:
+    cleaned = re.sub(r"[^A-Za-z0-9_.\-]", "-", name or "").strip("-.")[:128]
+    return cleaned or None
+
+
+def _model_bytes(model: str | Path | bytes | Any) -> tuple[bytes, str | None]:
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        return bytes(model), None
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        try:
+            return path.read_bytes(), _safe_name(path.stem)
+        except OSError as exc:
+            raise InputError(f"cannot read model file {path}: {exc.strerror}") from None
+    if hasattr(model, "SerializeToString"):
+        buffer = io.BytesIO(model.SerializeToString())
+        return buffer.getvalue(), _safe_name(getattr(getattr(model, "graph", None), "name", None))
+    raise InputError(
+        f"cannot upload a {type(model).__name__}: pass a path, bytes or an onnx.ModelProto"
+    )
+
+
+def connect(
+    url: str = "https://127.0.0.1:8443",
+    *,
+    policy: Policy | str | Path | None = None,
+    allow_simulation: bool = False,
+    nonce: bool = True,
+    token: str | None = None,
+    timeout: float = 300.0,
+) -> Client:
+    """Attests the server at `url` under `policy` (a Policy or a TOML path; default: the
+    simulation TEE running this installed package's code) and returns a pinned Client."""
+    if isinstance(policy, (str, Path)):
+        policy = Policy.load(policy)
+    return Client(
+        url,
+        policy=policy,
+        allow_simulation=allow_simulation,
+        nonce=nonce,
+        token=token,
+        timeout=timeout,
+    )

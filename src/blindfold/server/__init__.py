@@ -1,0 +1,1 @@
+"""The Blindfold inference server: runs inside the TEE, serves the Open Inference Protocol."""

@@ -1,0 +1,394 @@
+"""The HTTP surface: Open Inference Protocol v2 routes, Triton's model repository extension,
+Blindfold's attestation and access-control routes, wired into one Starlette app."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from blindfold import __version__
+from blindfold.errors import RequestRejected
+from blindfold.server import oip
+from blindfold.server.identity import ServerIdentity
+from blindfold.server.models import ModelEntry
+from blindfold.server.runtime import InferenceRunner
+from blindfold.server.service import ModelService
+
+logger = logging.getLogger("blindfold.server")
+JSON_SLACK = 1 << 20  # room for JSON framing around base64 model bytes
+
+
+class ServerState:
+    def __init__(self, identity: ServerIdentity, service: ModelService, runner: InferenceRunner):
+        self.identity = identity
+        self.service = service
+        self.runner = runner
+        self.started = time.time()
+
+
+def bearer_token(request: Request) -> str | None:
+    value = request.headers.get("authorization")
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise RequestRejected(401, "the Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+async def read_body(request: Request, limit: int, what: str, flag: str) -> bytes:
+    """Reads the body, refusing it before buffering when it exceeds `limit`."""
+    declared = request.headers.get("content-length")
+    too_large = RequestRejected(
+        413, f"the {what} is larger than the server's limit of {limit} bytes ({flag})"
+    )
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise too_large
+        except ValueError:
+            raise RequestRejected(400, "Content-Length is not an integer") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def state_of(request: Request) -> ServerState:
+    state: ServerState = request.app.state.blindfold
+    return state
+
+
+# --- health, metadata, attestation ---
+
+
+async def live(request: Request) -> Response:
+    return JSONResponse({"live": True})
+
+
+async def ready(request: Request) -> Response:
+    state = state_of(request)
+    valid_until = state.identity.provider.collateral_valid_until()
+    body: dict[str, Any] = {"ready": True, "tee": state.identity.provider.kind}
+    if valid_until is not None:
+        remaining = int(valid_until - time.time())
+        body.update(collateral_valid_until=valid_until, collateral_seconds_remaining=remaining)
+        if remaining <= 0:
+            body["ready"] = False
+            body["error"] = "the attestation collateral expired; clients will refuse this server"
+            return JSONResponse(body, status_code=503)
+    return JSONResponse(body)
+
+
+async def server_metadata(request: Request) -> Response:
+    state = state_of(request)
+    return JSONResponse(
+        {
+            "name": "blindfold",
+            "version": __version__,
+            "extensions": [
+                "binary_tensor_data",
+                "model_repository",
+                "blindfold_attestation",
+                "blindfold_model_hash",
+            ],
+            "tee": state.identity.provider.kind,
+        }
+    )
+
+
+async def attestation(request: Request) -> Response:
+    state = state_of(request)
+    nonce_hex = request.query_params.get("nonce")
+    nonce = None
+    if nonce_hex is not None:
+        try:
+            nonce = bytes.fromhex(nonce_hex)
+        except ValueError:
+            nonce = b""
+        if len(nonce) != 32:
+            raise RequestRejected(400, "nonce must be 64 hex characters (32 bytes)")
+    document = await state.runner.call(state.identity.attestation, nonce)
+    return JSONResponse(document.to_json())
+
+
+def _metadata(entry: ModelEntry) -> dict[str, Any]:
+    return {
+        "name": entry.name,
+        "versions": [str(entry.version)],
+        "platform": "onnxruntime_onnx",
+        "sha256": entry.sha256,
+        "inputs": [spec.metadata() for spec in entry.session.inputs],
+        "outputs": [spec.metadata() for spec in entry.session.outputs],
+    }
+
+
+def _resolve(request: Request) -> ModelEntry:
+    params = request.path_params
+    return state_of(request).service.registry.get_for_run(
+        params["name"], params.get("version"), bearer_token(request)
+    )
+
+
+async def model_metadata(request: Request) -> Response:
+    return JSONResponse(_metadata(_resolve(request)))
+
+
+async def model_ready(request: Request) -> Response:
+    _resolve(request)
+    return JSONResponse({"name": request.path_params["name"], "ready": True})
+
+
+# --- inference ---
+
+
+async def infer(request: Request) -> Response:
+    state = state_of(request)
+    entry = _resolve(request)
+    limits = state.service.limits
+    body = await read_body(request, limits.max_request_bytes, "request", "--max-request-bytes")
+    parsed = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH), limits)
+    session = entry.session
+    session.check_inputs(parsed.inputs)
+    feeds = {name: _ort_value(array) for name, array in parsed.inputs.items()}
+    if parsed.outputs is None:
+        names = session.output_names
+    else:
+        unknown = [name for name in parsed.outputs if name not in session.output_names]
+        if unknown:
+            raise RequestRejected(
+                400, f"unknown outputs {unknown}; the model has {session.output_names}"
+            )
+        names = [name for name in session.output_names if name in parsed.outputs]
+    results = await state.runner.run(session, names, feeds)
+    outputs = {name: _from_ort(array) for name, array in zip(names, results, strict=True)}
+    parts, header_length = oip.encode_infer_response(
+        entry.name, str(entry.version), parsed, outputs, {"model_sha256": entry.sha256}
+    )
+    body_out = b"".join(parts)
+    if header_length is None:
+        return Response(body_out, media_type="application/json")
+    return Response(
+        body_out,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(header_length)},
+    )
+
+
+def _ort_value(array: Any) -> Any:
+    # onnxruntime takes string tensors as str objects; the wire carries bytes.
+    if array.dtype == object:
+        try:
+            return array.astype(str) if array.size else array.astype(str)
+        except UnicodeDecodeError:
+            raise RequestRejected(400, "BYTES inputs must be UTF-8 text for ONNX models") from None
+    return array
+
+
+def _from_ort(array: Any) -> Any:
+    if array.dtype.kind in ("U", "O"):
+        import numpy as np
+
+        out = np.empty(array.shape, dtype=object)
+        flat = out.reshape(-1)
+        for index, item in enumerate(array.reshape(-1)):
+            flat[index] = item.encode() if isinstance(item, str) else bytes(item)
+        return out
+    return array
+
+
+# --- model repository extension ---
+
+
+async def repository_index(request: Request) -> Response:
+    entries = state_of(request).service.registry.entries()
+    return JSONResponse(
+        [
+            {
+                "name": e.name,
+                "version": str(e.version),
+                "state": "READY",
+                "sha256": e.sha256,
+                "public": e.public,
+            }
+            for e in entries
+        ]
+    )
+
+
+async def repository_load(request: Request) -> Response:
+    state = state_of(request)
+    name = request.path_params["name"]
+    token = bearer_token(request)
+    limits = state.service.limits
+    public = None
+    if request.headers.get("content-type", "").startswith("application/octet-stream"):
+        # Blindfold's raw upload: the body is the ONNX file, no base64 blow-up.
+        data = await read_body(request, limits.max_model_bytes, "model", "--max-model-bytes")
+        if "public" in request.query_params:
+            public = request.query_params["public"].lower() in ("1", "true", "yes")
+    else:
+        limit = limits.max_model_bytes * 4 // 3 + JSON_SLACK
+        body = await read_body(request, limit, "model", "--max-model-bytes")
+        data, public = _model_from_triton_load(body)
+    result = await state.service.load(name, data, token, public=public)
+    answer: dict[str, Any] = {
+        "name": name,
+        "version": str(result.entry.version),
+        "sha256": result.entry.sha256,
+        "replaced": result.replaced,
+        "public": result.entry.public,
+    }
+    if result.owner_token is not None:
+        answer["owner_token"] = result.owner_token
+    return JSONResponse(answer)
+
+
+def _model_from_triton_load(body: bytes) -> tuple[bytes, bool | None]:
+    """Triton's load request: `{"parameters": {"config": ..., "file:<path>": base64}}`."""
+    try:
+        document = json.loads(body) if body else {}
+    except ValueError:
+        raise RequestRejected(400, "the load request is not valid JSON") from None
+    parameters = document.get("parameters") if isinstance(document, dict) else None
+    if not isinstance(parameters, dict):
+        raise RequestRejected(
+            400,
+            "the load request needs a 'parameters' object with the ONNX file as a "
+            "'file:<version>/model.onnx' parameter (tritonclient's load_model(files=...))",
+        )
+    files = {k: v for k, v in parameters.items() if k.startswith("file:")}
+    if len(files) != 1:
+        raise RequestRejected(
+            400,
+            f"the load request must carry exactly one 'file:' parameter with the ONNX "
+            f"model, found {len(files)}; loading from a server-side repository is not supported",
+        )
+    ((path, encoded),) = files.items()
+    if not path.endswith(".onnx"):
+        raise RequestRejected(400, f"file parameter {path!r} must name an .onnx file")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise RequestRejected(400, f"file parameter {path!r} is not valid base64") from None
+    public = parameters.get("public")
+    return data, public if isinstance(public, bool) else None
+
+
+async def repository_unload(request: Request) -> Response:
+    state = state_of(request)
+    entry = state.service.unload(request.path_params["name"], bearer_token(request))
+    return JSONResponse({"name": entry.name, "sha256": entry.sha256, "unloaded": True})
+
+
+async def set_access(request: Request) -> Response:
+    state = state_of(request)
+    body = await read_body(request, 1 << 16, "request", "fixed")
+    try:
+        public = json.loads(body)["public"]
+        if not isinstance(public, bool):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise RequestRejected(400, 'send {"public": true} or {"public": false}') from None
+    entry = state.service.set_public(request.path_params["name"], bearer_token(request), public)
+    return JSONResponse({"name": entry.name, "public": entry.public})
+
+
+async def create_run_key(request: Request) -> Response:
+    state = state_of(request)
+    key_id, run_key = state.service.create_run_key(
+        request.path_params["name"], bearer_token(request)
+    )
+    return JSONResponse({"key_id": key_id, "run_key": run_key})
+
+
+async def revoke_run_key(request: Request) -> Response:
+    state = state_of(request)
+    name, key_id = request.path_params["name"], request.path_params["key_id"]
+    state.service.revoke_run_key(name, bearer_token(request), key_id)
+    return JSONResponse({"name": name, "key_id": key_id, "revoked": True})
+
+
+# --- errors ---
+
+
+async def rejected(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestRejected)
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    incident = uuid.uuid4().hex[:12]
+    # Only the exception type: its message could quote data.
+    logger.error(
+        "internal error %s on %s %s: %s",
+        incident,
+        request.method,
+        request.url.path,
+        type(exc).__name__,
+    )
+    return JSONResponse(
+        {"error": f"internal server error (incident {incident}); the server keeps serving"},
+        status_code=500,
+    )
+
+
+def _guarded(route: Route) -> Route:
+    """Turns every exception into an `{"error": ...}` answer here, because Starlette's own
+    fallback re-raises and the server would log a traceback that may quote request data."""
+    handler = route.endpoint
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            response: Response = await handler(request)
+            return response
+        except RequestRejected as exc:
+            return await rejected(request, exc)
+        except Exception as exc:
+            return await internal_error(request, exc)
+
+    return Route(route.path, endpoint, methods=list(route.methods or ()) or None)
+
+
+MODEL = "/v2/models/{name}"
+VERSION = "/v2/models/{name}/versions/{version}"
+REPO = "/v2/repository/models/{name}"
+
+ROUTES = [
+    Route("/v2/health/live", live),
+    Route("/v2/health/ready", ready),
+    Route("/v2", server_metadata),
+    Route("/v2/attestation", attestation),
+    Route(MODEL, model_metadata),
+    Route(VERSION, model_metadata),
+    Route(MODEL + "/ready", model_ready),
+    Route(VERSION + "/ready", model_ready),
+    Route(MODEL + "/infer", infer, methods=["POST"]),
+    Route(VERSION + "/infer", infer, methods=["POST"]),
+    Route("/v2/repository/index", repository_index, methods=["POST"]),
+    Route(REPO + "/load", repository_load, methods=["POST"]),
+    Route(REPO + "/unload", repository_unload, methods=["POST"]),
+    Route(REPO + "/access", set_access, methods=["POST"]),
+    Route(REPO + "/keys", create_run_key, methods=["POST"]),
+    Route(REPO + "/keys/{key_id}", revoke_run_key, methods=["DELETE"]),
+]
+
+
+def create_app(state: ServerState) -> Starlette:
+    app = Starlette(routes=[_guarded(route) for route in ROUTES])
+    app.state.blindfold = state
+    return app

@@ -1,0 +1,104 @@
+"""The server's attested identity: a fresh TLS key pair and certificate made at each start,
+and evidence binding the certificate's public key (DESIGN.md, "The attested channel").
+
+The private key only ever lives in process memory: it is handed to the TLS stack through an
+anonymous memory file (memfd), never written to disk.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import os
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from blindfold.attestation.verdict import Evidence
+from blindfold.server.tee.base import TeeProvider
+
+
+@dataclass(frozen=True)
+class AttestationDocument:
+    evidence: Evidence
+    certificate_pem: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.evidence.to_json(), "certificate": self.certificate_pem}
+
+
+class ServerIdentity:
+    def __init__(self, provider: TeeProvider, hostnames: list[str]) -> None:
+        self.provider = provider
+        self.private_key = ec.generate_private_key(ec.SECP256R1())
+        self.certificate = _self_signed_certificate(self.private_key, hostnames)
+        self.certificate_der = self.certificate.public_bytes(serialization.Encoding.DER)
+        self.certificate_pem = self.certificate.public_bytes(serialization.Encoding.PEM).decode()
+        spki = self.private_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.spki_sha256 = hashlib.sha256(spki).digest()
+        self._lock = threading.Lock()
+        self._standing: AttestationDocument | None = None
+
+    def attestation(self, nonce: bytes | None = None) -> AttestationDocument:
+        """Evidence for `SHA-256(SPKI) || nonce` (or 32 zero bytes, cached)."""
+        if nonce is None:
+            with self._lock:
+                if self._standing is None:
+                    self._standing = self._document(bytes(32))
+                return self._standing
+        return self._document(nonce)
+
+    def _document(self, freshness: bytes) -> AttestationDocument:
+        evidence = self.provider.evidence(self.spki_sha256 + freshness)
+        return AttestationDocument(evidence, self.certificate_pem)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        key_pem = self.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        # ssl can only load keys from a path; a memfd is a path that never touches a disk.
+        descriptor = os.memfd_create("blindfold-tls", os.MFD_CLOEXEC)
+        try:
+            os.write(descriptor, self.certificate_pem.encode() + key_pem)
+            context.load_cert_chain(f"/proc/self/fd/{descriptor}")
+        finally:
+            os.close(descriptor)
+        return context
+
+
+def _self_signed_certificate(
+    key: ec.EllipticCurvePrivateKey, hostnames: list[str]
+) -> x509.Certificate:
+    names: list[x509.GeneralName] = []
+    for host in hostnames:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Blindfold attested server")])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )

@@ -1,0 +1,145 @@
+"""Starting the server: choose the TEE provider, make the attested identity, build the app,
+and run uvicorn with a TLS context that holds the key in memory only."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import ssl
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from blindfold.errors import ConfigurationError
+from blindfold.server.app import ServerState, create_app
+from blindfold.server.identity import ServerIdentity
+from blindfold.server.limits import Limits
+from blindfold.server.runtime import InferenceRunner
+from blindfold.server.service import ModelService
+from blindfold.server.tee.base import TeeProvider
+
+logger = logging.getLogger("blindfold.server")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8443
+    hostnames: list[str] = field(default_factory=list)
+    tee: str = "simulation"
+    allow_simulation_fallback: bool = False
+    limits: Limits = field(default_factory=Limits)
+    upload_key_file: Path | None = None
+    open_upload: bool = False
+    intra_op_threads: int = 0
+    access_log: bool = False
+
+
+def make_provider(config: ServerConfig) -> TeeProvider:
+    kind = config.tee
+    if kind == "auto":
+        from blindfold.server.tee.detect import detect_tee
+
+        kind = detect_tee(config.allow_simulation_fallback)
+    if kind == "simulation":
+        from blindfold.server.tee.simulation import SimulationProvider
+
+        return SimulationProvider()
+    from blindfold.server.tee.detect import make_hardware_provider
+
+    return make_hardware_provider(kind)
+
+
+def read_upload_keys(path: Path | None) -> frozenset[str]:
+    if path is None:
+        return frozenset()
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read upload key file {path}: {exc.strerror}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not keys:
+        raise ConfigurationError(f"upload key file {path} holds no key (one per line)")
+    return frozenset(hashlib.sha256(key.encode()).hexdigest() for key in keys)
+
+
+class _AttestedConfig(uvicorn.Config):
+    """uvicorn only loads TLS keys from files; hand it our in-memory context instead."""
+
+    def __init__(self, app: Any, context: ssl.SSLContext, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._context = context
+
+    def load(self) -> None:
+        super().load()
+        self.ssl = self._context
+
+    @property
+    def is_ssl(self) -> bool:
+        return True
+
+
+def build_state(config: ServerConfig) -> ServerState:
+    if not config.open_upload and config.upload_key_file is None:
+        raise ConfigurationError(
+            "choose who may upload models: --upload-key-file FILE (one key per line) or "
+            "--open-upload (anyone who attests the server may upload)"
+        )
+    provider = make_provider(config)
+    hostnames = sorted({config.host, "localhost", "127.0.0.1", *config.hostnames})
+    identity = ServerIdentity(provider, hostnames)
+    runner = InferenceRunner(config.limits.max_concurrent_inferences)
+    service = ModelService(
+        config.limits,
+        runner,
+        upload_key_hashes=read_upload_keys(config.upload_key_file),
+        open_upload=config.open_upload,
+        intra_op_threads=config.intra_op_threads,
+    )
+    return ServerState(identity, service, runner)
+
+
+def banner(state: ServerState, config: ServerConfig) -> str:
+    kind = state.identity.provider.kind
+    lines = [
+        f"Blindfold serving on https://{config.host}:{config.port} (TEE: {kind})",
+        f"  TLS public key SHA-256: {state.identity.spki_sha256.hex()}",
+    ]
+    measurement = getattr(state.identity.provider, "measurement", None)
+    if measurement:
+        lines.append(f"  measurement: {measurement}")
+    if kind == "simulation":
+        lines.insert(0, "!" * 78)
+        lines.insert(1, "!! SIMULATION TEE: NO HARDWARE PROTECTION. The host can read every model")
+        lines.insert(2, "!! and every tensor. Clients must pass allow_simulation=True to connect.")
+        lines.insert(3, "!" * 78)
+    if config.open_upload:
+        lines.append("  uploads: OPEN (anyone who attests this server may upload models)")
+    return "\n".join(lines)
+
+
+def serve(config: ServerConfig) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    state = build_state(config)
+    print(banner(state, config), file=sys.stderr, flush=True)
+    app = create_app(state)
+    uvicorn_config = _AttestedConfig(
+        app,
+        state.identity.ssl_context(),
+        host=config.host,
+        port=config.port,
+        access_log=config.access_log,
+        log_level="info",
+        http="httptools",
+        loop="uvloop",
+        timeout_keep_alive=75,
+    )
+    try:
+        uvicorn.Server(uvicorn_config).run()
+    finally:
+        state.runner.shutdown()

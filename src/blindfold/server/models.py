@@ -1,0 +1,159 @@
+"""The in-memory model registry: names, versions, SHA-256 identities, access rules, and the
+sharing of one onnxruntime session between every name that holds identical bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+from dataclasses import dataclass, field
+
+from blindfold.errors import RequestRejected
+from blindfold.server.runtime import Session
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+HASH_PREFIX = "sha256:"
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_urlsafe(32)}"
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    version: int
+    session: Session
+    owner_token_sha256: str
+    public: bool = True
+    run_keys: dict[str, str] = field(default_factory=dict)  # key id -> token hash
+
+    @property
+    def sha256(self) -> str:
+        return self.session.sha256
+
+    def is_owner(self, token: str | None) -> bool:
+        return token is not None and hmac.compare_digest(token_hash(token), self.owner_token_sha256)
+
+    def may_run(self, token: str | None) -> bool:
+        if self.public or self.is_owner(token):
+            return True
+        if token is None:
+            return False
+        digest = token_hash(token)
+        return any(hmac.compare_digest(digest, known) for known in self.run_keys.values())
+
+
+def check_name(name: str) -> None:
+    if not NAME_PATTERN.match(name):
+        raise RequestRejected(
+            400,
+            f"invalid model name {name!r}: use 1-128 letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit)",
+        )
+
+
+class ModelRegistry:
+    def __init__(self, max_models: int) -> None:
+        self._max_models = max_models
+        self._entries: dict[str, ModelEntry] = {}
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def session_for(self, sha256: str) -> Session | None:
+        """The live session for these bytes, so identical uploads share one."""
+        with self._lock:
+            return self._sessions.get(sha256)
+
+    def check_capacity(self, name: str) -> None:
+        with self._lock:
+            if name not in self._entries and len(self._entries) >= self._max_models:
+                raise RequestRejected(
+                    409,
+                    f"the server already holds its maximum of {self._max_models} models "
+                    "(--max-models); unload one first",
+                )
+
+    def put(self, entry: ModelEntry) -> ModelEntry | None:
+        """Adds or replaces the entry for entry.name; returns the replaced entry."""
+        with self._lock:
+            previous = self._entries.get(entry.name)
+            if previous is None and len(self._entries) >= self._max_models:
+                raise RequestRejected(
+                    409,
+                    f"the server already holds its maximum of {self._max_models} models "
+                    "(--max-models); unload one first",
+                )
+            self._entries[entry.name] = entry
+            self._sessions[entry.sha256] = entry.session
+            if previous is not None:
+                self._release(previous.sha256)
+            return previous
+
+    def remove(self, name: str) -> ModelEntry:
+        with self._lock:
+            entry = self._entries.pop(name, None)
+            if entry is None:
+                raise _not_found(name)
+            self._release(entry.sha256)
+            return entry
+
+    def _release(self, sha256: str) -> None:
+        if not any(e.sha256 == sha256 for e in self._entries.values()):
+            self._sessions.pop(sha256, None)
+
+    def get(self, name: str) -> ModelEntry:
+        with self._lock:
+            entry = self._entries.get(name)
+        if entry is None:
+            raise _not_found(name)
+        return entry
+
+    def get_for_run(self, reference: str, version: str | None, token: str | None) -> ModelEntry:
+        """Resolves a name or `sha256:<hex>` the caller may run (an entry granting access)."""
+        if reference.startswith(HASH_PREFIX):
+            digest = reference[len(HASH_PREFIX) :].lower()
+            with self._lock:
+                candidates = [e for e in self._entries.values() if e.sha256 == digest]
+            if not candidates:
+                raise _not_found(reference)
+            allowed = [e for e in candidates if e.may_run(token)]
+            if not allowed:
+                raise _forbidden(reference, token)
+            return allowed[0]
+        entry = self.get(reference)
+        if version is not None and version != str(entry.version):
+            raise RequestRejected(
+                404,
+                f"model {reference!r} has no version {version!r}; it serves version "
+                f"{entry.version}",
+            )
+        if not entry.may_run(token):
+            raise _forbidden(reference, token)
+        return entry
+
+    def entries(self) -> list[ModelEntry]:
+        with self._lock:
+            return sorted(self._entries.values(), key=lambda e: e.name)
+
+
+def _not_found(reference: str) -> RequestRejected:
+    return RequestRejected(
+        404, f"unknown model {reference!r}; list models with POST /v2/repository/index"
+    )
+
+
+def _forbidden(reference: str, token: str | None) -> RequestRejected:
+    if token is None:
+        return RequestRejected(
+            401,
+            f"model {reference!r} is restricted: send a run key from its owner as "
+            "'Authorization: Bearer <key>'",
+        )
+    return RequestRejected(403, f"the token sent may not run model {reference!r}")

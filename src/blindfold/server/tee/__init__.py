@@ -1,0 +1,1 @@
+"""Server-side TEE providers: where evidence (and sealing keys) come from, one module per kind."""
