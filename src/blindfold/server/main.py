@@ -77,10 +77,6 @@ class _AttestedConfig(uvicorn.Config):
         super().load()
         self.ssl = self._context
 
-    @property
-    def is_ssl(self) -> bool:
-        return True
-
 
 def build_state(config: ServerConfig) -> ServerState:
     if not config.open_upload and config.upload_key_file is None:
