@@ -34,6 +34,8 @@ class ServerState:
         self.service = service
         self.runner = runner
         self.started = time.time()
+        self.inferences = 0
+        self.rejected_requests = 0
 
 
 def bearer_token(request: Request) -> str | None:
@@ -92,6 +94,24 @@ async def ready(request: Request) -> Response:
             body["error"] = "the attestation collateral expired; clients will refuse this server"
             return JSONResponse(body, status_code=503)
     return JSONResponse(body)
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; counts only, never names of tensors or their contents."""
+    state = state_of(request)
+    provider = state.identity.provider
+    lines = [
+        f'blindfold_tee_info{{kind="{provider.kind}"}} 1',
+        f"blindfold_uptime_seconds {time.time() - state.started:.0f}",
+        f"blindfold_models {len(state.service.registry.entries())}",
+        f"blindfold_sessions {state.service.registry.session_count()}",
+        f"blindfold_inferences_total {state.inferences}",
+        f"blindfold_rejected_requests_total {state.rejected_requests}",
+    ]
+    valid_until = provider.collateral_valid_until()
+    if valid_until is not None:
+        lines.append(f"blindfold_collateral_seconds_remaining {valid_until - time.time():.0f}")
+    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 
 async def server_metadata(request: Request) -> Response:
@@ -176,6 +196,7 @@ async def infer(request: Request) -> Response:
         names = [name for name in session.output_names if name in parsed.outputs]
     results = await state.runner.run(session, names, feeds)
     outputs = {name: _from_ort(array) for name, array in zip(names, results, strict=True)}
+    state.inferences += 1
     parts, header_length = oip.encode_infer_response(
         entry.name, str(entry.version), parsed, outputs, {"model_sha256": entry.sha256}
     )
@@ -328,6 +349,7 @@ async def revoke_run_key(request: Request) -> Response:
 
 async def rejected(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestRejected)
+    state_of(request).rejected_requests += 1
     return JSONResponse({"error": exc.message}, status_code=exc.status)
 
 
@@ -372,6 +394,7 @@ ROUTES = [
     Route("/v2/health/live", live),
     Route("/v2/health/ready", ready),
     Route("/v2", server_metadata),
+    Route("/metrics", metrics),
     Route("/v2/attestation", attestation),
     Route(MODEL, model_metadata),
     Route(VERSION, model_metadata),

@@ -71,6 +71,10 @@ class ModelRegistry:
         with self._lock:
             return self._sessions.get(sha256)
 
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
     def check_capacity(self, name: str) -> None:
         with self._lock:
             if name not in self._entries and len(self._entries) >= self._max_models:

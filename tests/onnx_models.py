@@ -1,0 +1,50 @@
+"""Small real ONNX models built with onnx.helper, shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def identity_model(
+    elem_type: int, shape: list[int | str] | None = None, name: str = "identity"
+) -> onnx.ModelProto:
+    shape = shape if shape is not None else ["N", 3]
+    x = helper.make_tensor_value_info("x", elem_type, shape)
+    y = helper.make_tensor_value_info("y", elem_type, shape)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], name, [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def add_mul_model() -> onnx.ModelProto:
+    """Two inputs a, b (float32 [N, 4]) -> sum = a + b, product = a * b."""
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 4])
+    s = helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["N", 4])
+    p = helper.make_tensor_value_info("product", TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["a", "b"], ["sum"]),
+            helper.make_node("Mul", ["a", "b"], ["product"]),
+        ],
+        "add_mul",
+        [a, b],
+        [s, p],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def matmul_model(size: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """x [N, size] @ W [size, size]."""
+    weights = np.random.default_rng(seed).standard_normal((size, size)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", size])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "matmul",
+        [x],
+        [y],
+        initializer=[numpy_helper.from_array(weights, "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
