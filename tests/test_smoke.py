@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import TensorProto
+from onnx_models import identity_model
 
 import blindfold
-from onnx_models import identity_model
-from onnx import TensorProto
 
 
 def test_upload_run_delete(client: blindfold.Client) -> None:
