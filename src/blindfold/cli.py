@@ -212,7 +212,12 @@ def _read_inputs(path: Path) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     inputs = _read_inputs(args.inputs)
     with _client(args) as client:
-        outputs = client.run_model(args.model, inputs, dtype=args.dtype)
+        outputs = client.run_model(
+            args.model, inputs, dtype=args.dtype, receipt=args.receipt is not None
+        )
+    if args.receipt is not None:
+        outputs.receipt.save(args.receipt)
+        print(f"wrote verified receipt {args.receipt}", file=sys.stderr)
     if args.out:
         np.savez(args.out, **outputs)
         print(f"wrote {args.out}")
@@ -223,6 +228,67 @@ def cmd_run(args: argparse.Namespace) -> int:
                 for name, a in outputs.items()
             }
         )
+    return 0
+
+
+def cmd_encrypt_model(args: argparse.Namespace) -> int:
+    from blindfold.sealing import encrypt_model_file
+
+    out = args.out or args.model.with_name(args.model.name + ".enc")
+    key_path = args.key_out or out.with_name(out.name + ".key.json")
+    key = encrypt_model_file(args.model, out)
+    key.save(key_path)
+    print(
+        f"wrote {out} (ciphertext, safe to leave on the host) and {key_path} (the key: "
+        f"keep it secret; model sha256 {key.sha256})"
+    )
+    return 0
+
+
+def cmd_load_encrypted(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        public = None if args.access is None else args.access == "public"
+        model = client.load_encrypted_model(args.name, args.path, args.key, public=public)
+        _print_json(model.__dict__)
+    return 0
+
+
+def _verify_evidence_under(args: argparse.Namespace) -> Callable[[Any, bytes], Any]:
+    from blindfold.attestation.policy import Policy
+    from blindfold.attestation.verify import verify_server_evidence
+
+    policy = Policy.load(args.policy) if args.policy else Policy.simulation()
+
+    def check(evidence: Any, certificate_der: bytes) -> Any:
+        return verify_server_evidence(
+            evidence,
+            certificate_der,
+            policy,
+            nonce=None,
+            allow_simulation=args.allow_simulation,
+            at=args.at,
+        )
+
+    return check
+
+
+def cmd_receipt_verify(args: argparse.Namespace) -> int:
+    from blindfold.receipts import SavedReceipt
+
+    saved = SavedReceipt.load(args.file)
+    inputs = _read_inputs(args.inputs) if args.inputs else None
+    outputs = _read_inputs(args.outputs) if args.outputs else None
+    verdict = saved.verify(
+        verify_evidence=_verify_evidence_under(args), inputs=inputs, outputs=outputs
+    )
+    _print_json(
+        {
+            "verified": True,
+            "receipt": saved.receipt.to_json(),
+            "tensors_checked": inputs is not None or outputs is not None,
+            "attestation": verdict.describe(),
+        }
+    )
     return 0
 
 
@@ -372,7 +438,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("inputs", type=Path)
     run.add_argument("--dtype", help="numpy dtype for JSON (list) inputs")
     run.add_argument("--out", type=Path, help="write outputs to this .npz")
+    run.add_argument("--receipt", type=Path, help="request a signed receipt, save it here")
     run.set_defaults(handler=cmd_run)
+
+    encrypt = commands.add_parser(
+        "encrypt-model", help="encrypt an ONNX file to leave on the untrusted host"
+    )
+    encrypt.add_argument("model", type=Path)
+    encrypt.add_argument("--out", type=Path, help="ciphertext (default: MODEL.enc)")
+    encrypt.add_argument("--key-out", type=Path, help="key file (default: OUT.key.json)")
+    encrypt.set_defaults(handler=cmd_encrypt_model)
+
+    load_encrypted = commands.add_parser(
+        "load-encrypted", help="serve an encrypted model file that is on the server's disk"
+    )
+    _client_options(load_encrypted)
+    load_encrypted.add_argument("name")
+    load_encrypted.add_argument("path", help="path of the .enc file on the server")
+    load_encrypted.add_argument("key", type=Path, help="key file from encrypt-model")
+    load_encrypted.add_argument("--access", choices=["public", "restricted"])
+    load_encrypted.set_defaults(handler=cmd_load_encrypted)
+
+    receipt = commands.add_parser("receipt", help="verify saved inference receipts offline")
+    receipt_commands = receipt.add_subparsers(dest="receipt_command", required=True)
+    verify = receipt_commands.add_parser("verify")
+    verify.add_argument("file", type=Path)
+    verify.add_argument("--inputs", type=Path, help=".npz of the inputs sent (recomputes digests)")
+    verify.add_argument("--outputs", type=Path, help=".npz of the outputs received")
+    verify.add_argument("--policy", type=Path, help="policy (default: this package's code)")
+    verify.add_argument("--allow-simulation", action="store_true")
+    verify.add_argument("--at", type=int, help="verification time, unix seconds")
+    verify.set_defaults(handler=cmd_receipt_verify)
 
     delete = commands.add_parser("delete", help="unload and delete a model (owner token)")
     _client_options(delete)

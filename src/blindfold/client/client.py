@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import re
+import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -19,13 +20,19 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from blindfold.attestation.policy import Policy
+from blindfold.attestation.verdict import Evidence
+from blindfold.attestation.verify import verify_server_evidence
 from blindfold.client.attest import AttestedServer, attest
 from blindfold.client.inputs import normalize_inputs
 from blindfold.client.protocol import decode_infer_response, encode_infer_request
 from blindfold.client.transport import Endpoint, HttpResponse, Transport, pinned_context
-from blindfold.errors import InputError, PinnedKeyMismatch, server_error
+from blindfold.errors import InputError, PinnedKeyMismatch, ReceiptError, server_error
+from blindfold.receipts import Receipt, ReceiptChainVerifier, SavedReceipt
+from blindfold.sealing import ModelKey
 
 UPLOAD_CHUNK = 1 << 20
 
@@ -65,6 +72,8 @@ class Client:
         self._endpoint = Endpoint.parse(url)
         self._lock = threading.Lock()
         self._metadata: dict[str, dict[str, Any]] = {}
+        self._receipt_chain = ReceiptChainVerifier()
+        self._standing: tuple[bytes, Evidence] | None = None
         self.attestation: AttestedServer = attest(
             self._endpoint,
             self.policy,
@@ -240,13 +249,21 @@ class Client:
         outputs: list[str] | None = None,
         version: str | None = None,
         token: str | None = None,
+        receipt: bool = False,
     ) -> Outputs:
-        """Runs `model` (a name or "sha256:<hex>" or a bare 64-hex hash) on `inputs`."""
+        """Runs `model` (a name or "sha256:<hex>" or a bare 64-hex hash) on `inputs`.
+
+        With `receipt=True` the server signs a receipt over the model hash, the inputs and
+        the outputs; it is verified on arrival and returned as `outputs.receipt`
+        (a `SavedReceipt`: `.save(path)` writes a file `blindfold receipt verify` checks).
+        """
         if len(model) == 64 and all(c in "0123456789abcdef" for c in model.lower()):
             model = f"sha256:{model.lower()}"
         metadata = self.model_metadata(model, version=version)
         arrays = normalize_inputs(inputs, metadata["inputs"], dtype)
-        parts, header_length, total = encode_infer_request(arrays, outputs)
+        nonce = secrets.token_hex(16) if receipt else ""
+        parameters = {"receipt": True, "receipt_nonce": nonce} if receipt else None
+        parts, header_length, total = encode_infer_request(arrays, outputs, parameters)
         response = self._request(
             "POST",
             _model_path(model, version) + "/infer",
@@ -257,11 +274,90 @@ class Client:
             },
             token=token,
         )
-        decoded, _ = decode_infer_response(
+        decoded, header = decode_infer_response(
             response.body, response.headers.get("inference-header-content-length")
         )
         result = Outputs(decoded)
+        if receipt:
+            result.receipt = self._check_receipt(header, metadata["sha256"], arrays, decoded, nonce)
         return result
+
+    def _check_receipt(
+        self,
+        header: dict[str, Any],
+        model_sha256: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+        nonce: str,
+    ) -> SavedReceipt:
+        document = (header.get("parameters") or {}).get("receipt")
+        if document is None:
+            raise ReceiptError("the server sent no receipt although one was requested")
+        receipt = Receipt.from_json(document)
+        certificate = x509.load_pem_x509_certificate(self.attestation.certificate_pem.encode())
+        public_key = certificate.public_key()
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        self._receipt_chain.verify(
+            receipt,
+            public_key,
+            inputs=inputs,
+            outputs=outputs,
+            model_sha256=model_sha256,
+            client_nonce=nonce,
+        )
+        standing = self._standing_evidence()
+        if hashlib.sha256(standing.evidence).hexdigest() != receipt.evidence_sha256:
+            raise ReceiptError(
+                "the receipt names evidence other than the server's standing evidence; "
+                "the server may have restarted: retry"
+            )
+        return SavedReceipt(receipt, standing, self.attestation.certificate_pem)
+
+    def _standing_evidence(self) -> Evidence:
+        """The server's nonce-less evidence (what receipts point to), verified once."""
+        if self._standing is None or self._standing[0] != self.attestation.spki_sha256:
+            document = self._json("GET", "/v2/attestation")
+            evidence = Evidence.from_json(document)
+            verify_server_evidence(
+                evidence,
+                self.attestation.certificate_der,
+                self.policy,
+                nonce=None,
+                allow_simulation=self.allow_simulation,
+            )
+            self._standing = (self.attestation.spki_sha256, evidence)
+        return self._standing[1]
+
+    def load_encrypted_model(
+        self,
+        name: str,
+        path_on_server: str,
+        key: ModelKey | str | Path,
+        *,
+        public: bool | None = None,
+        token: str | None = None,
+    ) -> UploadedModel:
+        """Serves a model left encrypted on the server's disk (`blindfold encrypt-model`):
+        only the key travels, over the attested channel; the server checks its SHA-256."""
+        if not isinstance(key, ModelKey):
+            key = ModelKey.load(Path(key))
+        document: dict[str, Any] = {"path": path_on_server, "key": key.to_json()}
+        if public is not None:
+            document["public"] = public
+        answer = self._json(
+            "POST",
+            f"/v2/repository/models/{quote(name, safe='')}/load-encrypted",
+            document,
+            token=token,
+        )
+        self._metadata.pop(name, None)
+        return UploadedModel(
+            name=answer["name"],
+            sha256=answer["sha256"],
+            version=answer["version"],
+            owner_token=answer.get("owner_token"),
+            public=answer["public"],
+        )
 
     # --- lifetime ---
 

@@ -5,24 +5,29 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from blindfold import __version__
-from blindfold.errors import RequestRejected
+from blindfold.errors import ConfigurationError, RequestRejected, SealError
+from blindfold.receipts import ReceiptSigner
+from blindfold.sealing import ModelKey, decrypt_model_file
 from blindfold.server import oip
 from blindfold.server.identity import ServerIdentity
 from blindfold.server.models import ModelEntry
 from blindfold.server.runtime import InferenceRunner
-from blindfold.server.service import ModelService
+from blindfold.server.service import LoadResult, ModelService
 
 logger = logging.getLogger("blindfold.server")
 JSON_SLACK = 1 << 20  # room for JSON framing around base64 model bytes
@@ -31,6 +36,12 @@ JSON_SLACK = 1 << 20  # room for JSON framing around base64 model bytes
 class ServerState:
     def __init__(self, identity: ServerIdentity, service: ModelService, runner: InferenceRunner):
         self.identity = identity
+        standing = identity.attestation(None).evidence
+        self.receipts = ReceiptSigner(
+            identity.private_key,
+            identity.spki_sha256.hex(),
+            hashlib.sha256(standing.evidence).hexdigest(),
+        )
         self.service = service
         self.runner = runner
         self.started = time.time()
@@ -197,8 +208,11 @@ async def infer(request: Request) -> Response:
     results = await state.runner.run(session, names, feeds)
     outputs = {name: _from_ort(array) for name, array in zip(names, results, strict=True)}
     state.inferences += 1
+    parameters: dict[str, Any] = {"model_sha256": entry.sha256}
+    if parsed.parameters.get("receipt"):
+        parameters["receipt"] = await _receipt(state, entry, parsed, outputs)
     parts, header_length = oip.encode_infer_response(
-        entry.name, str(entry.version), parsed, outputs, {"model_sha256": entry.sha256}
+        entry.name, str(entry.version), parsed, outputs, parameters
     )
     body_out = b"".join(parts)
     if header_length is None:
@@ -210,20 +224,39 @@ async def infer(request: Request) -> Response:
     )
 
 
+async def _receipt(
+    state: ServerState, entry: ModelEntry, parsed: oip.InferRequest, outputs: dict[str, Any]
+) -> dict[str, Any]:
+    """A signed receipt over the model, the inputs and every output returned (hashing the
+    tensors runs off the event loop, like inference)."""
+    nonce = parsed.parameters.get("receipt_nonce", "")
+    if not isinstance(nonce, str) or len(nonce) > 128:
+        raise RequestRejected(400, "receipt_nonce must be a string of at most 128 characters")
+    receipt = await state.runner.call(
+        state.receipts.sign,
+        entry.sha256,
+        parsed.inputs,
+        outputs,
+        parsed.id or uuid.uuid4().hex,
+        nonce,
+    )
+    document: dict[str, Any] = receipt.to_json()
+    return document
+
+
 def _ort_value(array: Any) -> Any:
     # onnxruntime takes string tensors as str objects; the wire carries bytes.
     if array.dtype == object:
         try:
-            return array.astype(str) if array.size else array.astype(str)
+            decoded = [item.decode("utf-8") for item in array.reshape(-1)]
         except UnicodeDecodeError:
             raise RequestRejected(400, "BYTES inputs must be UTF-8 text for ONNX models") from None
+        return np.array(decoded, dtype=object).reshape(array.shape)
     return array
 
 
 def _from_ort(array: Any) -> Any:
     if array.dtype.kind in ("U", "O"):
-        import numpy as np
-
         out = np.empty(array.shape, dtype=object)
         flat = out.reshape(-1)
         for index, item in enumerate(array.reshape(-1)):
@@ -267,6 +300,10 @@ async def repository_load(request: Request) -> Response:
         body = await read_body(request, limit, "model", "--max-model-bytes")
         data, public = _model_from_triton_load(body)
     result = await state.service.load(name, data, token, public=public)
+    return _load_answer(name, result)
+
+
+def _load_answer(name: str, result: LoadResult) -> Response:
     answer: dict[str, Any] = {
         "name": name,
         "version": str(result.entry.version),
@@ -308,6 +345,40 @@ def _model_from_triton_load(body: bytes) -> tuple[bytes, bool | None]:
         raise RequestRejected(400, f"file parameter {path!r} is not valid base64") from None
     public = parameters.get("public")
     return data, public if isinstance(public, bool) else None
+
+
+async def repository_load_encrypted(request: Request) -> Response:
+    """Loads a model the owner left encrypted on the host's disk: only the key travels (over
+    the attested channel); the server decrypts inside the TEE and checks the SHA-256."""
+    state = state_of(request)
+    name = request.path_params["name"]
+    body = await read_body(request, 1 << 16, "request", "fixed")
+    try:
+        document = json.loads(body)
+        path = Path(document["path"])
+        key = ModelKey.from_json(document["key"])
+        public = document.get("public")
+    except (ValueError, KeyError, TypeError, ConfigurationError):
+        raise RequestRejected(
+            400,
+            'send {"path": "<file on the server>", "key": <key file JSON from '
+            "blindfold encrypt-model>}",
+        ) from None
+    limit = state.service.limits.max_model_bytes
+    try:
+        data = await state.runner.call(lambda: decrypt_model_file(path, key, max_bytes=limit))
+    except FileNotFoundError:
+        raise RequestRejected(
+            404, f"no encrypted model file at {str(path)!r} on the server"
+        ) from None
+    except OSError as exc:
+        raise RequestRejected(400, f"cannot read {str(path)!r}: {exc.strerror}") from None
+    except SealError as exc:
+        raise RequestRejected(400, f"cannot decrypt {str(path)!r}: {exc}") from None
+    result = await state.service.load(
+        name, data, bearer_token(request), public=public if isinstance(public, bool) else None
+    )
+    return _load_answer(name, result)
 
 
 async def repository_unload(request: Request) -> Response:
@@ -405,6 +476,7 @@ ROUTES = [
     Route("/v2/repository/index", repository_index, methods=["POST"]),
     Route(REPO + "/load", repository_load, methods=["POST"]),
     Route(REPO + "/unload", repository_unload, methods=["POST"]),
+    Route(REPO + "/load-encrypted", repository_load_encrypted, methods=["POST"]),
     Route(REPO + "/access", set_access, methods=["POST"]),
     Route(REPO + "/keys", create_run_key, methods=["POST"]),
     Route(REPO + "/keys/{key_id}", revoke_run_key, methods=["DELETE"]),

@@ -1,0 +1,137 @@
+"""Signed inference receipts and encrypted model files, end to end against a real server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ServerProcess
+from onnx import TensorProto
+from onnx_models import add_mul_model, identity_model
+
+import blindfold
+from blindfold.errors import ReceiptError
+from blindfold.receipts import Receipt, SavedReceipt
+from blindfold.sealing import ModelKey
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "blindfold", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture()
+def add_mul(client: blindfold.Client) -> str:
+    name = f"receipt-add-mul-{uuid.uuid4().hex[:8]}"
+    client.upload_model(add_mul_model(), name=name)
+    return name
+
+
+def test_receipt_verifies_online_and_offline(
+    client: blindfold.Client, add_mul: str, tmp_path: Path
+) -> None:
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    b = np.ones((2, 4), dtype=np.float32)
+    outputs = client.run_model(add_mul, {"a": a, "b": b}, receipt=True)
+    saved = outputs.receipt
+    assert isinstance(saved, SavedReceipt)
+    assert saved.receipt.model_sha256 == client.model_metadata(add_mul)["sha256"]
+    path = tmp_path / "receipt.json"
+    saved.save(path)
+    np.savez(tmp_path / "in.npz", a=a, b=b)
+    np.savez(tmp_path / "out.npz", **outputs)
+    ok = _cli(
+        "receipt",
+        "verify",
+        str(path),
+        "--inputs",
+        str(tmp_path / "in.npz"),
+        "--outputs",
+        str(tmp_path / "out.npz"),
+        "--allow-simulation",
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["verified"] is True
+
+    # One tensor byte altered: the recomputed digest no longer matches.
+    np.savez(tmp_path / "bad.npz", a=a + 1, b=b)
+    bad = _cli(
+        "receipt", "verify", str(path), "--inputs", str(tmp_path / "bad.npz"), "--allow-simulation"
+    )
+    assert bad.returncode == 1 and "inputs_sha256" in bad.stderr
+
+    # Any field altered: the signature fails.
+    document = json.loads(path.read_text())
+    document["receipt"]["model_sha256"] = "0" * 64
+    path.write_text(json.dumps(document))
+    forged = _cli("receipt", "verify", str(path), "--allow-simulation")
+    assert forged.returncode == 1 and "signature" in forged.stderr.lower()
+
+    # Simulation evidence needs the opt-in offline too.
+    saved.save(path)
+    refused = _cli("receipt", "verify", str(path))
+    assert refused.returncode == 1 and "simulation" in refused.stderr.lower()
+
+
+def test_receipts_form_a_chain(client: blindfold.Client, add_mul: str) -> None:
+    x = np.zeros((1, 4), dtype=np.float32)
+    first = client.run_model(add_mul, [x, x], receipt=True).receipt.receipt
+    second = client.run_model(add_mul, [x, x], receipt=True).receipt.receipt
+    assert second.sequence > first.sequence
+    if second.sequence == first.sequence + 1:
+        assert second.previous_sha256 == first.digest()
+    # Replaying the first receipt to the client's chain verifier is detected.
+    public_key = client._receipt_chain  # the verifier that checked both on arrival
+    with pytest.raises(ReceiptError):
+        from cryptography import x509
+
+        key = x509.load_pem_x509_certificate(
+            client.attestation.certificate_pem.encode()
+        ).public_key()
+        public_key.verify(first, key)  # type: ignore[arg-type]
+    assert isinstance(Receipt.from_json(first.to_json()), Receipt)
+
+
+def test_bytes_tensors_in_receipts(client: blindfold.Client) -> None:
+    name = f"receipt-strings-{uuid.uuid4().hex[:8]}"
+    client.upload_model(identity_model(TensorProto.STRING), name=name)
+    x = np.array([["a", "bé", ""]], dtype=object)
+    outputs = client.run_model(name, x, receipt=True)
+    assert outputs["y"].tolist() == [[b"a", "bé".encode(), b""]]
+
+
+def test_encrypted_model_round_trip(client: blindfold.Client, tmp_path: Path) -> None:
+    model_path = tmp_path / "model.onnx"
+    onnx.save(add_mul_model(), model_path)
+    result = _cli("encrypt-model", str(model_path), "--out", str(tmp_path / "model.enc"))
+    assert result.returncode == 0, result.stderr
+    key_path = tmp_path / "model.enc.key.json"
+    assert model_path.read_bytes() not in (tmp_path / "model.enc").read_bytes()
+    loaded = client.load_encrypted_model("encrypted", str(tmp_path / "model.enc"), key_path)
+    assert loaded.sha256 == ModelKey.load(key_path).sha256
+    x = np.ones((1, 4), dtype=np.float32)
+    np.testing.assert_array_equal(client.run_model("encrypted", [x, x])["sum"], x + x)
+
+    wrong = ModelKey(key=bytes(32), sha256=loaded.sha256)
+    with pytest.raises(blindfold.ServerError) as error:
+        client.load_encrypted_model("encrypted-2", str(tmp_path / "model.enc"), wrong)
+    assert error.value.status == 400 and "decrypt" in error.value.message
+    with pytest.raises(blindfold.NotFoundError):
+        client.load_encrypted_model("encrypted-3", str(tmp_path / "missing.enc"), key_path)
+
+
+def test_server_keeps_serving_after_receipt_errors(
+    server: ServerProcess, client: blindfold.Client, add_mul: str
+) -> None:
+    body = json.dumps({"inputs": [], "parameters": {"receipt": True, "receipt_nonce": 5}}).encode()
+    response = client._transport.request("POST", f"/v2/models/{add_mul}/infer", body)
+    assert response.status == 400
+    x = np.ones((1, 4), dtype=np.float32)
+    assert client.run_model(add_mul, [x, x])["product"].shape == (1, 4)
