@@ -161,7 +161,7 @@ class UnsafeAcceptAnyMeasurement:
 _HEX_LIST_KEYS: dict[str, tuple[str, ...]] = {
     "simulation": ("measurement",),
     "sgx": ("mr_enclave", "mr_signer"),
-    "tdx": ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id", "mr_owner"),
+    "tdx": ("mr_td", "mr_seam", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id", "mr_owner"),
     "sev-snp": ("measurement", "host_data"),
     "nitro": tuple(f"pcr{i}" for i in range(9)),
 }
