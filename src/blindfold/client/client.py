@@ -45,6 +45,16 @@ class UploadedModel:
     owner_token: str | None  # returned once, for a new model; keep it to delete or share it
     public: bool
 
+    @classmethod
+    def from_answer(cls, answer: dict[str, Any]) -> UploadedModel:
+        return cls(
+            name=answer["name"],
+            sha256=answer["sha256"],
+            version=answer["version"],
+            owner_token=answer.get("owner_token"),
+            public=answer["public"],
+        )
+
 
 class Outputs(dict[str, np.ndarray]):
     """Output tensors by name, in the model's declared order; `.receipt` when requested."""
@@ -194,13 +204,7 @@ class Client:
             ).body
         )
         self._metadata.pop(name, None)
-        return UploadedModel(
-            name=answer["name"],
-            sha256=answer["sha256"],
-            version=answer["version"],
-            owner_token=answer.get("owner_token"),
-            public=answer["public"],
-        )
+        return UploadedModel.from_answer(answer)
 
     def delete_model(self, name: str, *, token: str | None = None) -> None:
         self._json("POST", f"/v2/repository/models/{quote(name, safe='')}/unload", {}, token=token)
@@ -351,13 +355,7 @@ class Client:
             token=token,
         )
         self._metadata.pop(name, None)
-        return UploadedModel(
-            name=answer["name"],
-            sha256=answer["sha256"],
-            version=answer["version"],
-            owner_token=answer.get("owner_token"),
-            public=answer["public"],
-        )
+        return UploadedModel.from_answer(answer)
 
     # --- lifetime ---
 
