@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import ServerProcess
 from onnx import TensorProto
-from onnx_models import add_mul_model, identity_model
 
 import blindfold
 from blindfold.errors import ReceiptError
 from blindfold.receipts import Receipt, SavedReceipt
 from blindfold.sealing import ModelKey
+
+from conftest import ServerProcess
+from onnx_models import add_mul_model, identity_model
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import TensorProto
-from onnx_models import identity_model
 
 import blindfold
+
+from onnx_models import identity_model
 
 
 def test_upload_run_delete(client: blindfold.Client) -> None:

@@ -214,11 +214,13 @@ class Client:
         result: list[dict[str, Any]] = self._json("POST", "/v2/repository/index", {})
         return result
 
-    def model_metadata(self, model: str, *, version: str | None = None) -> dict[str, Any]:
+    def model_metadata(
+        self, model: str, *, version: str | None = None, token: str | None = None
+    ) -> dict[str, Any]:
         key = model if version is None else f"{model}@{version}"
         cached = self._metadata.get(key)
         if cached is None:
-            cached = self._json("GET", _model_path(model, version))
+            cached = self._json("GET", _model_path(model, version), token=token)
             self._metadata[key] = cached
         return cached
 
@@ -263,7 +265,7 @@ class Client:
         """
         if len(model) == 64 and all(c in "0123456789abcdef" for c in model.lower()):
             model = f"sha256:{model.lower()}"
-        metadata = self.model_metadata(model, version=version)
+        metadata = self.model_metadata(model, version=version, token=token)
         arrays = normalize_inputs(inputs, metadata["inputs"], dtype)
         nonce = secrets.token_hex(16) if receipt else ""
         parameters = {"receipt": True, "receipt_nonce": nonce} if receipt else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import queue
+import select
 import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -148,10 +149,17 @@ class Transport:
         return certificate
 
     def _checkout(self) -> PinnedConnection:
-        try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            return PinnedConnection(self.endpoint, self._context, self._pin, self._timeout)
+        while True:
+            try:
+                connection = self._idle.get_nowait()
+            except queue.Empty:
+                return PinnedConnection(self.endpoint, self._context, self._pin, self._timeout)
+            # An idle keep-alive socket that is readable was closed by the server (it may have
+            # restarted with a new key): drop it, so the next handshake checks the pin again.
+            if connection.sock is not None and select.select([connection.sock], [], [], 0)[0]:
+                connection.close()
+                continue
+            return connection
 
     def close(self) -> None:
         while True:

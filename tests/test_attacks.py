@@ -1,0 +1,724 @@
+"""Attacks on the attested channel and on model ownership. Each attack must be refused before
+any payload (model, tensor, token) leaves the client, and each test checks on the server side
+(its access log, or the request lines an attacking proxy saw) that none arrived."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import http.client
+import ipaddress
+import json
+import re
+import secrets
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto
+
+import blindfold
+from blindfold.client.attest import fetch_attestation
+from blindfold.client.transport import Endpoint
+
+from conftest import ServerProcess, free_port, start_server
+from onnx_models import identity_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:SIMULATION TEE")
+
+PAYLOAD_PATH = re.compile(r"/infer|/load|/unload|/keys|/access")
+REQUEST_LINE = re.compile(r'"(GET|POST|PUT|DELETE|HEAD|PATCH) (\S+) HTTP/1\.[01]"')
+X = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+Responder = Callable[["AttackProxy", str, str], "tuple[int, bytes] | None"]
+
+
+# --- an attacking TLS proxy on loopback ---
+
+
+def self_signed(directory: Path, common_name: str = "mitm") -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    suffix = secrets.token_hex(4)
+    cert_path = directory / f"{common_name}-{suffix}.pem"
+    key_path = directory / f"{common_name}-{suffix}.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def _unverified() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class AttackProxy:
+    """Listens on 127.0.0.1 and relays to the server at `upstream_port`.
+
+    mode "tcp": relays the TLS bytes untouched (an honest load balancer);
+    mode "mitm": terminates TLS with its OWN certificate, records every request line, and
+    either answers itself (`responder`) or forwards the request to the server over TLS.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        upstream_port: int,
+        mode: str = "mitm",
+        responder: Responder | None = None,
+    ) -> None:
+        self.upstream_port = upstream_port
+        self.mode = mode
+        self.responder = responder
+        self.cert_path, key_path = self_signed(directory)
+        self.cert_pem = self.cert_path.read_text()
+        self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._tls.load_cert_chain(self.cert_path, key_path)
+        self.requests: list[str] = []
+        self.handshake_failures = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sockets: set[socket.socket] = set()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port = self._listener.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._spawn(self._accept_loop)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def seen(self) -> list[str]:
+        with self._lock:
+            return list(self.requests)
+
+    def fetch_upstream(self, target: str) -> tuple[int, bytes]:
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", self.upstream_port, context=_unverified(), timeout=30
+        )
+        try:
+            connection.request("GET", target)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    # --- plumbing ---
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _track(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._sockets.add(sock)
+        return sock
+
+    def drop_connections(self) -> None:
+        with self._lock:
+            sockets, self._sockets = self._sockets, set()
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            sock.settimeout(30)
+            self._track(sock)
+            if self.mode == "tcp":
+                self._spawn(self._relay_tcp, sock)
+            else:
+                self._spawn(self._serve_mitm, sock)
+
+    def _relay_tcp(self, client: socket.socket) -> None:
+        try:
+            upstream = self._track(socket.create_connection(("127.0.0.1", self.upstream_port), 10))
+        except OSError:
+            client.close()
+            return
+
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            try:
+                while True:
+                    data = source.recv(65536)
+                    if not data:
+                        break
+                    sink.sendall(data)
+            except OSError:
+                pass
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        self._spawn(pump, upstream, client)
+        pump(client, upstream)
+
+    def _serve_mitm(self, raw: socket.socket) -> None:
+        try:
+            tls = self._tls.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            with self._lock:
+                self.handshake_failures += 1
+            raw.close()
+            return
+        self._track(tls)
+        try:
+            reader = tls.makefile("rb")
+            while not self._stop.is_set():
+                line = reader.readline(65536)
+                if not line.strip():
+                    break
+                request_line = line.decode("latin-1").strip()
+                headers: dict[str, str] = {}
+                while True:
+                    header = reader.readline(65536)
+                    if header in (b"\r\n", b"\n", b""):
+                        break
+                    key, _, value = header.decode("latin-1").partition(":")
+                    headers[key.strip().lower()] = value.strip()
+                with self._lock:
+                    self.requests.append(request_line)
+                body = reader.read(int(headers.get("content-length", "0") or 0))
+                method, target, _ = request_line.split(" ", 2)
+                answer = self.responder(self, method, target) if self.responder else None
+                if answer is None:
+                    answer = self._forward(method, target, headers, body)
+                status, payload = answer
+                tls.sendall(
+                    f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                    + payload
+                )
+        except (OSError, ValueError):
+            pass
+        finally:
+            tls.close()
+
+    def _forward(
+        self, method: str, target: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, bytes]:
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", self.upstream_port, context=_unverified(), timeout=30
+        )
+        skip = {"host", "connection", "content-length", "transfer-encoding"}
+        try:
+            connection.request(
+                method, target, body or None, {k: v for k, v in headers.items() if k not in skip}
+            )
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        self.drop_connections()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+
+@pytest.fixture()
+def make_proxy(tmp_path: Path) -> Iterator[Callable[..., AttackProxy]]:
+    proxies: list[AttackProxy] = []
+
+    def make(upstream_port: int, mode: str = "mitm", responder: Responder | None = None):
+        proxy = AttackProxy(tmp_path, upstream_port, mode, responder)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+# --- the victim server, with an access log to see what reached it ---
+
+
+@pytest.fixture(scope="module")
+def victim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    process = start_server(tmp_path_factory.mktemp("victim"), "--open-upload", "--access-log")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def victim_model(victim: ServerProcess) -> str:
+    with connect(victim.url, policy=policy_of(victim)) as client:
+        client.upload_model(identity_model(TensorProto.FLOAT), name="victim-model")
+    return "victim-model"
+
+
+def measurement_of(server: ServerProcess) -> str:
+    """The measurement the server printed at start (the tree may change while tests run)."""
+    found = re.search(r"measurement: ([0-9a-f]{64})", server.log())
+    assert found, server.log()
+    return found.group(1)
+
+
+def policy_of(server: ServerProcess) -> blindfold.Policy:
+    return blindfold.Policy.simulation(measurement_of(server))
+
+
+def connect(url: str, **kwargs: object) -> blindfold.Client:
+    kwargs.setdefault("allow_simulation", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return blindfold.connect(url, **kwargs)  # type: ignore[arg-type]
+
+
+def requests_in(log: str) -> list[str]:
+    return [f"{method} {path}" for method, path in REQUEST_LINE.findall(log)]
+
+
+class LogWatch:
+    """The request lines the server's access log shows after this point."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.mark = len(server.log())
+
+    def lines(self, expect_attestation: bool = True) -> list[str]:
+        deadline = time.monotonic() + 5
+        while True:
+            lines = requests_in(self.server.log()[self.mark :])
+            if not expect_attestation or any("/v2/attestation" in x for x in lines):
+                return lines
+            if time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
+
+
+def assert_no_payload(lines: list[str]) -> None:
+    payload = [line for line in lines if PAYLOAD_PATH.search(line)]
+    assert not payload, f"payload requests reached the server: {payload}"
+
+
+def attempt_payload(url: str, **kwargs: object) -> None:
+    """What a victim would do: connect, then upload and run. Connecting must fail."""
+    client = connect(url, **kwargs)
+    with client:
+        client.upload_model(identity_model(TensorProto.FLOAT), name="leaked")
+        client.run_model("victim-model", X)
+
+
+# --- a. wrong measurement ---
+
+
+def test_wrong_measurement(victim: ServerProcess, victim_model: str) -> None:
+    watch = LogWatch(victim)
+    with pytest.raises(blindfold.MeasurementMismatch) as failure:
+        attempt_payload(victim.url, policy=blindfold.Policy.simulation("00" * 32))
+    message = str(failure.value)
+    assert "00" * 32 in message and measurement_of(victim) in message
+    assert "expected" in message and "found" in message
+    lines = watch.lines()
+    assert any(line.startswith("GET /v2/attestation") for line in lines)
+    assert_no_payload(lines)
+
+    policy = blindfold.Policy.from_dict({"simulation": {"measurement": ["ab" * 32, "cd" * 32]}})
+    with pytest.raises(blindfold.MeasurementMismatch):
+        attempt_payload(victim.url, policy=policy)
+    assert_no_payload(watch.lines())
+
+
+# --- b. a TLS proxy with its own certificate that forwards everything ---
+
+
+def test_mitm_proxy_forwarding_attestation(
+    victim: ServerProcess, victim_model: str, make_proxy: Callable[..., AttackProxy]
+) -> None:
+    proxy = make_proxy(victim.port)
+    watch = LogWatch(victim)
+    with pytest.raises((blindfold.PinnedKeyMismatch, blindfold.ReportDataMismatch)):
+        attempt_payload(proxy.url, policy=policy_of(victim))
+    seen = proxy.seen()
+    assert seen and all(line.startswith("GET /v2/attestation") for line in seen), seen
+    assert_no_payload(watch.lines())
+
+
+# --- c. evidence bound to another key ---
+
+
+def test_evidence_binding_the_real_key_with_the_proxy_certificate(
+    victim: ServerProcess, victim_model: str, make_proxy: Callable[..., AttackProxy]
+) -> None:
+    def swap_certificate(proxy: AttackProxy, method: str, target: str) -> tuple[int, bytes]:
+        if not target.startswith("/v2/attestation"):
+            return 500, b'{"error": "attacker saw a payload request"}'
+        status, body = proxy.fetch_upstream(target)  # fresh evidence for the client's nonce
+        document = json.loads(body)
+        document["certificate"] = proxy.cert_pem
+        return status, json.dumps(document).encode()
+
+    proxy = make_proxy(victim.port, responder=swap_certificate)
+    watch = LogWatch(victim)
+    with pytest.raises(blindfold.ReportDataMismatch) as failure:
+        attempt_payload(proxy.url, policy=policy_of(victim))
+    assert "another public key" in str(failure.value)
+    assert all(line.startswith("GET /v2/attestation") for line in proxy.seen())
+    assert_no_payload(watch.lines())
+
+
+def test_unmodified_evidence_relayed_over_the_proxy_tls(
+    victim: ServerProcess, victim_model: str, make_proxy: Callable[..., AttackProxy]
+) -> None:
+    def relay(proxy: AttackProxy, method: str, target: str) -> tuple[int, bytes]:
+        if not target.startswith("/v2/attestation"):
+            return 500, b'{"error": "attacker saw a payload request"}'
+        return proxy.fetch_upstream(target)
+
+    proxy = make_proxy(victim.port, responder=relay)
+    watch = LogWatch(victim)
+    with pytest.raises(blindfold.PinnedKeyMismatch) as failure:
+        attempt_payload(proxy.url, policy=policy_of(victim))
+    assert "proxy" in str(failure.value)
+    assert all(line.startswith("GET /v2/attestation") for line in proxy.seen())
+    assert_no_payload(watch.lines())
+
+
+# --- d. replayed evidence ---
+
+
+def test_replayed_evidence_is_refused(
+    victim: ServerProcess, victim_model: str, make_proxy: Callable[..., AttackProxy]
+) -> None:
+    cache: dict[str, tuple[int, bytes]] = {}
+
+    def replay(proxy: AttackProxy, method: str, target: str) -> tuple[int, bytes]:
+        if not target.startswith("/v2/attestation"):
+            return 500, b'{"error": "attacker saw a payload request"}'
+        if "answer" not in cache:
+            cache["answer"] = proxy.fetch_upstream(target)
+        return cache["answer"]
+
+    proxy = make_proxy(victim.port, responder=replay)
+    # The attacker harvested evidence earlier, for some nonce of its choosing.
+    document, _ = fetch_attestation(Endpoint("127.0.0.1", proxy.port), secrets.token_bytes(32))
+    assert document["kind"] == "simulation"
+    watch = LogWatch(victim)
+    for _ in range(2):
+        with pytest.raises(blindfold.ReportDataMismatch) as failure:
+            attempt_payload(proxy.url, policy=policy_of(victim))
+        assert "nonce" in str(failure.value) and "replayed" in str(failure.value)
+    assert all(line.startswith("GET /v2/attestation") for line in proxy.seen())
+    lines = watch.lines(expect_attestation=False)
+    assert not any(line.startswith("GET /v2/attestation") for line in lines), lines
+    assert_no_payload(lines)
+
+
+def test_standing_evidence_is_not_fresh(
+    victim: ServerProcess, victim_model: str, make_proxy: Callable[..., AttackProxy]
+) -> None:
+    """A proxy that strips the client's nonce gets evidence without freshness: refused."""
+
+    def strip_nonce(proxy: AttackProxy, method: str, target: str) -> tuple[int, bytes]:
+        if not target.startswith("/v2/attestation"):
+            return 500, b'{"error": "attacker saw a payload request"}'
+        return proxy.fetch_upstream("/v2/attestation")
+
+    proxy = make_proxy(victim.port, responder=strip_nonce)
+    with pytest.raises(blindfold.ReportDataMismatch, match="nonce"):
+        attempt_payload(proxy.url, policy=policy_of(victim))
+    assert all(line.startswith("GET /v2/attestation") for line in proxy.seen())
+
+
+# --- e. simulation evidence without opting in ---
+
+
+def test_simulation_refused_without_opt_in(victim: ServerProcess, victim_model: str) -> None:
+    watch = LogWatch(victim)
+    with pytest.raises(blindfold.SimulationNotAllowed) as failure:
+        attempt_payload(victim.url, policy=policy_of(victim), allow_simulation=False)
+    assert "allow_simulation" in str(failure.value)
+    lines = watch.lines()
+    assert any(line.startswith("GET /v2/attestation") for line in lines)
+    assert_no_payload(lines)
+
+
+def test_cli_attest_refuses_simulation_without_flag(
+    victim: ServerProcess, victim_model: str, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(policy_of(victim).to_toml())
+
+    def attest(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "blindfold", "attest", victim.url, "--policy", str(policy)]
+            + list(flags),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    refused = attest()
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "simulation" in refused.stderr.lower()
+    assert '"verified": true' not in refused.stdout
+    accepted = attest("--allow-simulation")
+    assert accepted.returncode == 0, accepted.stderr
+    assert json.loads(accepted.stdout)["verified"] is True
+
+
+# --- f. tampered evidence ---
+
+
+def test_tampered_simulation_evidence(
+    victim: ServerProcess, victim_model: str, make_proxy: Callable[..., AttackProxy]
+) -> None:
+    def tamper(proxy: AttackProxy, method: str, target: str) -> tuple[int, bytes]:
+        if not target.startswith("/v2/attestation"):
+            return 500, b'{"error": "attacker saw a payload request"}'
+        status, body = proxy.fetch_upstream(target)
+        document = json.loads(body)
+        evidence = json.loads(base64.b64decode(document["evidence"]))
+        measurement = evidence["measurement"]
+        flipped = format(int(measurement[:2], 16) ^ 0x01, "02x")
+        evidence["measurement"] = flipped + measurement[2:]  # signature kept as it was
+        document["evidence"] = base64.b64encode(json.dumps(evidence).encode()).decode()
+        return status, json.dumps(document).encode()
+
+    proxy = make_proxy(victim.port, responder=tamper)
+    watch = LogWatch(victim)
+    with pytest.raises(blindfold.EvidenceError, match="signature"):
+        attempt_payload(
+            proxy.url,
+            policy=blindfold.Policy.from_dict(
+                {"simulation": {"unsafe_accept_any_measurement": True}}
+            ),
+        )
+    with pytest.raises(blindfold.EvidenceError):
+        attempt_payload(proxy.url, policy=policy_of(victim))
+    assert all(line.startswith("GET /v2/attestation") for line in proxy.seen())
+    assert_no_payload(watch.lines())
+
+
+# --- g. the pinned key changes mid-session ---
+
+
+def test_restarted_server_is_reattested_transparently(tmp_path: Path) -> None:
+    port = free_port()
+    first = start_server(tmp_path, "--open-upload", port=port)
+    try:
+        client = connect(first.url, policy=policy_of(first))
+        client.upload_model(identity_model(TensorProto.FLOAT), name="restart")
+        np.testing.assert_array_equal(client.run_model("restart", X)["y"], X)
+        before = client.attestation
+    finally:
+        first.stop()
+    second = start_server(tmp_path, "--open-upload", "--access-log", port=port)
+    try:
+        if measurement_of(second) != measurement_of(first):
+            pytest.skip("the source tree changed between the two server starts")
+        with client:
+            # The new server lost the model (memory only): re-attested, then a clean 404.
+            with pytest.raises(blindfold.NotFoundError):
+                client.run_model("restart", X)
+            after = client.attestation
+            assert after.spki_sha256 != before.spki_sha256
+            assert after.verdict.measurements == before.verdict.measurements
+            client.upload_model(identity_model(TensorProto.FLOAT), name="restart")
+            np.testing.assert_array_equal(client.run_model("restart", X)["y"], X)
+        lines = requests_in(second.log())
+        assert any(line.startswith("GET /v2/attestation?nonce=") for line in lines)
+    finally:
+        second.stop()
+
+
+def test_key_change_to_an_unattested_certificate_fails_closed(
+    tmp_path: Path, make_proxy: Callable[..., AttackProxy]
+) -> None:
+    server = start_server(tmp_path, "--open-upload", "--access-log")
+    try:
+        proxy = make_proxy(server.port, mode="tcp")  # an honest load balancer, at first
+        client = connect(proxy.url, policy=policy_of(server))
+        with client:
+            owner = client.upload_model(identity_model(TensorProto.FLOAT), name="pinned")
+            np.testing.assert_array_equal(client.run_model("pinned", X)["y"], X)
+            pinned = client.attestation.spki_sha256
+            # Now the balancer terminates TLS with its own certificate.
+            proxy.mode = "mitm"
+            proxy.drop_connections()
+            watch = LogWatch(server)
+            with pytest.raises(blindfold.AttestationError):
+                client.run_model("pinned", X)
+            with pytest.raises(blindfold.AttestationError):
+                client.delete_model("pinned", token=owner.owner_token)
+            assert client.attestation.spki_sha256 == pinned
+        seen = proxy.seen()
+        assert seen and all(line.startswith("GET /v2/attestation") for line in seen), seen
+        assert_no_payload(watch.lines())
+        assert owner.owner_token not in server.log()
+    finally:
+        server.stop()
+
+
+# --- h. model ownership ---
+
+
+UPLOAD_KEY_A = "upload-key-alice-" + "a" * 16
+UPLOAD_KEY_B = "upload-key-bob-" + "b" * 16
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    directory = tmp_path_factory.mktemp("keyed")
+    key_file = directory / "keys.txt"
+    key_file.write_text(f"# upload keys\n{UPLOAD_KEY_A}\n{UPLOAD_KEY_B}\n")
+    process = start_server(directory, "--upload-key-file", str(key_file), "--access-log")
+    yield process
+    process.stop()
+
+
+def test_owner_token_of_another_model_has_no_rights(keyed: ServerProcess) -> None:
+    model_a = identity_model(TensorProto.FLOAT, name="alice")
+    model_b = identity_model(TensorProto.FLOAT, ["N", 4], name="bob")
+    with connect(keyed.url, policy=policy_of(keyed)) as client:
+        a = client.upload_model(model_a, name="model-a", public=False, token=UPLOAD_KEY_A)
+        b = client.upload_model(model_b, name="model-b", public=False, token=UPLOAD_KEY_B)
+        assert a.owner_token and b.owner_token and a.owner_token != b.owner_token
+        _, run_key_b = client.create_run_key("model-b", token=b.owner_token)
+        key_id_a, run_key_a = client.create_run_key("model-a", token=a.owner_token)
+        index_before = client.list_models()
+
+        foreign = {
+            "unload": lambda t: client.delete_model("model-a", token=t),
+            "replace": lambda t: client.upload_model(model_b, name="model-a", token=t),
+            "access": lambda t: client.set_public("model-a", True, token=t),
+            "create key": lambda t: client.create_run_key("model-a", token=t),
+            "revoke key": lambda t: client.revoke_run_key("model-a", key_id_a, token=t),
+        }
+        for action, call in foreign.items():
+            for token, status in (
+                (b.owner_token, 403),
+                (run_key_a, 403),
+                (UPLOAD_KEY_A, 403),
+                ("", 401),
+            ):
+                with pytest.raises(blindfold.AuthenticationError) as failure:
+                    call(token)
+                assert failure.value.status == status, (action, status, failure.value)
+
+        # a run key (or the owner token) of model b cannot run restricted model a, by name
+        # or by hash. (Client-level tokens: run_model(token=...) does not send the token with
+        # its metadata request, see the report.)
+        for token, status in ((run_key_b, 403), (b.owner_token, 403), (None, 401)):
+            with connect(keyed.url, policy=policy_of(keyed), token=token) as other:
+                for reference in ("model-a", f"sha256:{a.sha256}"):
+                    with pytest.raises(blindfold.AuthenticationError) as failure:
+                        other.run_model(reference, X)
+                    assert failure.value.status == status
+                    with pytest.raises(blindfold.AuthenticationError) as failure:
+                        other._request("POST", f"/v2/models/{reference}/infer", b"{}")
+                    assert failure.value.status == status
+
+        # nothing changed: model a still runs for its owner and its run key
+        assert client.list_models() == index_before
+        entry = next(e for e in client.list_models() if e["name"] == "model-a")
+        assert (entry["sha256"], entry["version"], entry["public"]) == (a.sha256, "1", False)
+        for token in (a.owner_token, run_key_a):
+            with connect(keyed.url, policy=policy_of(keyed), token=token) as allowed:
+                np.testing.assert_array_equal(allowed.run_model("model-a", X)["y"], X)
+                np.testing.assert_array_equal(allowed.run_model(a.sha256, X)["y"], X)
+
+        # uploads: no key -> 401, wrong key (or an owner token) -> 403
+        for token, status in (("", 401), ("not-an-upload-key", 403), (a.owner_token, 403)):
+            with pytest.raises(blindfold.AuthenticationError) as failure:
+                client.upload_model(model_b, name="model-c", token=token)
+            assert failure.value.status == status
+        assert "model-c" not in {e["name"] for e in client.list_models()}
+
+        # the rightful owner can do all of it
+        client.set_public("model-a", True, token=a.owner_token)
+        client.revoke_run_key("model-a", key_id_a, token=a.owner_token)
+        client.delete_model("model-a", token=a.owner_token)
+        client.delete_model("model-b", token=b.owner_token)
+
+    log = keyed.log()
+    for secret in (a.owner_token, b.owner_token, run_key_a, run_key_b, UPLOAD_KEY_A, UPLOAD_KEY_B):
+        assert secret not in log
+
+
+# --- i. CA environment variables do not widen what the SDK trusts ---
+
+
+def test_ca_environment_variables_are_ignored(
+    victim: ServerProcess,
+    victim_model: str,
+    make_proxy: Callable[..., AttackProxy],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    proxy = make_proxy(victim.port)
+    for variable in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.setenv(variable, str(proxy.cert_path))
+    monkeypatch.setenv("SSL_CERT_DIR", str(proxy.cert_path.parent))
+    # Sanity: a default-trust client would now accept the proxy.
+    default = ssl.create_default_context()
+    default.check_hostname = False
+    with socket.create_connection(("127.0.0.1", proxy.port), 10) as raw:
+        with default.wrap_socket(raw, server_hostname="127.0.0.1"):
+            pass
+    watch = LogWatch(victim)
+    with pytest.raises(blindfold.PinnedKeyMismatch):
+        attempt_payload(proxy.url, policy=policy_of(victim))
+    # And after attesting the real server, the pinned channel does not trust the proxy.
+    with connect(victim.url, policy=policy_of(victim)) as client:
+        client._endpoint = Endpoint("127.0.0.1", proxy.port)
+        client._transport.close()
+        client._transport = client._pinned_transport()
+        with pytest.raises(blindfold.AttestationError):
+            client.run_model(victim_model, X)
+    assert all(line.startswith("GET /v2/attestation") for line in proxy.seen())
+    assert_no_payload(watch.lines())
