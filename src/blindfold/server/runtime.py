@@ -31,7 +31,9 @@ class Session:
     def __init__(self, data: bytes, sha256: str, intra_op_threads: int = 0) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
-        options.log_severity_level = 3  # ORT's own warnings may echo node names, never data
+        # FATAL only: ORT logs kernel errors with their values (e.g. "idx=<index>" for an
+        # out-of-range Gather), and tensor contents must never reach the server's log.
+        options.log_severity_level = 4
         try:
             self._session = ort.InferenceSession(
                 data, sess_options=options, providers=["CPUExecutionProvider"]

@@ -1,0 +1,766 @@
+"""Bad input gets a clear 4xx and leaves the server serving; tensor contents never leak into
+error messages or logs. Real servers on loopback, real onnxruntime, real ONNX models."""
+
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from onnx import TensorProto
+
+import blindfold
+
+from conftest import ServerProcess, start_server
+from onnx_models import (
+    add_mul_model,
+    custom_domain_model,
+    external_data_model,
+    gather_model,
+    identity_model,
+    matmul_model,
+)
+
+FLOAT_SENTINEL = 1234.5678
+FLOAT_SENTINEL_TEXT = "1234.56"
+BYTES_SENTINEL = "SECRET-TENSOR-abc"
+MODEL_SENTINEL = "SECRET-MODEL-xyz"
+INDEX_SENTINEL = 987654321
+
+
+def connect(server: ServerProcess) -> blindfold.Client:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return blindfold.connect(server.url, allow_simulation=True)
+
+
+def raw(
+    client: blindfold.Client,
+    path: str,
+    body: bytes,
+    headers: dict[str, str] | None = None,
+    method: str = "POST",
+) -> tuple[int, str]:
+    """Sends a hand-made request over the pinned transport; returns (status, error message)."""
+    response = client._transport.request(method, path, body, headers or {})
+    if response.status < 400:
+        return response.status, ""
+    document = json.loads(response.body)
+    assert set(document) == {"error"}, document
+    assert isinstance(document["error"], str) and document["error"]
+    return response.status, document["error"]
+
+
+def binary_request(
+    inputs: list[dict[str, Any]], data: bytes, header_length: int | None = None
+) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps({"inputs": inputs}).encode()
+    length = len(header) if header_length is None else header_length
+    return header + data, {"Inference-Header-Content-Length": str(length)}
+
+
+def json_request(inputs: list[dict[str, Any]], **extra: Any) -> tuple[bytes, dict[str, str]]:
+    return json.dumps({"inputs": inputs, **extra}).encode(), {"Content-Type": "application/json"}
+
+
+def serialize_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def assert_serving(client: blindfold.Client, name: str = "bad-healthy") -> None:
+    x = np.random.default_rng().integers(-(2**31), 2**31 - 1, size=(4, 3), dtype=np.int32)
+    np.testing.assert_array_equal(client.run_model(name, x)["y"], x)
+
+
+# --- the shared server ---
+
+
+@pytest.fixture(scope="module")
+def bad(server: ServerProcess) -> Iterator[blindfold.Client]:
+    """A client of the shared server holding the models this module attacks."""
+    models = {
+        "bad-healthy": identity_model(TensorProto.INT32, name="bad-h"),
+        "bad-f32": identity_model(TensorProto.FLOAT, name="bad-f"),
+        "bad-str": identity_model(TensorProto.STRING, ["N"], name="bad-s"),
+        "bad-add-mul": add_mul_model(),
+        "bad-gather": gather_model(),
+    }
+    with connect(server) as connection:
+        tokens = {
+            name: connection.upload_model(model, name=name).owner_token
+            for name, model in models.items()
+        }
+        yield connection
+        for name, token in tokens.items():
+            connection.delete_model(name, token=token)
+
+
+F32 = "/v2/models/bad-f32/infer"
+STR = "/v2/models/bad-str/infer"
+SIX_FLOATS = np.arange(6, dtype=np.float32).tobytes()
+
+
+def _f32_input(shape: list[Any], size: int | None = None, datatype: str = "FP32") -> dict:
+    item: dict[str, Any] = {"name": "x", "datatype": datatype, "shape": shape}
+    if size is not None:
+        item["parameters"] = {"binary_data_size": size}
+    return item
+
+
+INFER_CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
+    ("malformed-json", F32, b'{"inputs": [', {}, 400, "JSON header is malformed"),
+    ("empty-body", F32, b"", {}, 400, "malformed"),
+    ("json-not-object", F32, b"[1, 2, 3]", {}, 400, "'inputs' list"),
+    ("inputs-not-list", F32, b'{"inputs": {"x": 1}}', {}, 400, "'inputs' list"),
+    (
+        "header-length-larger-than-body",
+        F32,
+        *binary_request([_f32_input([2, 3], 24)], SIX_FLOATS, header_length=10_000),
+        400,
+        "Inference-Header-Content-Length is 10000 but the body has",
+    ),
+    (
+        "header-length-not-integer",
+        F32,
+        b'{"inputs": []}',
+        {"Inference-Header-Content-Length": "12abc"},
+        400,
+        "is not an integer",
+    ),
+    (
+        "header-length-zero",
+        F32,
+        b'{"inputs": []}',
+        {"Inference-Header-Content-Length": "0"},
+        400,
+        "Inference-Header-Content-Length is 0",
+    ),
+    (
+        "wrong-dtype",
+        F32,
+        *binary_request([_f32_input([2, 3], 48, "FP64")], np.zeros(6).tobytes()),
+        400,
+        "datatype FP64, the model expects FP32",
+    ),
+    (
+        "wrong-dtype-json",
+        F32,
+        *json_request([{"name": "x", "datatype": "INT32", "shape": [1, 3], "data": [1, 2, 3]}]),
+        400,
+        "datatype INT32, the model expects FP32",
+    ),
+    (
+        "wrong-shape",
+        F32,
+        *binary_request([_f32_input([3, 2], 24)], SIX_FLOATS),
+        400,
+        "shape [3, 2], the model expects [-1, 3]",
+    ),
+    (
+        "wrong-rank",
+        F32,
+        *binary_request([_f32_input([6], 24)], SIX_FLOATS),
+        400,
+        "shape [6], the model expects [-1, 3]",
+    ),
+    (
+        "wrong-rank-3d",
+        F32,
+        *binary_request([_f32_input([1, 2, 3], 24)], SIX_FLOATS),
+        400,
+        "the model expects [-1, 3]",
+    ),
+    (
+        "truncated-binary",
+        F32,
+        *binary_request([_f32_input([2, 3], 24)], SIX_FLOATS[:20]),
+        400,
+        "only 20 bytes of binary data remain",
+    ),
+    (
+        "binary-size-larger-than-data",
+        F32,
+        *binary_request([_f32_input([2, 3], 28)], SIX_FLOATS),
+        400,
+        "declares binary_data_size 28 but only 24",
+    ),
+    (
+        "binary-size-smaller-than-data",
+        F32,
+        *binary_request([_f32_input([2, 3], 20)], SIX_FLOATS),
+        400,
+        "needs 24 bytes, got 20",
+    ),
+    (
+        "binary-size-matches-neither",
+        F32,
+        *binary_request([_f32_input([2, 3], 20)], SIX_FLOATS[:20]),
+        400,
+        "needs 24 bytes, got 20",
+    ),
+    (
+        "extra-trailing-bytes",
+        F32,
+        *binary_request([_f32_input([2, 3], 24)], SIX_FLOATS + b"\x00" * 8),
+        400,
+        "8 bytes of binary data that no input's binary_data_size accounts for",
+    ),
+    (
+        "binary-size-negative",
+        F32,
+        *binary_request([_f32_input([2, 3], -24)], SIX_FLOATS),
+        400,
+        "binary_data_size must be a non-negative integer",
+    ),
+    (
+        "no-data-at-all",
+        F32,
+        *json_request([_f32_input([2, 3])]),
+        400,
+        "neither 'data' nor binary_data_size",
+    ),
+    (
+        "json-data-count-mismatch",
+        F32,
+        *json_request([{"name": "x", "datatype": "FP32", "shape": [2, 3], "data": [1.0] * 5}]),
+        400,
+        "needs 6 elements, got 5",
+    ),
+    (
+        "unknown-datatype",
+        F32,
+        *binary_request([_f32_input([2, 3], 24, "FP8")], SIX_FLOATS),
+        400,
+        "unknown datatype 'FP8'",
+    ),
+    (
+        "negative-dims",
+        F32,
+        *binary_request([_f32_input([-2, 3], 24)], SIX_FLOATS),
+        400,
+        "dimensions must be integers >= 0",
+    ),
+    (
+        "non-integer-dims",
+        F32,
+        *json_request([{"name": "x", "datatype": "FP32", "shape": [2.5, 3], "data": []}]),
+        400,
+        "dimensions must be integers >= 0",
+    ),
+    (
+        "shape-not-list",
+        F32,
+        *json_request([{"name": "x", "datatype": "FP32", "shape": "2x3", "data": []}]),
+        400,
+        "needs a 'shape' list",
+    ),
+    (
+        "duplicate-input",
+        F32,
+        *binary_request([_f32_input([1, 3], 12), _f32_input([1, 3], 12)], SIX_FLOATS),
+        400,
+        "appears twice",
+    ),
+    (
+        "unknown-input-name",
+        F32,
+        *binary_request(
+            [{**_f32_input([2, 3], 24), "name": "x"}, {**_f32_input([1, 3], 12), "name": "z"}],
+            SIX_FLOATS + SIX_FLOATS[:12],
+        ),
+        400,
+        "unknown input 'z'",
+    ),
+    (
+        "unknown-output",
+        F32,
+        *json_request(
+            [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}],
+            outputs=[{"name": "nope"}],
+        ),
+        400,
+        "unknown outputs ['nope']",
+    ),
+    (
+        "missing-inputs",
+        "/v2/models/bad-add-mul/infer",
+        *json_request([{"name": "a", "datatype": "FP32", "shape": [1, 4], "data": [1] * 4}]),
+        400,
+        "missing model inputs ['b']",
+    ),
+    (
+        "bytes-lying-length-prefix",
+        STR,
+        *binary_request(
+            [
+                {
+                    "name": "x",
+                    "datatype": "BYTES",
+                    "shape": [2],
+                    "parameters": {"binary_data_size": 15},
+                }
+            ],
+            serialize_bytes([b"ok"]) + struct.pack("<I", 1000) + b"abcde",
+        ),
+        400,
+        "element 1 declares 1000 bytes but only 5 remain",
+    ),
+    (
+        "bytes-too-few-elements",
+        STR,
+        *binary_request(
+            [
+                {
+                    "name": "x",
+                    "datatype": "BYTES",
+                    "shape": [3],
+                    "parameters": {"binary_data_size": 6},
+                }
+            ],
+            serialize_bytes([b"ok"]),
+        ),
+        400,
+        "ends after 1 of 3 elements",
+    ),
+    (
+        "bytes-extra-bytes",
+        STR,
+        *binary_request(
+            [
+                {
+                    "name": "x",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": 9},
+                }
+            ],
+            serialize_bytes([b"ok"]) + b"zzz",
+        ),
+        400,
+        "3 bytes after its 1 elements",
+    ),
+    (
+        "bytes-not-utf8",
+        STR,
+        *binary_request(
+            [
+                {
+                    "name": "x",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": 6},
+                }
+            ],
+            serialize_bytes([b"\xff\xfe"]),
+        ),
+        400,
+        "must be UTF-8",
+    ),
+    (
+        "unknown-model",
+        "/v2/models/bad-no-such-model/infer",
+        *json_request([]),
+        404,
+        "unknown model 'bad-no-such-model'",
+    ),
+    (
+        "unknown-hash",
+        "/v2/models/sha256:" + "ab" * 32 + "/infer",
+        *json_request([]),
+        404,
+        "unknown model 'sha256:",
+    ),
+    (
+        "unknown-version",
+        "/v2/models/bad-f32/versions/7/infer",
+        *json_request([]),
+        404,
+        "has no version '7'; it serves version 1",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "status", "message"),
+    [case[1:] for case in INFER_CASES],
+    ids=[case[0] for case in INFER_CASES],
+)
+def test_bad_infer_request(
+    bad: blindfold.Client,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    message: str,
+) -> None:
+    got_status, error = raw(bad, path, body, headers)
+    assert got_status == status, error
+    assert message in error
+    assert_serving(bad)
+
+
+def test_bad_binary_infer_through_sdk_keeps_connection_usable(bad: blindfold.Client) -> None:
+    """After a 400 the same keep-alive connection and client still work."""
+    with pytest.raises(blindfold.ServerError) as info:
+        bad.run_model("bad-f32", np.zeros((2, 4), dtype=np.float32))
+    assert info.value.status == 400
+    assert "shape [2, 4]" in info.value.message
+    assert_serving(bad)
+    x = np.ones((2, 3), dtype=np.float32)
+    np.testing.assert_array_equal(bad.run_model("bad-f32", x)["y"], x)
+
+
+# --- uploads ---
+
+
+def _upload_error(client: blindfold.Client, data: Any, name: str) -> blindfold.ServerError:
+    with pytest.raises(blindfold.ServerError) as info:
+        client.upload_model(data, name=name)
+    return info.value
+
+
+UPLOAD_CASES = [
+    ("not-onnx", b"\x53\x54this is not an ONNX model", 400, "not an ONNX model"),
+    ("empty", b"", 400, "not an ONNX model"),
+    ("json", b'{"graph": "nope"}', 400, "not an ONNX model"),
+    ("external-data", external_data_model(), 400, "references external data"),
+    ("custom-domain", custom_domain_model("com.evil"), 400, "'com.evil'"),
+    ("huge-static-shape", identity_model(TensorProto.FLOAT, [100_000, 100_000]), 400, "elements"),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "message"),
+    [case[1:] for case in UPLOAD_CASES],
+    ids=[case[0] for case in UPLOAD_CASES],
+)
+def test_bad_upload(bad: blindfold.Client, data: Any, status: int, message: str) -> None:
+    name = "bad-upload-target"
+    error = _upload_error(bad, data, name)
+    assert error.status == status, error.message
+    assert message in error.message
+    assert name not in [m["name"] for m in bad.list_models()]
+    assert_serving(bad)
+
+
+def test_external_data_is_refused_before_any_file_is_read(bad: blindfold.Client) -> None:
+    error = _upload_error(bad, external_data_model("../../etc/passwd"), "bad-external")
+    assert error.status == 400
+    assert "root:" not in error.message
+    assert "save_as_external_data=False" in error.message
+    for location in ("/etc/shadow", "weights.bin"):
+        assert _upload_error(bad, external_data_model(location), "bad-external").status == 400
+    assert_serving(bad)
+
+
+def test_custom_op_domain_refused_even_without_opset_import(bad: blindfold.Client) -> None:
+    model = custom_domain_model("com.evil")
+    del model.opset_import[1:]
+    error = _upload_error(bad, model, "bad-custom")
+    assert error.status == 400
+    assert "com.evil::Pwn" in error.message
+    assert_serving(bad)
+
+
+@pytest.mark.parametrize("name", ["bad name!", "-leading-dash", "x" * 129, ".hidden"])
+def test_invalid_model_name(bad: blindfold.Client, name: str) -> None:
+    error = _upload_error(bad, identity_model(TensorProto.FLOAT), name)
+    assert error.status == 400
+    assert "invalid model name" in error.message
+    assert_serving(bad)
+
+
+def test_bad_triton_load_requests(bad: blindfold.Client) -> None:
+    path = "/v2/repository/models/bad-triton/load"
+    headers = {"Content-Type": "application/json"}
+    cases = [
+        (b"{not json", "not valid JSON"),
+        (b"{}", "'parameters' object"),
+        (json.dumps({"parameters": {}}).encode(), "exactly one 'file:' parameter"),
+        (json.dumps({"parameters": {"file:1/model.onnx": "***"}}).encode(), "not valid base64"),
+        (json.dumps({"parameters": {"file:1/model.txt": ""}}).encode(), "must name an .onnx"),
+    ]
+    for body, message in cases:
+        status, error = raw(bad, path, body, headers)
+        assert status == 400, error
+        assert message in error
+    assert_serving(bad)
+
+
+def test_unknown_model_metadata_and_delete(bad: blindfold.Client) -> None:
+    with pytest.raises(blindfold.NotFoundError, match="unknown model 'bad-missing'"):
+        bad.model_metadata("bad-missing")
+    with pytest.raises(blindfold.NotFoundError, match="unknown model 'bad-missing'"):
+        bad.delete_model("bad-missing", token="bfo_x")
+    with pytest.raises(blindfold.NotFoundError, match="no version '9'"):
+        bad.model_metadata("bad-f32", version="9")
+    assert_serving(bad)
+
+
+def test_out_of_range_gather_index_is_not_echoed(
+    bad: blindfold.Client, server: ServerProcess
+) -> None:
+    indices = np.array([0, INDEX_SENTINEL, 1], dtype=np.int64)
+    with pytest.raises(blindfold.ServerError) as info:
+        bad.run_model("bad-gather", indices)
+    assert info.value.status == 400
+    assert "onnxruntime could not run the model" in info.value.message
+    assert str(INDEX_SENTINEL) not in info.value.message
+    assert str(INDEX_SENTINEL) not in str(info.value)
+    negative = np.array([-INDEX_SENTINEL], dtype=np.int64)
+    with pytest.raises(blindfold.ServerError) as info:
+        bad.run_model("bad-gather", negative)
+    assert info.value.status == 400
+    assert str(INDEX_SENTINEL) not in info.value.message
+    # In-range indices still work on the same model.
+    y = bad.run_model("bad-gather", np.array([4, 0], dtype=np.int64))["y"]
+    np.testing.assert_array_equal(y, [[8.0, 9.0], [0.0, 1.0]])
+    assert str(INDEX_SENTINEL) not in server.log()
+    assert_serving(bad)
+
+
+def test_tensor_contents_never_appear_in_errors_or_logs(
+    bad: blindfold.Client, server: ServerProcess
+) -> None:
+    floats = [FLOAT_SENTINEL] * 6
+    secret = BYTES_SENTINEL.encode()
+    requests: list[tuple[str, bytes, dict[str, str]]] = [
+        # JSON tensors of the wrong shape, count, dtype.
+        (F32, *json_request([{"name": "x", "datatype": "FP32", "shape": [3, 2], "data": floats}])),
+        (F32, *json_request([{"name": "x", "datatype": "FP32", "shape": [2, 2], "data": floats}])),
+        (F32, *json_request([{"name": "x", "datatype": "FP64", "shape": [2, 3], "data": floats}])),
+        (
+            F32,
+            *json_request(
+                [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [BYTES_SENTINEL]}]
+            ),
+        ),
+        (
+            F32,
+            *json_request(
+                [{"name": "x", "datatype": "BYTES", "shape": [1], "data": [BYTES_SENTINEL]}]
+            ),
+        ),
+        (
+            STR,
+            *json_request(
+                [{"name": "x", "datatype": "BYTES", "shape": [2], "data": [BYTES_SENTINEL]}]
+            ),
+        ),
+        (
+            STR,
+            *json_request(
+                [{"name": "x", "datatype": "BYTES", "shape": [1, 1], "data": [BYTES_SENTINEL]}]
+            ),
+        ),
+        # Malformed JSON that quotes the sentinels.
+        (F32, f'{{"inputs": [{{"data": [{FLOAT_SENTINEL}, "{BYTES_SENTINEL}"'.encode(), {}),
+        (F32, f'{{"inputs": "{BYTES_SENTINEL}"}}'.encode(), {}),
+        # Binary BYTES: lying prefix, trailing garbage, not UTF-8.
+        (
+            STR,
+            *binary_request(
+                [
+                    {
+                        "name": "x",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 4 + len(secret)},
+                    }
+                ],
+                struct.pack("<I", 999) + secret,
+            ),
+        ),
+        (
+            STR,
+            *binary_request(
+                [
+                    {
+                        "name": "x",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 8 + 2 * len(secret)},
+                    }
+                ],
+                serialize_bytes([secret, secret]),
+            ),
+        ),
+        (
+            STR,
+            *binary_request(
+                [
+                    {
+                        "name": "x",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 5 + len(secret)},
+                    }
+                ],
+                serialize_bytes([secret + b"\xff"]),
+            ),
+        ),
+        # Binary floats with a bad size.
+        (
+            F32,
+            *binary_request(
+                [_f32_input([2, 3], 20)], np.full(6, FLOAT_SENTINEL, np.float32).tobytes()
+            ),
+        ),
+    ]
+    for path, body, headers in requests:
+        status, error = raw(bad, path, body, headers)
+        assert 400 <= status < 500, error
+        assert BYTES_SENTINEL not in error
+        assert FLOAT_SENTINEL_TEXT not in error
+    # Model bytes are not echoed either.
+    error = _upload_error(bad, f"\x53{MODEL_SENTINEL}".encode() * 3, "bad-leak")
+    assert error.status == 400 and MODEL_SENTINEL not in error.message
+    assert_serving(bad)
+    log = server.log()
+    for sentinel in (BYTES_SENTINEL, FLOAT_SENTINEL_TEXT, MODEL_SENTINEL):
+        assert sentinel not in log
+    metrics = bad._transport.request("GET", "/metrics").body.decode()
+    assert BYTES_SENTINEL not in metrics and FLOAT_SENTINEL_TEXT not in metrics
+
+
+def test_rejections_are_counted(bad: blindfold.Client) -> None:
+    def rejected() -> int:
+        text = bad._transport.request("GET", "/metrics").body.decode()
+        line = next(x for x in text.splitlines() if x.startswith("blindfold_rejected_requests"))
+        return int(line.split()[1])
+
+    before = rejected()
+    raw(bad, F32, b"{", {})
+    assert rejected() == before + 1
+
+
+# --- a dedicated server with small limits ---
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    process = start_server(
+        tmp_path_factory.mktemp("limited"),
+        "--open-upload",
+        "--max-model-bytes",
+        "2000",
+        "--max-request-bytes",
+        "4096",
+        "--max-tensor-elements",
+        "1000",
+        "--max-models",
+        "2",
+    )
+    yield process
+    process.stop()
+
+
+@pytest.fixture()
+def small(limited: ServerProcess) -> Iterator[blindfold.Client]:
+    with connect(limited) as connection:
+        if "bad-healthy" not in [m["name"] for m in connection.list_models()]:
+            connection.upload_model(identity_model(TensorProto.INT32), name="bad-healthy")
+        yield connection
+
+
+def test_limits_allow_what_fits(small: blindfold.Client) -> None:
+    x = np.arange(900, dtype=np.int32).reshape(300, 3)  # 900 elements, about 3.7 KB
+    np.testing.assert_array_equal(small.run_model("bad-healthy", x)["y"], x)
+
+
+def test_element_count_over_limit(small: blindfold.Client) -> None:
+    body, headers = json_request([{"name": "x", "datatype": "INT32", "shape": [334, 3]}])
+    status, error = raw(small, "/v2/models/bad-healthy/infer", body, headers)
+    assert status == 413, error
+    assert "limit of 1000 elements (--max-tensor-elements)" in error
+    # A declared shape whose product is astronomically large is refused the same way,
+    # before anything is allocated.
+    body, headers = json_request(
+        [{"name": "x", "datatype": "INT32", "shape": [2**40, 2**40], "data": []}]
+    )
+    status, error = raw(small, "/v2/models/bad-healthy/infer", body, headers)
+    assert status == 413, error
+    assert "--max-tensor-elements" in error
+    # Elements count across all inputs of a request.
+    two = [
+        {"name": "a", "datatype": "INT32", "shape": [1, 600], "data": [0] * 600},
+        {"name": "b", "datatype": "INT32", "shape": [1, 600], "data": [0] * 600},
+    ]
+    status, error = raw(small, "/v2/models/bad-healthy/infer", *json_request(two))
+    assert status == 413, error
+    assert_serving(small)
+
+
+def test_oversize_request(small: blindfold.Client) -> None:
+    status, error = raw(small, "/v2/models/bad-healthy/infer", b"{" + b" " * 5000 + b"}", {})
+    assert status == 413, error
+    assert "limit of 4096 bytes (--max-request-bytes)" in error
+    with pytest.raises(blindfold.ServerError) as info:
+        small.run_model("bad-healthy", np.zeros((350, 3), dtype=np.int32))  # 4200 data bytes
+    assert info.value.status == 413
+    assert_serving(small)
+
+
+def test_oversize_model(small: blindfold.Client) -> None:
+    big = matmul_model(32)  # 4 KiB of weights
+    assert len(big.SerializeToString()) > 2000
+    error = _upload_error(small, big, "bad-big")
+    assert error.status == 413
+    assert "--max-model-bytes" in error.message and "2000" in error.message
+    # Triton's JSON load of the same model is refused too (base64 makes it larger still).
+    import base64
+
+    document = {
+        "parameters": {"file:1/model.onnx": base64.b64encode(big.SerializeToString()).decode()}
+    }
+    status, error_message = raw(
+        small,
+        "/v2/repository/models/bad-big/load",
+        json.dumps(document).encode(),
+        {"Content-Type": "application/json"},
+    )
+    assert status == 413, error_message
+    assert "--max-model-bytes" in error_message
+    assert "bad-big" not in [m["name"] for m in small.list_models()]
+    assert_serving(small)
+
+
+def test_huge_declared_shape_against_small_limit(small: blindfold.Client) -> None:
+    error = _upload_error(small, identity_model(TensorProto.FLOAT, [40, 40]), "bad-shape")
+    assert error.status == 400
+    assert "declares 1600 elements" in error.message
+    assert "--max-tensor-elements" in error.message
+    assert_serving(small)
+
+
+def test_too_many_models(small: blindfold.Client) -> None:
+    extra = small.upload_model(identity_model(TensorProto.FLOAT, name="e1"), name="bad-extra")
+    try:
+        error = _upload_error(small, identity_model(TensorProto.FLOAT, name="e2"), "bad-third")
+        assert error.status == 409
+        assert "maximum of 2 models (--max-models)" in error.message
+        # Identical bytes under a new name count against the limit as well.
+        error = _upload_error(small, identity_model(TensorProto.FLOAT, name="e1"), "bad-third")
+        assert error.status == 409
+        # Replacing an existing name at capacity is allowed.
+        replaced = small.upload_model(
+            identity_model(TensorProto.FLOAT, name="e3"), name="bad-extra", token=extra.owner_token
+        )
+        assert replaced.version == "2"
+        assert_serving(small)
+    finally:
+        small.delete_model("bad-extra", token=extra.owner_token)
+    # Unloading frees the slot.
+    third = small.upload_model(identity_model(TensorProto.FLOAT, name="e4"), name="bad-third")
+    small.delete_model("bad-third", token=third.owner_token)
+    assert_serving(small)
+
+
+def test_limited_server_log_is_clean(limited: ServerProcess, small: blindfold.Client) -> None:
+    assert_serving(small)
+    assert limited.alive()
+    assert "Traceback" not in limited.log()
