@@ -145,6 +145,8 @@ def tensor_to_bytes(array: np.ndarray) -> bytes | memoryview:
     wire = by_oip(np_to_oip_dtype(array.dtype)).numpy
     if array.dtype != wire or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array, dtype=wire)
+    if array.size == 0:
+        return b""  # memoryview.cast refuses shapes with a zero dimension
     return array.data.cast("B")
 
 

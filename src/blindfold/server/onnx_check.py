@@ -20,6 +20,7 @@ ONNXRUNTIME_DOMAINS = frozenset(
         "",
         "ai.onnx",
         "ai.onnx.ml",
+        "ai.onnx.preview",  # ONNX's own preview operators (e.g. FlexAttention)
         "ai.onnx.preview.training",
         "com.microsoft",
         "com.microsoft.nchwc",
