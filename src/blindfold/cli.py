@@ -73,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             open_upload=args.open_upload,
             intra_op_threads=args.intra_op_threads,
             access_log=args.access_log,
+            store=args.store,
         )
     )
     return 0
@@ -394,6 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnxruntime threads per inference (0 = onnxruntime's default)",
     )
     serve.add_argument("--access-log", action="store_true")
+    serve.add_argument(
+        "--store",
+        type=Path,
+        metavar="DIR",
+        help="keep models across restarts in DIR, sealed under the TEE's measurement-bound "
+        "key (SGX, SEV-SNP; simulation uses an insecure key file). Default: memory only",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     attest = commands.add_parser("attest", help="verify a server's (or saved) evidence")

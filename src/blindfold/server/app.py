@@ -269,19 +269,8 @@ def _from_ort(array: Any) -> Any:
 
 
 async def repository_index(request: Request) -> Response:
-    entries = state_of(request).service.registry.entries()
-    return JSONResponse(
-        [
-            {
-                "name": e.name,
-                "version": str(e.version),
-                "state": "READY",
-                "sha256": e.sha256,
-                "public": e.public,
-            }
-            for e in entries
-        ]
-    )
+    # READY models, and stored ones that could not be loaded as UNAVAILABLE with a reason.
+    return JSONResponse(state_of(request).service.index())
 
 
 async def repository_load(request: Request) -> Response:

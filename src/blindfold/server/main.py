@@ -19,6 +19,7 @@ from blindfold.server.identity import ServerIdentity
 from blindfold.server.limits import Limits
 from blindfold.server.runtime import InferenceRunner
 from blindfold.server.service import ModelService
+from blindfold.server.store import ModelStore
 from blindfold.server.tee.base import TeeProvider
 
 logger = logging.getLogger("blindfold.server")
@@ -36,6 +37,7 @@ class ServerConfig:
     open_upload: bool = False
     intra_op_threads: int = 0
     access_log: bool = False
+    store: Path | None = None  # sealed persistent model store; None: models in memory only
 
 
 def make_provider(config: ServerConfig) -> TeeProvider:
@@ -47,7 +49,8 @@ def make_provider(config: ServerConfig) -> TeeProvider:
     if kind == "simulation":
         from blindfold.server.tee.simulation import SimulationProvider
 
-        return SimulationProvider()
+        # With a store, the (insecure) simulation sealing key file lives in the store.
+        return SimulationProvider(config.store)
     from blindfold.server.tee.detect import make_hardware_provider
 
     return make_hardware_provider(kind)
@@ -87,15 +90,52 @@ def build_state(config: ServerConfig) -> ServerState:
     provider = make_provider(config)
     hostnames = sorted({config.host, "localhost", "127.0.0.1", *config.hostnames})
     identity = ServerIdentity(provider, hostnames)
+    upload_key_hashes = read_upload_keys(config.upload_key_file)
+    store = open_store(provider, config.store) if config.store is not None else None
     runner = InferenceRunner(config.limits.max_concurrent_inferences)
     service = ModelService(
         config.limits,
         runner,
-        upload_key_hashes=read_upload_keys(config.upload_key_file),
+        upload_key_hashes=upload_key_hashes,
         open_upload=config.open_upload,
         intra_op_threads=config.intra_op_threads,
+        store=store,
     )
-    return ServerState(identity, service, runner)
+    try:
+        service.restore()
+        return ServerState(identity, service, runner)
+    except BaseException:
+        service.close()
+        runner.shutdown()
+        raise
+
+
+_NO_SEALING_KEY = {
+    "tdx": (
+        "Intel TDX offers no sealing key: the TDX module derives no key bound to the TD's "
+        "measurement, so sealed storage on TDX needs a key broker (a KMS that releases a "
+        "store key only after verifying the TD's attestation)"
+    ),
+    "nitro": (
+        "the Nitro NSM offers no sealing key: sealed storage on Nitro needs a key broker "
+        "(AWS KMS with an attestation-bound key policy)"
+    ),
+}
+
+
+def open_store(provider: TeeProvider, directory: Path) -> ModelStore:
+    """The sealed store in `directory`, under the provider's measurement-bound sealing key."""
+    key = provider.sealing_key()
+    if key is None:
+        reason = _NO_SEALING_KEY.get(
+            provider.kind, f"the {provider.kind} TEE provider offers no sealing key"
+        )
+        raise ConfigurationError(
+            f"--store {directory} is refused: {reason}. Blindfold has no key broker "
+            "integration yet; run without --store (models are then kept in memory only and "
+            "must be uploaded again after a restart)"
+        )
+    return ModelStore(directory, key)
 
 
 def banner(state: ServerState, config: ServerConfig) -> str:
@@ -114,6 +154,17 @@ def banner(state: ServerState, config: ServerConfig) -> str:
         lines.insert(3, "!" * 78)
     if config.open_upload:
         lines.append("  uploads: OPEN (anyone who attests this server may upload models)")
+    store = state.service.store
+    if store is None:
+        lines.append("  model store: none (models are kept in memory only, lost at exit)")
+    else:
+        ready = len(state.service.registry.entries())
+        unavailable = len(state.service.registry.unavailable)
+        note = " -- INSECURE simulation sealing key file" if kind == "simulation" else ""
+        lines.append(
+            f"  model store: {store.directory} (sealed; {ready} models restored, "
+            f"{unavailable} unavailable){note}"
+        )
     return "\n".join(lines)
 
 
@@ -139,3 +190,4 @@ def serve(config: ServerConfig) -> None:
         uvicorn.Server(uvicorn_config).run()
     finally:
         state.runner.shutdown()
+        state.service.close()

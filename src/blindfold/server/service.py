@@ -1,16 +1,28 @@
 """Model management behind the HTTP routes: upload (check, hash, dedupe, session),
-replacement, unload, access rules and run keys. Tokens are compared by hash only."""
+replacement, unload, access rules and run keys. Tokens are compared by hash only.
+
+With a `ModelStore` (`blindfold serve --store DIR`) every change is made durable before it
+becomes visible in memory, and `restore()` brings the stored models back at start; a stored
+model that cannot be served (blob or metadata refused) is kept as UNAVAILABLE with its reason.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
 
 from blindfold.errors import RequestRejected
 from blindfold.server.limits import Limits
 from blindfold.server.models import (
+    HASH_PREFIX,
     ModelEntry,
     ModelRegistry,
     check_name,
@@ -19,8 +31,67 @@ from blindfold.server.models import (
 )
 from blindfold.server.onnx_check import check_model
 from blindfold.server.runtime import InferenceRunner, Session
+from blindfold.server.store import ModelStore, ModelUnavailable, StoredModel, StoreError
 
 logger = logging.getLogger("blindfold.models")
+
+
+@dataclass(frozen=True)
+class UnavailableModel:
+    """A stored model the server could not bring back, and why (never its bytes)."""
+
+    record: StoredModel
+    reason: str
+    metadata_trusted: bool  # False: its owner token hash and rules cannot be believed
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def version(self) -> int:
+        return self.record.version
+
+    @property
+    def sha256(self) -> str:
+        return self.record.sha256
+
+    @property
+    def public(self) -> bool:
+        return self.record.public
+
+    @property
+    def owner_token_sha256(self) -> str:
+        return self.record.owner_token_sha256
+
+    def is_owner(self, token: str | None) -> bool:
+        return (
+            self.metadata_trusted
+            and token is not None
+            and hmac.compare_digest(token_hash(token), self.record.owner_token_sha256)
+        )
+
+
+class ServiceRegistry(ModelRegistry):
+    """The registry, plus the stored models that could not be loaded: running one of those
+    answers 503 with the reason instead of "unknown model"."""
+
+    def __init__(self, max_models: int) -> None:
+        super().__init__(max_models)
+        self.unavailable: dict[str, UnavailableModel] = {}
+
+    def get_for_run(self, reference: str, version: str | None, token: str | None) -> ModelEntry:
+        if not reference.startswith(HASH_PREFIX):
+            broken = self.unavailable.get(reference)
+            if broken is not None:
+                raise _unavailable(broken)
+        return super().get_for_run(reference, version, token)
+
+
+def _unavailable(model: UnavailableModel) -> RequestRejected:
+    return RequestRejected(
+        503, f"model {model.name!r} is in the store but unavailable: {model.reason}"
+    )
 
 
 @dataclass(frozen=True)
@@ -39,27 +110,83 @@ class ModelService:
         upload_key_hashes: frozenset[str] = frozenset(),
         open_upload: bool = False,
         intra_op_threads: int = 0,
+        store: ModelStore | None = None,
     ) -> None:
         self.limits = limits
-        self.registry = ModelRegistry(limits.max_models)
+        self.registry = ServiceRegistry(limits.max_models)
+        self.store = store
         self._runner = runner
         self._upload_key_hashes = upload_key_hashes
         self._open_upload = open_upload
         self._intra_op_threads = intra_op_threads
+        # Serializes every change of the store and the registry together, so memory never
+        # shows what the disk does not hold.
+        self._lock = threading.Lock()
+        self._records: dict[str, StoredModel] = {}
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    # --- lookups ---
+
+    def _current(self, name: str) -> ModelEntry | UnavailableModel | None:
+        try:
+            return self.registry.get(name)
+        except RequestRejected:
+            return self.registry.unavailable.get(name)
+
+    def _available(self, name: str) -> ModelEntry:
+        broken = self.registry.unavailable.get(name)
+        if broken is not None:
+            raise _unavailable(broken)
+        return self.registry.get(name)
+
+    def index(self) -> list[dict[str, Any]]:
+        """The repository index: served models READY, stored but refused ones UNAVAILABLE."""
+        rows: list[dict[str, Any]] = [
+            {
+                "name": e.name,
+                "version": str(e.version),
+                "state": "READY",
+                "sha256": e.sha256,
+                "public": e.public,
+            }
+            for e in self.registry.entries()
+        ]
+        rows.extend(
+            {
+                "name": m.name,
+                "version": str(m.version),
+                "state": "UNAVAILABLE",
+                "sha256": m.sha256,
+                "public": m.public,
+                "reason": m.reason,
+            }
+            for m in list(self.registry.unavailable.values())
+        )
+        return sorted(rows, key=lambda row: row["name"])
 
     # --- authorization ---
 
-    def _check_upload_right(self, name: str, token: str | None) -> ModelEntry | None:
+    def _check_upload_right(
+        self, name: str, token: str | None
+    ) -> ModelEntry | UnavailableModel | None:
         """New names need an upload key; existing ones need their owner token."""
-        try:
-            existing = self.registry.get(name)
-        except RequestRejected:
-            existing = None
+        existing = self._current(name)
+        if isinstance(existing, UnavailableModel) and not existing.metadata_trusted:
+            # Its owner token hash may be the host's: only the deployment may take it over.
+            self._require_upload_key(token)
+            return existing
         if existing is not None:
             self.require_owner(existing, token, "replace")
             return existing
+        self._require_upload_key(token)
+        return None
+
+    def _require_upload_key(self, token: str | None) -> None:
         if self._open_upload:
-            return None
+            return
         if token is None:
             raise RequestRejected(
                 401,
@@ -69,10 +196,9 @@ class ModelService:
         digest = token_hash(token)
         if not any(hmac.compare_digest(digest, known) for known in self._upload_key_hashes):
             raise RequestRejected(403, "the token sent is not an upload key of this server")
-        return None
 
     @staticmethod
-    def require_owner(entry: ModelEntry, token: str | None, action: str) -> None:
+    def require_owner(entry: ModelEntry | UnavailableModel, token: str | None, action: str) -> None:
         if token is None:
             raise RequestRejected(
                 401,
@@ -85,6 +211,64 @@ class ModelService:
                 f"the token sent is not the owner token of model {entry.name!r}; "
                 f"only its owner may {action} it",
             )
+
+    # --- restoring the store ---
+
+    def restore(self) -> None:
+        """Loads every stored model; one that cannot be served is marked UNAVAILABLE, logged
+        with its name and reason, and the others still load. Its row and blob are kept: a
+        wrong key (another build) is often an operator's mistake that must not destroy data;
+        the owner can delete or re-upload it."""
+        if self.store is None:
+            return
+        self.store.recover()
+        outcomes: dict[str, Session | str] = {}
+        for loaded in self.store.records():
+            record = loaded.record
+            if loaded.problem is not None:
+                self._mark_unavailable(record, loaded.problem, metadata_trusted=False)
+                continue
+            outcome = outcomes.get(record.sha256)
+            if outcome is None:
+                outcome = self._restore_session(record)
+                outcomes[record.sha256] = outcome
+            if isinstance(outcome, str):
+                self._mark_unavailable(record, outcome, metadata_trusted=True)
+                continue
+            try:
+                self.registry.put(_entry(record, outcome))
+            except RequestRejected as exc:
+                self._mark_unavailable(record, exc.message, metadata_trusted=True)
+                continue
+            self._records[record.name] = record
+        logger.info(
+            "model store %s: %d models restored, %d unavailable",
+            self.store.directory,
+            len(self._records),
+            len(self.registry.unavailable),
+        )
+
+    def _restore_session(self, record: StoredModel) -> Session | str:
+        assert self.store is not None
+        try:
+            data = self.store.read_model(record, self.limits.max_model_bytes)
+            return self._new_session(data, record.sha256)
+        except ModelUnavailable as exc:
+            return exc.reason
+        except RequestRejected as exc:
+            return f"the server now refuses its bytes: {exc.message}"
+
+    def _mark_unavailable(
+        self, record: StoredModel, reason: str, *, metadata_trusted: bool
+    ) -> None:
+        logger.error(
+            "stored model %r (version %d, sha256 %s) is UNAVAILABLE: %s",
+            record.name,
+            record.version,
+            record.sha256,
+            reason,
+        )
+        self.registry.unavailable[record.name] = UnavailableModel(record, reason, metadata_trusted)
 
     # --- lifecycle ---
 
@@ -100,51 +284,198 @@ class ModelService:
         session = self.registry.session_for(sha256)
         if session is None:
             session = await self._runner.call(self._new_session, data, sha256)
-        owner_token = None if existing else new_token("bfo")
-        entry = ModelEntry(
+        # A stored model whose metadata did not authenticate is taken over as a new one:
+        # fresh owner token, default access, no run keys.
+        takeover = isinstance(existing, UnavailableModel) and not existing.metadata_trusted
+        inherit = None if takeover else existing
+        owner_token = None if inherit else new_token("bfo")
+        record = StoredModel(
             name=name,
             version=existing.version + 1 if existing else 1,
-            session=session,
-            owner_token_sha256=existing.owner_token_sha256
-            if existing
+            sha256=sha256,
+            size=len(data),
+            owner_token_sha256=inherit.owner_token_sha256
+            if inherit
             else token_hash(owner_token or ""),
-            public=(existing.public if existing else True) if public is None else public,
-            run_keys=dict(existing.run_keys) if existing else {},
+            public=(inherit.public if inherit else True) if public is None else public,
+            run_keys=_run_keys(inherit),
         )
-        self.registry.put(entry)
+        entry = _entry(record, session)
+        if self.store is None:
+            self._commit_load(existing, record, entry, data)
+        else:
+            await asyncio.to_thread(self._commit_load, existing, record, entry, data)
         logger.info("model %r version %d loaded (sha256 %s)", name, entry.version, sha256)
         return LoadResult(entry, owner_token, existing is not None)
+
+    def _commit_load(
+        self,
+        existing: ModelEntry | UnavailableModel | None,
+        record: StoredModel,
+        entry: ModelEntry,
+        data: bytes,
+    ) -> None:
+        """Durable first (blob, then row), visible second. Runs off the event loop."""
+        with _storing():
+            self._commit_load_storing(existing, record, entry, data)
+
+    def _commit_load_storing(
+        self,
+        existing: ModelEntry | UnavailableModel | None,
+        record: StoredModel,
+        entry: ModelEntry,
+        data: bytes,
+    ) -> None:
+        store = self.store
+        staged = None
+        try:
+            if store is not None and not (
+                self.registry.session_for(record.sha256) is not None
+                and store.has_blob(record.sha256)
+            ):
+                staged = store.stage_blob(record.sha256, data)  # slow: outside the lock
+            with self._lock:
+                if self._current(record.name) is not existing:
+                    raise RequestRejected(
+                        409,
+                        f"model {record.name!r} changed while this upload was in progress; "
+                        "upload again",
+                    )
+                self.registry.check_capacity(record.name)
+                if store is not None:
+                    if staged is None and not store.has_blob(record.sha256):
+                        staged = store.stage_blob(record.sha256, data)  # removed meanwhile
+                    store.commit_model(record, staged)
+                    staged = None
+                self.registry.put(entry)
+                self.registry.unavailable.pop(record.name, None)
+                self._records[record.name] = record
+                self._heal(entry.sha256, entry.session)
+        finally:
+            if store is not None:
+                store.discard(staged)
+
+    def _heal(self, sha256: str, session: Session) -> None:
+        """Stored models refused at start for their blob serve again once the same bytes
+        are uploaded (and sealed) anew."""
+        for broken in list(self.registry.unavailable.values()):
+            if broken.sha256 != sha256 or not broken.metadata_trusted:
+                continue
+            try:
+                self.registry.put(_entry(broken.record, session))
+            except RequestRejected:
+                continue
+            del self.registry.unavailable[broken.name]
+            self._records[broken.name] = broken.record
+            logger.info("stored model %r is available again", broken.name)
 
     def _new_session(self, data: bytes, sha256: str) -> Session:
         check_model(data, self.limits)
         return Session(data, sha256, self._intra_op_threads)
 
-    def unload(self, name: str, token: str | None) -> ModelEntry:
-        entry = self.registry.get(name)
-        self.require_owner(entry, token, "unload")
-        removed = self.registry.remove(name)
+    def unload(self, name: str, token: str | None) -> ModelEntry | UnavailableModel:
+        with self._lock:
+            current = self._current(name)
+            if current is None:
+                raise RequestRejected(
+                    404, f"unknown model {name!r}; list models with POST /v2/repository/index"
+                )
+            if isinstance(current, UnavailableModel) and not current.metadata_trusted:
+                self._require_upload_key(token)
+            else:
+                self.require_owner(current, token, "unload")
+            if self.store is not None:
+                with _storing():
+                    self.store.delete_model(name)
+            if isinstance(current, UnavailableModel):
+                del self.registry.unavailable[name]
+            else:
+                self.registry.remove(name)
+            self._records.pop(name, None)
         logger.info("model %r unloaded", name)
-        return removed
+        return current
+
+    def _persist_rules(self, entry: ModelEntry, public: bool, run_keys: dict[str, str]) -> None:
+        """Writes a change of access rules to the store (before memory shows it)."""
+        if self.store is None:
+            return
+        record = self._records.get(entry.name)
+        if record is None:
+            record = _record(entry)
+        record = replace(record, public=public, run_keys=dict(run_keys))
+        with _storing():
+            self.store.update_rules(record)
+        self._records[entry.name] = record
 
     def set_public(self, name: str, token: str | None, public: bool) -> ModelEntry:
-        entry = self.registry.get(name)
-        self.require_owner(entry, token, "change access to")
-        entry.public = public
+        with self._lock:
+            entry = self._available(name)
+            self.require_owner(entry, token, "change access to")
+            self._persist_rules(entry, public, entry.run_keys)
+            entry.public = public
         return entry
 
     def create_run_key(self, name: str, token: str | None) -> tuple[str, str]:
-        entry = self.registry.get(name)
-        self.require_owner(entry, token, "issue run keys for")
-        run_key = new_token("bfr")
-        key_id = hashlib.sha256(run_key.encode()).hexdigest()[:16]
-        entry.run_keys[key_id] = token_hash(run_key)
+        with self._lock:
+            entry = self._available(name)
+            self.require_owner(entry, token, "issue run keys for")
+            run_key = new_token("bfr")
+            key_id = hashlib.sha256(run_key.encode()).hexdigest()[:16]
+            digest = token_hash(run_key)
+            self._persist_rules(entry, entry.public, {**entry.run_keys, key_id: digest})
+            entry.run_keys[key_id] = digest
         return key_id, run_key
 
     def revoke_run_key(self, name: str, token: str | None, key_id: str) -> None:
-        entry = self.registry.get(name)
-        self.require_owner(entry, token, "revoke run keys of")
-        if entry.run_keys.pop(key_id, None) is None:
-            raise RequestRejected(404, f"model {name!r} has no run key with id {key_id!r}")
+        with self._lock:
+            entry = self._available(name)
+            self.require_owner(entry, token, "revoke run keys of")
+            if key_id not in entry.run_keys:
+                raise RequestRejected(404, f"model {name!r} has no run key with id {key_id!r}")
+            remaining = {k: v for k, v in entry.run_keys.items() if k != key_id}
+            self._persist_rules(entry, entry.public, remaining)
+            entry.run_keys.pop(key_id, None)
+
+
+@contextlib.contextmanager
+def _storing() -> Iterator[None]:
+    """The store's failures (disk full, I/O errors) as a clear 503; nothing was changed."""
+    try:
+        yield
+    except StoreError as exc:
+        raise RequestRejected(503, f"the model store cannot save this change: {exc}") from None
+
+
+def _run_keys(existing: ModelEntry | UnavailableModel | None) -> dict[str, str]:
+    if existing is None:
+        return {}
+    if isinstance(existing, UnavailableModel):
+        return dict(existing.record.run_keys) if existing.metadata_trusted else {}
+    return dict(existing.run_keys)
+
+
+def _entry(record: StoredModel, session: Session) -> ModelEntry:
+    return ModelEntry(
+        name=record.name,
+        version=record.version,
+        session=session,
+        owner_token_sha256=record.owner_token_sha256,
+        public=record.public,
+        run_keys=dict(record.run_keys),
+    )
+
+
+def _record(entry: ModelEntry) -> StoredModel:
+    return StoredModel(
+        name=entry.name,
+        version=entry.version,
+        sha256=entry.sha256,
+        size=entry.session.size,
+        owner_token_sha256=entry.owner_token_sha256,
+        public=entry.public,
+        created=time.time(),
+        run_keys=dict(entry.run_keys),
+    )
 
 
 def _too_large(size: int, limit: int) -> RequestRejected:
