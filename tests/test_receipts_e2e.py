@@ -136,3 +136,22 @@ def test_server_keeps_serving_after_receipt_errors(
     assert response.status == 400
     x = np.ones((1, 4), dtype=np.float32)
     assert client.run_model(add_mul, [x, x])["product"].shape == (1, 4)
+
+
+def test_encrypted_load_needs_upload_rights_before_touching_disk(tmp_path: Path) -> None:
+    from conftest import start_server
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("upload-key-1\n")
+    server = start_server(tmp_path, "--upload-key-file", str(keys))
+    try:
+        with pytest.warns(UserWarning):
+            client = blindfold.connect(server.url, allow_simulation=True)
+        with client:
+            key = ModelKey(key=bytes(32), sha256="0" * 64)
+            for path in ("/etc/passwd", str(tmp_path / "missing.enc")):
+                with pytest.raises(blindfold.AuthenticationError) as error:
+                    client.load_encrypted_model("probe", path, key)
+                assert error.value.status == 401
+    finally:
+        server.stop()

@@ -353,6 +353,9 @@ async def repository_load_encrypted(request: Request) -> Response:
             'send {"path": "<file on the server>", "key": <key file JSON from '
             "blindfold encrypt-model>}",
         ) from None
+    # Authorize before touching the host's disk, so no one without upload rights can even
+    # learn whether a path exists.
+    state.service.authorize_load(name, bearer_token(request))
     limit = state.service.limits.max_model_bytes
     try:
         data = await state.runner.call(lambda: decrypt_model_file(path, key, max_bytes=limit))

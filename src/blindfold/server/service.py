@@ -169,6 +169,11 @@ class ModelService:
 
     # --- authorization ---
 
+    def authorize_load(self, name: str, token: str | None) -> None:
+        """Raises unless `token` may load `name`; for work to do before reading any bytes."""
+        check_name(name)
+        self._check_upload_right(name, token)
+
     def _check_upload_right(
         self, name: str, token: str | None
     ) -> ModelEntry | UnavailableModel | None:
