@@ -72,6 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             upload_key_file=args.upload_key_file,
             open_upload=args.open_upload,
             intra_op_threads=args.intra_op_threads,
+            pccs_url=args.pccs_url,
+            collateral_cache=args.collateral_cache,
             access_log=args.access_log,
             store=args.store,
         )
@@ -384,7 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-concurrent-inferences", type=int, default=defaults.max_concurrent_inferences
     )
-    serve.add_argument("--upload-key-file", type=Path, help="file with one upload key per line")
+    serve.add_argument(
+        "--upload-key-file",
+        type=Path,
+        help="file with one upload key per line (or sha256:<hex> of a key)",
+    )
+    serve.add_argument("--pccs-url", help="Intel PCS/PCCS base URL for SGX/TDX collateral")
+    serve.add_argument("--collateral-cache", type=Path, help="folder caching Intel collateral")
     serve.add_argument(
         "--open-upload", action="store_true", help="let anyone who attests the server upload models"
     )

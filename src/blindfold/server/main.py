@@ -36,6 +36,8 @@ class ServerConfig:
     upload_key_file: Path | None = None
     open_upload: bool = False
     intra_op_threads: int = 0
+    pccs_url: str | None = None
+    collateral_cache: Path | None = None
     access_log: bool = False
     store: Path | None = None  # sealed persistent model store; None: models in memory only
 
@@ -53,7 +55,13 @@ def make_provider(config: ServerConfig) -> TeeProvider:
         return SimulationProvider(config.store)
     from blindfold.server.tee.detect import make_hardware_provider
 
-    return make_hardware_provider(kind)
+    options: dict[str, Any] = {}
+    if kind in ("sgx", "tdx"):  # Intel collateral comes from a PCS or a local PCCS
+        if config.pccs_url:
+            options["pccs_url"] = config.pccs_url
+        if config.collateral_cache:
+            options["cache_dir"] = config.collateral_cache
+    return make_hardware_provider(kind, **options)
 
 
 def read_upload_keys(path: Path | None) -> frozenset[str]:
@@ -66,7 +74,18 @@ def read_upload_keys(path: Path | None) -> frozenset[str]:
     keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     if not keys:
         raise ConfigurationError(f"upload key file {path} holds no key (one per line)")
-    return frozenset(hashlib.sha256(key.encode()).hexdigest() for key in keys)
+    return frozenset(_upload_key_hash(key, path) for key in keys)
+
+
+def _upload_key_hash(line: str, path: Path) -> str:
+    """A line is a key, or `sha256:<hex>` of one: the hashed form lets the file sit on an
+    untrusted host (or be measured into a TEE image) without revealing the key."""
+    if not line.startswith("sha256:"):
+        return hashlib.sha256(line.encode()).hexdigest()
+    digest = line.removeprefix("sha256:").lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ConfigurationError(f"upload key file {path}: {line[:12]}... is not sha256:<64 hex>")
+    return digest
 
 
 class _AttestedConfig(uvicorn.Config):
