@@ -35,6 +35,7 @@ from blindfold.receipts import Receipt, ReceiptChainVerifier, SavedReceipt
 from blindfold.sealing import ModelKey
 
 UPLOAD_CHUNK = 1 << 20
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,7 @@ class Client:
         the outputs; it is verified on arrival and returned as `outputs.receipt`
         (a `SavedReceipt`: `.save(path)` writes a file `blindfold receipt verify` checks).
         """
-        if len(model) == 64 and all(c in "0123456789abcdef" for c in model.lower()):
+        if len(model) == 64 and _HEX64.fullmatch(model):
             model = f"sha256:{model.lower()}"
         metadata = self.model_metadata(model, version=version, token=token)
         arrays = normalize_inputs(inputs, metadata["inputs"], dtype)
@@ -273,7 +274,7 @@ class Client:
         response = self._request(
             "POST",
             _model_path(model, version) + "/infer",
-            b"".join(parts),
+            b"".join(parts),  # the one copy of each tensor on the client
             {
                 "Inference-Header-Content-Length": str(header_length),
                 "Content-Type": "application/octet-stream",
