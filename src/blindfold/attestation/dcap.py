@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import resources
+from typing import Any
 
 import dcap_qvl
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from blindfold.attestation.verdict import Verdict
 from blindfold.errors import EvidenceError
 
 TEE_TYPE_SGX = 0x00000000
@@ -68,6 +70,21 @@ class DcapResult:
     advisory_ids: tuple[str, ...]
     valid_from: int
     valid_until: int
+
+    def verdict(
+        self, kind: str, measurements: dict[str, Any], report_data: bytes, debug: bool
+    ) -> Verdict:
+        """The Verdict for this quote, given what the SGX or TDX body module read from it."""
+        return Verdict(
+            kind=kind,
+            measurements=measurements,
+            report_data=report_data,
+            debug=debug,
+            tcb_status=self.tcb_status,
+            advisory_ids=self.advisory_ids,
+            valid_from=self.valid_from,
+            valid_until=self.valid_until,
+        )
 
 
 # --- quote framing ---

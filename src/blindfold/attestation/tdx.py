@@ -46,16 +46,7 @@ def verify(evidence: bytes, collateral: dict[str, bytes], at: int) -> Verdict:
     """
     result = verify_quote(evidence, collateral, at, KIND)
     body = result.quote.body
-    return Verdict(
-        kind=KIND,
-        measurements=measurements(body),
-        report_data=body[_REPORT_DATA],
-        debug=is_debug(body),
-        tcb_status=result.tcb_status,
-        advisory_ids=result.advisory_ids,
-        valid_from=result.valid_from,
-        valid_until=result.valid_until,
-    )
+    return result.verdict(KIND, measurements(body), body[_REPORT_DATA], is_debug(body))
 
 
 def measurements(body: bytes) -> dict[str, Any]:
