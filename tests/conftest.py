@@ -111,7 +111,12 @@ def start_server(
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One shared simulation server with open upload, for tests that do not restart it."""
-    process = start_server(tmp_path_factory.mktemp("server"), "--open-upload")
+    process = start_server(
+        tmp_path_factory.mktemp("server"),
+        "--open-upload",
+        "--encrypted-models-dir",
+        str(tmp_path_factory.getbasetemp()),
+    )
     yield process
     process.stop()
 

@@ -126,6 +126,11 @@ def test_encrypted_model_round_trip(client: blindfold.Client, tmp_path: Path) ->
     assert error.value.status == 400 and "decrypt" in error.value.message
     with pytest.raises(blindfold.NotFoundError):
         client.load_encrypted_model("encrypted-3", str(tmp_path / "missing.enc"), key_path)
+    # Only the operator's folder is readable: no path escapes it.
+    for outside in ("/etc/passwd", str(tmp_path / ".." / ".." / ".." / "etc" / "passwd")):
+        with pytest.raises(blindfold.AuthenticationError) as escaped:
+            client.load_encrypted_model("encrypted-4", outside, key_path)
+        assert escaped.value.status == 403 and "outside" in escaped.value.message
 
 
 def test_server_keeps_serving_after_receipt_errors(
@@ -153,5 +158,10 @@ def test_encrypted_load_needs_upload_rights_before_touching_disk(tmp_path: Path)
                 with pytest.raises(blindfold.AuthenticationError) as error:
                     client.load_encrypted_model("probe", path, key)
                 assert error.value.status == 401
+            # With the upload key, this server (no --encrypted-models-dir) still refuses.
+            with pytest.raises(blindfold.AuthenticationError) as disabled:
+                client.load_encrypted_model("probe", "/etc/passwd", key, token="upload-key-1")
+            assert disabled.value.status == 403
+            assert "--encrypted-models-dir" in disabled.value.message
     finally:
         server.stop()

@@ -74,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             intra_op_threads=args.intra_op_threads,
             pccs_url=args.pccs_url,
             collateral_cache=args.collateral_cache,
+            encrypted_models_dir=args.encrypted_models_dir,
             access_log=args.access_log,
             store=args.store,
         )
@@ -392,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="file with one upload key per line (or sha256:<hex> of a key)",
     )
     serve.add_argument("--pccs-url", help="Intel PCS/PCCS base URL for SGX/TDX collateral")
+    serve.add_argument(
+        "--encrypted-models-dir",
+        type=Path,
+        help="folder from which load-encrypted may read model files (default: disabled)",
+    )
     serve.add_argument("--collateral-cache", type=Path, help="folder caching Intel collateral")
     serve.add_argument(
         "--open-upload", action="store_true", help="let anyone who attests the server upload models"

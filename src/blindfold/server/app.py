@@ -34,8 +34,15 @@ JSON_SLACK = 1 << 20  # room for JSON framing around base64 model bytes
 
 
 class ServerState:
-    def __init__(self, identity: ServerIdentity, service: ModelService, runner: InferenceRunner):
+    def __init__(
+        self,
+        identity: ServerIdentity,
+        service: ModelService,
+        runner: InferenceRunner,
+        encrypted_models_dir: Path | None = None,
+    ):
         self.identity = identity
+        self.encrypted_models_dir = encrypted_models_dir
         standing = identity.attestation(None).evidence
         self.receipts = ReceiptSigner(
             identity.private_key,
@@ -356,6 +363,7 @@ async def repository_load_encrypted(request: Request) -> Response:
     # Authorize before touching the host's disk, so no one without upload rights can even
     # learn whether a path exists.
     state.service.authorize_load(name, bearer_token(request))
+    path = _encrypted_model_path(state, path)
     limit = state.service.limits.max_model_bytes
     try:
         data = await state.runner.call(lambda: decrypt_model_file(path, key, max_bytes=limit))
@@ -371,6 +379,25 @@ async def repository_load_encrypted(request: Request) -> Response:
         name, data, bearer_token(request), public=public if isinstance(public, bool) else None
     )
     return _load_answer(name, result)
+
+
+def _encrypted_model_path(state: ServerState, requested: Path) -> Path:
+    """The server reads encrypted models only from the folder the operator named, so an
+    uploader cannot make it open arbitrary host files."""
+    folder = state.encrypted_models_dir
+    if folder is None:
+        raise RequestRejected(
+            403,
+            "this server does not load encrypted model files; its operator can enable it with "
+            "--encrypted-models-dir DIR",
+        )
+    root = folder.resolve()
+    resolved = (root / requested).resolve()
+    if not resolved.is_relative_to(root):
+        raise RequestRejected(
+            403, f"{str(requested)!r} is outside the server's encrypted-models folder"
+        )
+    return resolved
 
 
 async def repository_unload(request: Request) -> Response:

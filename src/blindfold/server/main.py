@@ -37,6 +37,7 @@ class ServerConfig:
     open_upload: bool = False
     intra_op_threads: int = 0
     pccs_url: str | None = None
+    encrypted_models_dir: Path | None = None
     collateral_cache: Path | None = None
     access_log: bool = False
     store: Path | None = None  # sealed persistent model store; None: models in memory only
@@ -122,7 +123,7 @@ def build_state(config: ServerConfig) -> ServerState:
     )
     try:
         service.restore()
-        return ServerState(identity, service, runner)
+        return ServerState(identity, service, runner, config.encrypted_models_dir)
     except BaseException:
         service.close()
         runner.shutdown()
