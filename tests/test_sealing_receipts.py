@@ -44,6 +44,7 @@ from blindfold.sealing import (
     encrypt_model_file,
     seal,
     seal_file,
+    seal_into,
     unseal,
     unseal_to_bytes,
 )
@@ -563,3 +564,13 @@ def test_saved_receipt_load_is_strict(tmp_path: Path) -> None:
     path.write_text("not json")
     with pytest.raises(ReceiptError, match="cannot be read"):
         SavedReceipt.load(path)
+
+
+def test_seal_into_streams_to_a_file_object() -> None:
+    key = os.urandom(32)
+    plaintext = os.urandom(3 * 64 + 5)
+    out = io.BytesIO()
+    seal_into(key, plaintext, out, label=b"stream", chunk_size=64)
+    assert unseal(key, out.getvalue(), label=b"stream") == plaintext
+    with pytest.raises(SealError):
+        unseal(key, out.getvalue(), label=b"other")

@@ -159,6 +159,19 @@ def seal(
     return out.getvalue()
 
 
+def seal_into(
+    key: bytes,
+    plaintext: bytes,
+    dst: BinaryIO,
+    *,
+    label: bytes,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> None:
+    """Seals `plaintext` straight into `dst`, so a large model is never held twice."""
+    # BytesIO over bytes shares the buffer instead of copying it.
+    _seal_stream(key, io.BytesIO(plaintext), dst, label=label, chunk_size=chunk_size)
+
+
 def seal_file(
     key: bytes,
     src: Path,

@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from blindfold.errors import BlindfoldError, ConfigurationError, SealError
-from blindfold.sealing import KEY_SIZE, seal, unseal_to_bytes
+from blindfold.sealing import KEY_SIZE, seal_into, unseal_to_bytes
 
 logger = logging.getLogger("blindfold.store")
 
@@ -387,7 +387,7 @@ class ModelStore:
         try:
             descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "wb") as handle:
-                handle.write(seal(self._key, data, label=blob_label(sha256)))
+                seal_into(self._key, data, handle, label=blob_label(sha256))
                 handle.flush()
                 os.fsync(handle.fileno())
         except OSError as exc:
