@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from blindfold.attestation.binding import public_key_sha256 as spki_hash
 from blindfold.attestation.verdict import Evidence, Verdict
 from blindfold.errors import BlindfoldError, ConfigurationError, ReceiptError
 from blindfold.tensors import np_to_oip_dtype, tensor_to_bytes
@@ -85,10 +86,7 @@ def tensors_digest(tensors: Mapping[str, np.ndarray]) -> str:
 
 def public_key_sha256(public_key: ec.EllipticCurvePublicKey) -> str:
     """Hex SHA-256 of a public key's DER SubjectPublicKeyInfo (what report data binds)."""
-    spki = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(spki).hexdigest()
+    return spki_hash(public_key).hex()
 
 
 # --- the receipt ---

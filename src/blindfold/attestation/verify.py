@@ -7,13 +7,10 @@ of the evidence to the server's TLS certificate (and the client's nonce).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import time
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
+from blindfold.attestation.binding import expected_report_data
 from blindfold.attestation.policy import Policy
 from blindfold.attestation.simulation import WARNING
 from blindfold.attestation.verdict import TEE_KINDS, Evidence, Verdict
@@ -39,19 +36,6 @@ def verify_evidence(evidence: Evidence, at: int | None = None) -> Verdict:
         evidence.evidence, evidence.collateral, int(time.time()) if at is None else int(at)
     )
     return verdict
-
-
-def spki_sha256(certificate_der: bytes) -> bytes:
-    """SHA-256 of the certificate's DER SubjectPublicKeyInfo: what the report data binds."""
-    certificate = x509.load_der_x509_certificate(certificate_der)
-    spki = certificate.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(spki).digest()
-
-
-def expected_report_data(certificate_der: bytes, nonce: bytes | None) -> bytes:
-    return spki_sha256(certificate_der) + (nonce if nonce is not None else bytes(32))
 
 
 def verify_server_evidence(

@@ -12,13 +12,13 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from blindfold.attestation.binding import spki_sha256
 from blindfold.attestation.policy import Policy
 from blindfold.attestation.verdict import Evidence, Verdict
 from blindfold.attestation.verify import verify_server_evidence
 from blindfold.client.transport import (
     Endpoint,
     PinnedConnection,
-    spki_sha256_of,
     unverified_context,
 )
 from blindfold.errors import AttestationError, EvidenceError, PinnedKeyMismatch
@@ -99,11 +99,11 @@ def attest(
         allow_simulation=allow_simulation,
         at=at,
     )
-    pin = spki_sha256_of(certificate_der)
-    if spki_sha256_of(peer_certificate) != pin:
+    pin = spki_sha256(certificate_der)
+    if spki_sha256(peer_certificate) != pin:
         raise PinnedKeyMismatch(
             "the TLS connection that delivered the evidence presented public key "
-            f"{spki_sha256_of(peer_certificate).hex()}, but the evidence binds {pin.hex()}: a "
+            f"{spki_sha256(peer_certificate).hex()}, but the evidence binds {pin.hex()}: a "
             "proxy is relaying another server's evidence. Connect to the attested server directly."
         )
     return AttestedServer(

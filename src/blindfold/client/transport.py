@@ -9,7 +9,6 @@ peer's SubjectPublicKeyInfo hash is compared with the pin before a byte is sent.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import queue
 import select
@@ -18,9 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
+from blindfold.attestation.binding import spki_sha256
 from blindfold.errors import ConfigurationError, PinnedKeyMismatch
 
 
@@ -46,14 +43,6 @@ class HttpResponse:
     status: int
     headers: Mapping[str, str]
     body: bytes
-
-
-def spki_sha256_of(certificate_der: bytes) -> bytes:
-    certificate = x509.load_der_x509_certificate(certificate_der)
-    spki = certificate.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(spki).digest()
 
 
 def unverified_context() -> ssl.SSLContext:
@@ -93,11 +82,11 @@ class PinnedConnection(http.client.HTTPSConnection):
             ) from None
         assert isinstance(self.sock, ssl.SSLSocket)
         self.peer_certificate = self.sock.getpeercert(binary_form=True) or b""
-        if self._pin is not None and spki_sha256_of(self.peer_certificate) != self._pin:
+        if self._pin is not None and spki_sha256(self.peer_certificate) != self._pin:
             self.sock.close()
             raise PinnedKeyMismatch(
                 f"the server at {self.host}:{self.port} presented public key "
-                f"{spki_sha256_of(self.peer_certificate).hex()}, expected the attested "
+                f"{spki_sha256(self.peer_certificate).hex()}, expected the attested "
                 f"{self._pin.hex()}. No data was sent."
             )
 

@@ -8,7 +8,6 @@ anonymous memory file (memfd), never written to disk.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import os
 import ssl
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from blindfold.attestation.binding import public_key_sha256
 from blindfold.attestation.verdict import Evidence
 from blindfold.server.tee.base import TeeProvider
 
@@ -41,10 +41,7 @@ class ServerIdentity:
         self.certificate = _self_signed_certificate(self.private_key, hostnames)
         self.certificate_der = self.certificate.public_bytes(serialization.Encoding.DER)
         self.certificate_pem = self.certificate.public_bytes(serialization.Encoding.PEM).decode()
-        spki = self.private_key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        self.spki_sha256 = hashlib.sha256(spki).digest()
+        self.spki_sha256 = public_key_sha256(self.private_key.public_key())
         self._lock = threading.Lock()
         self._standing: AttestationDocument | None = None
 
