@@ -19,6 +19,10 @@ def identity_model(
 
 def add_mul_model() -> onnx.ModelProto:
     """Two inputs a, b (float32 [N, 4]) -> sum = a + b, product = a * b."""
+    return _sum_and_product("add_mul", reverse_outputs=False)
+
+
+def _sum_and_product(name: str, *, reverse_outputs: bool) -> onnx.ModelProto:
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4])
     b = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 4])
     s = helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["N", 4])
@@ -28,9 +32,9 @@ def add_mul_model() -> onnx.ModelProto:
             helper.make_node("Add", ["a", "b"], ["sum"]),
             helper.make_node("Mul", ["a", "b"], ["product"]),
         ],
-        "add_mul",
+        name,
         [a, b],
-        [s, p],
+        [p, s] if reverse_outputs else [s, p],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -53,20 +57,7 @@ def matmul_model(size: int = 64, seed: int = 0) -> onnx.ModelProto:
 def product_sum_model() -> onnx.ModelProto:
     """Like add_mul_model, but declares its outputs as (product, sum): the reverse of the
     order in which its nodes compute them."""
-    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4])
-    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 4])
-    s = helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["N", 4])
-    p = helper.make_tensor_value_info("product", TensorProto.FLOAT, ["N", 4])
-    graph = helper.make_graph(
-        [
-            helper.make_node("Add", ["a", "b"], ["sum"]),
-            helper.make_node("Mul", ["a", "b"], ["product"]),
-        ],
-        "product_sum",
-        [a, b],
-        [p, s],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return _sum_and_product("product_sum", reverse_outputs=True)
 
 
 def gather_model(rows: int = 5) -> onnx.ModelProto:

@@ -5,9 +5,7 @@ any payload (model, tensor, token) leaves the client, and each test checks on th
 from __future__ import annotations
 
 import base64
-import datetime
 import http.client
-import ipaddress
 import json
 import re
 import secrets
@@ -29,7 +27,7 @@ import blindfold
 from blindfold.client.attest import fetch_attestation
 from blindfold.client.transport import Endpoint
 
-from conftest import ServerProcess, free_port, start_server
+from conftest import ServerProcess, free_port, start_server, write_self_signed
 from onnx_models import identity_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:SIMULATION TEE")
@@ -42,46 +40,6 @@ Responder = Callable[["AttackProxy", str, str], "tuple[int, bytes] | None"]
 
 
 # --- an attacking TLS proxy on loopback ---
-
-
-def self_signed(directory: Path, common_name: str = "mitm") -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    suffix = secrets.token_hex(4)
-    cert_path = directory / f"{common_name}-{suffix}.pem"
-    key_path = directory / f"{common_name}-{suffix}.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 def _unverified() -> ssl.SSLContext:
@@ -109,7 +67,7 @@ class AttackProxy:
         self.upstream_port = upstream_port
         self.mode = mode
         self.responder = responder
-        self.cert_path, key_path = self_signed(directory)
+        self.cert_path, key_path = write_self_signed(directory)
         self.cert_pem = self.cert_path.read_text()
         self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._tls.load_cert_chain(self.cert_path, key_path)

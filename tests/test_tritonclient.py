@@ -3,8 +3,6 @@ that `blindfold export-cert` wrote after verifying the server's attestation."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import re
 import ssl
@@ -20,7 +18,7 @@ from onnx import TensorProto
 
 import blindfold
 
-from conftest import ServerProcess, start_server
+from conftest import ServerProcess, start_server, write_self_signed
 from onnx_models import add_mul_model, identity_model
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
@@ -227,38 +225,8 @@ def test_keyed_load_and_owner_unload(keyed_server: ServerProcess, keyed_cert: Pa
         assert not client.is_model_ready("keyed-sdk")
 
 
-def _self_signed_pem(tmp_path: Path) -> Path:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "someone else")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    path = tmp_path / "other.pem"
-    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
 def test_other_ca_file_cannot_connect(server: ServerProcess, tmp_path: Path) -> None:
-    with triton(server, _self_signed_pem(tmp_path)) as client:
+    with triton(server, write_self_signed(tmp_path, "someone-else")[0]) as client:
         with pytest.raises(ssl.SSLError) as failure:
             client.is_server_live()
     assert (

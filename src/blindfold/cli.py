@@ -30,6 +30,11 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+def _public(args: argparse.Namespace) -> bool | None:
+    """`--access public|restricted`; None keeps the server's default (or the model's rule)."""
+    return None if args.access is None else args.access == "public"
+
+
 def _progress_bar(label: str) -> Callable[[int, int], None]:
     def show(done: int, total: int) -> None:
         if not sys.stderr.isatty() and done != total:
@@ -196,8 +201,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     with _client(args) as client:
         size = args.model.stat().st_size
         progress = _progress_bar("uploading") if size >= 8 << 20 else None
-        public = None if args.access is None else args.access == "public"
-        model = client.upload_model(args.model, args.name, public=public, progress=progress)
+        model = client.upload_model(args.model, args.name, public=_public(args), progress=progress)
         _print_json(model.__dict__)
     return 0
 
@@ -251,8 +255,7 @@ def cmd_encrypt_model(args: argparse.Namespace) -> int:
 
 def cmd_load_encrypted(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        public = None if args.access is None else args.access == "public"
-        model = client.load_encrypted_model(args.name, args.path, args.key, public=public)
+        model = client.load_encrypted_model(args.name, args.path, args.key, public=_public(args))
         _print_json(model.__dict__)
     return 0
 
