@@ -32,14 +32,10 @@ import argparse
 import json
 import os
 import platform
-import socket
-import ssl
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +48,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import blindfold
+
+# The same `blindfold serve` child process the tests start.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from server_process import start_server  # noqa: E402
 
 CLIENTS = 8
 
@@ -146,50 +146,6 @@ def mlp_model(
 
 
 # --- server process ---
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    def __init__(self, log_dir: Path, extra: list[str]) -> None:
-        self.port = free_port()
-        self.url = f"https://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"server-{self.port}.log"
-        command = [sys.executable, "-m", "blindfold", "serve", "--open-upload"]
-        command += ["--port", str(self.port), *extra]
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(
-                    f"{self.url}/v2/health/live", context=context, timeout=2
-                ) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not start:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
 
 
 def connect(url: str) -> blindfold.Client:
@@ -334,7 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     extra += args.server_arg
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="blindfold-bench-") as tmp:
-        server = Server(Path(tmp), extra)
+        server = start_server(Path(tmp), "--open-upload", *extra)
         try:
             shared = connect(server.url)
             own = [connect(server.url) for _ in range(CLIENTS)]

@@ -1,0 +1,82 @@
+"""Real `blindfold serve` child processes on loopback, for the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A `blindfold serve` child process; `log()` returns what it printed so far."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, sig: int | None = None) -> None:
+        if self.process.poll() is None:
+            if sig is None:
+                self.process.terminate()
+            else:
+                self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(
+    tmp_path: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None
+) -> ServerProcess:
+    """Starts `python -m blindfold serve --port P ARGS` and waits until it answers."""
+    port = port or free_port()
+    log_path = tmp_path / f"server-{port}-{time.monotonic_ns()}.log"
+    command = [sys.executable, "-m", "blindfold", "serve", "--port", str(port), *args]
+    with log_path.open("wb") as handle:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    server = ServerProcess(port, process, log_path, list(args))
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            with urllib.request.urlopen(
+                f"{server.url}/v2/health/live", context=context, timeout=2
+            ) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"server did not start within 60 s:\n{server.log()}")
