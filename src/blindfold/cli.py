@@ -82,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             encrypted_models_dir=args.encrypted_models_dir,
             access_log=args.access_log,
             store=args.store,
+            simulation_evidence_lifetime=args.simulation_evidence_lifetime,
         )
     )
     return 0
@@ -154,8 +155,16 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
 
 
 def policy_section_from(verdict: Any) -> dict[str, Any]:
-    """Pins what the evidence measured; TCB status and debug stay at their safe defaults, so
-    the operator opts into anything else by editing the named fields."""
+    """Pins everything the evidence measured that names the code and its configuration;
+    TCB status and debug stay at their safe defaults, so the operator opts into anything
+    else by editing the named fields."""
+    from blindfold.attestation.policy import (
+        SNP_POLICY_SINGLE_SOCKET,
+        SNP_POLICY_SMT,
+        SNP_TCB_PARTS,
+        TDX_RTMRS,
+    )
+
     m = verdict.measurements
     kind = verdict.kind
     section: dict[str, Any] = {}
@@ -167,19 +176,26 @@ def policy_section_from(verdict: Any) -> dict[str, Any]:
             "min_isv_svn": m["isv_svn"],
         }
     elif kind == "tdx":
-        section = {k: [m[k]] for k in ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3") if k in m}
+        pinned = ("mr_td", *TDX_RTMRS, "mr_seam", "mr_config_id", "mr_owner", "mr_owner_config")
+        section = {k: [m[k]] for k in pinned}
+        section.update(td_attributes=m["td_attributes"], xfam=m["xfam"])
     elif kind == "sev-snp":
         section = {
             "measurement": [m["measurement"]],
-            "min_tcb": {
-                part: m[f"reported_tcb_{part}"]
-                for part in ("bootloader", "tee", "snp", "microcode")
-            },
+            "min_tcb": {part: m[f"reported_tcb_{part}"] for part in SNP_TCB_PARTS},
+            "vmpl": m["vmpl"],
+            "min_guest_svn": m["guest_svn"],
+            "allow_smt": bool(m["policy"] >> SNP_POLICY_SMT & 1),
+            "require_single_socket": bool(m["policy"] >> SNP_POLICY_SINGLE_SOCKET & 1),
+            "id_key_digest": [m["id_key_digest"]],
+            "author_key_digest": [m["author_key_digest"]],
         }
     elif kind == "nitro":
         section = {k: [m[k]] for k in ("pcr0", "pcr1", "pcr2") if k in m}
     elif kind == "simulation":
         section = {"measurement": [m["measurement"]]}
+    if isinstance(m.get("tcb_eval_data_number"), int):
+        section["min_tcb_eval_data_number"] = m["tcb_eval_data_number"]
     if kind != "simulation":
         section["allowed_tcb_status"] = ["UpToDate"]
         section["allow_debug"] = False
@@ -402,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder from which load-encrypted may read model files (default: disabled)",
     )
     serve.add_argument("--collateral-cache", type=Path, help="folder caching Intel collateral")
+    serve.add_argument(
+        "--simulation-evidence-lifetime",
+        type=int,
+        metavar="SECONDS",
+        help="simulation only: evidence expires after SECONDS, like hardware collateral does "
+        "(to exercise re-attestation; default: never)",
+    )
     serve.add_argument(
         "--open-upload", action="store_true", help="let anyone who attests the server upload models"
     )

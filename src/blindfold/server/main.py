@@ -41,6 +41,7 @@ class ServerConfig:
     collateral_cache: Path | None = None
     access_log: bool = False
     store: Path | None = None  # sealed persistent model store; None: models in memory only
+    simulation_evidence_lifetime: int | None = None  # None: simulation evidence never expires
 
 
 def make_provider(config: ServerConfig) -> TeeProvider:
@@ -49,11 +50,16 @@ def make_provider(config: ServerConfig) -> TeeProvider:
         from blindfold.server.tee.detect import detect_tee
 
         kind = detect_tee(config.allow_simulation_fallback)
+    if config.simulation_evidence_lifetime is not None and kind != "simulation":
+        raise ConfigurationError(
+            "--simulation-evidence-lifetime applies only to --tee simulation; hardware evidence "
+            "expires with its collateral or certificate"
+        )
     if kind == "simulation":
         from blindfold.server.tee.simulation import SimulationProvider
 
         # With a store, the (insecure) simulation sealing key file lives in the store.
-        return SimulationProvider(config.store)
+        return SimulationProvider(config.store, config.simulation_evidence_lifetime)
     from blindfold.server.tee.detect import make_hardware_provider
 
     options: dict[str, Any] = {}
