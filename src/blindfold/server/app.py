@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import logging
 import time
@@ -43,11 +42,13 @@ class ServerState:
     ):
         self.identity = identity
         self.encrypted_models_dir = encrypted_models_dir
-        standing = identity.attestation(None).evidence
+        identity.standing()  # a TEE that cannot produce evidence fails at start, not later
+        # Receipts name the standing evidence current when they are signed, which the
+        # identity renews before it expires.
         self.receipts = ReceiptSigner(
             identity.private_key,
             identity.spki_sha256.hex(),
-            hashlib.sha256(standing.evidence).hexdigest(),
+            identity.standing_evidence_sha256,
         )
         self.service = service
         self.runner = runner
