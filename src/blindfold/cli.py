@@ -159,6 +159,7 @@ def policy_section_from(verdict: Any) -> dict[str, Any]:
     TCB status and debug stay at their safe defaults, so the operator opts into anything
     else by editing the named fields."""
     from blindfold.attestation.policy import (
+        SNP_POLICY_MIGRATE_MA,
         SNP_POLICY_SINGLE_SOCKET,
         SNP_POLICY_SMT,
         SNP_TCB_PARTS,
@@ -190,6 +191,12 @@ def policy_section_from(verdict: Any) -> dict[str, Any]:
             "id_key_digest": [m["id_key_digest"]],
             "author_key_digest": [m["author_key_digest"]],
         }
+        if m["policy"] >> SNP_POLICY_MIGRATE_MA & 1:
+            print(
+                "note: the guest policy allows a migration agent (MIGRATE_MA), which every "
+                "Blindfold policy refuses: launch the guest without it",
+                file=sys.stderr,
+            )
     elif kind == "nitro":
         section = {k: [m[k]] for k in ("pcr0", "pcr1", "pcr2") if k in m}
     elif kind == "simulation":

@@ -9,6 +9,8 @@ key. The policy is a pure function of the verdict, so these checks need no serve
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -246,12 +248,7 @@ SIM = {"measurement": ["ab" * 32]}
             "integers 0..255",
         ),
         ("nitro", {"pcr0": ["00" * 48], "pcr9": ["00" * 48]}, "pcr9", "unknown key"),
-        (
-            "sev-snp",
-            {"measurement": ["00" * 48], "_migrate_ma": True},
-            "_migrate_ma",
-            "unknown key",
-        ),
+        ("sev-snp", {"measurement": ["00" * 48], "allow_smt": 1}, "allow_smt", "true or false"),
     ],
 )
 def test_every_value_is_type_checked(
@@ -277,3 +274,38 @@ def test_policy_round_trips_through_toml(tdx: Verdict, snp: Verdict, tmp_path: P
     assert loaded == policy
     loaded.verify(tdx)
     loaded.verify(snp)
+
+
+def test_policy_init_from_tdx_evidence_writes_the_complete_set(
+    vectors_dir: Path, vector_manifest: list[dict[str, Any]], tmp_path: Path, tdx: Verdict
+) -> None:
+    vector = next(v for v in vector_manifest if v["id"] == TDX)
+    folder = vectors_dir / vector["dir"]
+    out = tmp_path / "policy.toml"
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blindfold",
+            "policy",
+            "init",
+            "--from-evidence",
+            str(folder / "quote.bin"),
+            "--kind",
+            "tdx",
+            "--collateral",
+            str(folder),
+            "--at",
+            str(vector["verify_at"]),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    written = Policy.load(out).kinds["tdx"].values
+    for key in ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_seam", "td_attributes", "xfam"):
+        assert key in written
+    Policy.load(out).verify(tdx)

@@ -245,7 +245,8 @@ class Key:
 
 @dataclass(frozen=True)
 class KindSpec:
-    """Every key a `[kind]` section may hold, and what it must pin to be complete.
+    """Every key a `[kind]` section may hold, what it must pin to be complete, and the rules
+    that apply whatever the section says.
 
     `incomplete(values)` returns None, or a sentence saying what is missing and what to add;
     it is skipped under `unsafe_accept_any_measurement`.
@@ -254,6 +255,7 @@ class KindSpec:
     kind: str
     keys: tuple[Key, ...]
     incomplete: Callable[[dict[str, Any]], str | None]
+    always: tuple[VerificationPolicy, ...] = ()
 
     def key(self, name: str) -> Key | None:
         return next((key for key in self.keys if key.name == name), None)
@@ -400,9 +402,9 @@ def _dcap_platform() -> tuple[Key, ...]:
     dcap-qvl 0.7 also offers grace periods (accepting an OutOfDate TCB for a while after
     Intel's release; `allowed_tcb_status` covers that decision), advisory deny-lists
     (the verdict's advisory IDs are shown on every TCB failure) and accepted SGX types;
-    those are not exposed. Dynamic platform, cached keys and SMT are reported only by
-    multi-package platforms' PCK certificates; where a platform does not report them
-    the rules pass, as dcap-qvl's own policy does.
+    those are not exposed. Dynamic platform, cached keys and SMT come from the PCK
+    certificate's platform configuration, which only platforms with a platform CA carry;
+    where it is absent the verifier reports None and these rules cannot refuse.
     """
     return (
         Key(
@@ -471,17 +473,15 @@ def _tdx_incomplete(values: dict[str, Any]) -> str | None:
     both = [r for r in TDX_RTMRS if r in values and values.get(f"unsafe_ignore_{r}")]
     if both:
         return f"{both[0]} is pinned and unsafe_ignore_{both[0]} = true: choose one"
-    missing = _need(values, "mr_td") + [
-        r for r in TDX_RTMRS if r not in values and not values.get(f"unsafe_ignore_{r}")
-    ]
-    if missing:
-        return (
-            f"mr_td measures only the virtual firmware, the RTMRs measure the kernel, command "
-            f"line and application: add {', '.join(missing)} (`blindfold policy init "
-            f"--from-evidence` writes them all), or for a register the deployment does not "
-            f"use, set unsafe_ignore_rtmrN = true"
-        )
-    return None
+    rtmrs = [r for r in TDX_RTMRS if r not in values and not values.get(f"unsafe_ignore_{r}")]
+    if not rtmrs:
+        return "add mr_td (the TD's virtual firmware)" if "mr_td" not in values else None
+    return (
+        f"mr_td measures only the virtual firmware, the RTMRs measure the kernel, command "
+        f"line and application: add {', '.join(_need(values, 'mr_td') + rtmrs)} (`blindfold "
+        f"policy init --from-evidence` writes them all), or for a register the deployment "
+        f"does not use, set unsafe_ignore_rtmrN = true"
+    )
 
 
 def _snp_incomplete(values: dict[str, Any]) -> str | None:
@@ -617,25 +617,19 @@ SPECS: dict[str, KindSpec] = {
                 ),
                 default=False,
             ),
-            Key(
-                "_migrate_ma",  # never in a file: always refuses a migration agent
-                "",
-                _parse_bool,
-                lambda _: [
-                    PolicyBit(
-                        "policy",
-                        SNP_POLICY_MIGRATE_MA,
-                        False,
-                        "MIGRATE_MA",
-                        "A migration agent may move the guest's memory to another host; "
-                        "Blindfold does not accept guests that allow it.",
-                    )
-                ],
-                default=False,
-            ),
             *_hardware_common(),
         ),
         _snp_incomplete,
+        always=(
+            PolicyBit(
+                "policy",
+                SNP_POLICY_MIGRATE_MA,
+                False,
+                "MIGRATE_MA",
+                "A migration agent may move the guest's memory to another host; Blindfold "
+                "does not accept guests that allow it.",
+            ),
+        ),
     ),
     "nitro": KindSpec(
         "nitro",
@@ -643,7 +637,6 @@ SPECS: dict[str, KindSpec] = {
         _nitro_incomplete,
     ),
 }
-_INTERNAL_PREFIX = "_"
 
 
 @dataclass(frozen=True)
@@ -654,8 +647,9 @@ class KindPolicy:
     values: dict[str, Any] = field(default_factory=dict)
 
     def rules(self) -> list[VerificationPolicy]:
-        rules: list[VerificationPolicy] = [KindIs((self.kind,))]
-        for key in SPECS[self.kind].keys:
+        spec = SPECS[self.kind]
+        rules: list[VerificationPolicy] = [KindIs((self.kind,)), *spec.always]
+        for key in spec.keys:
             value = self.values.get(key.name, key.default)
             if value is not _ABSENT:
                 rules.extend(key.rules(value))
@@ -718,13 +712,13 @@ def check_section(kind: str, section: dict[str, Any], source: str = "policy") ->
     """Type-checks and normalises one section; raises ConfigurationError naming the key, the
     expected type and what was found, or what a complete section must add."""
     spec = SPECS[kind]
-    public = [key.name for key in spec.keys if not key.name.startswith(_INTERNAL_PREFIX)]
     values: dict[str, Any] = {}
     for name, value in section.items():
-        key = spec.key(name) if not name.startswith(_INTERNAL_PREFIX) else None
+        key = spec.key(name)
         if key is None:
+            allowed = ", ".join(key.name for key in spec.keys)
             raise ConfigurationError(
-                f"{source}: [{kind}] has unknown key {name!r}; allowed: {', '.join(public)}"
+                f"{source}: [{kind}] has unknown key {name!r}; allowed: {allowed}"
             )
         try:
             values[name] = key.parse(value)
