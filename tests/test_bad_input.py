@@ -1007,3 +1007,57 @@ def test_client_disconnecting_mid_body_is_not_an_error(
     assert log.count("client disconnected") >= before + 2
     assert "internal error" not in log
     assert "ClientDisconnect" not in log
+
+
+def test_model_load_errors_do_not_quote_model_contents(
+    bad: blindfold.Client, server: ServerProcess
+) -> None:
+    """onnxruntime's load errors are passed on (they name operators and types), so check
+    that the ones a model's constants can trigger name no constant's contents."""
+    from onnx import helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    text = helper.make_tensor("k", TensorProto.STRING, [1], [MODEL_SENTINEL.encode()])
+    numbers = helper.make_tensor("s", TensorProto.INT64, [3], [INDEX_SENTINEL, 1, 1])
+    graphs = [
+        helper.make_graph(
+            [
+                helper.make_node("Constant", [], ["k"], value=text),
+                helper.make_node("Add", ["x", "k"], ["y"]),
+            ],
+            "typed",
+            [x],
+            [y],
+        ),
+        helper.make_graph(
+            [helper.make_node("Pad", ["x", "s"], ["y"])], "pads", [x], [y], initializer=[numbers]
+        ),
+        helper.make_graph(
+            [helper.make_node("ConstantOfShape", ["negative"], ["y"])],
+            "negative",
+            [x],
+            [y],
+            initializer=[helper.make_tensor("negative", TensorProto.INT64, [1], [-INDEX_SENTINEL])],
+        ),
+    ]
+    for graph in graphs:
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        error = _upload_error(bad, model, "bad-quote")
+        assert error.status == 400, error.message
+        assert MODEL_SENTINEL not in error.message
+        assert str(INDEX_SENTINEL) not in error.message
+    assert_serving(bad)
+    log = server.log()
+    assert MODEL_SENTINEL not in log and str(INDEX_SENTINEL) not in log
+
+
+def test_bytes_element_with_a_lone_surrogate(bad: blindfold.Client, server: ServerProcess) -> None:
+    body, headers = json_request(
+        [{"name": "x", "datatype": "BYTES", "shape": [2], "data": ["ok", "\ud800"]}]
+    )
+    status, error = raw(bad, STR, body, headers)
+    assert status == 400, error
+    assert "valid Unicode text" in error
+    assert_serving(bad)
+    assert "internal error" not in server.log()

@@ -202,7 +202,10 @@ def tensor_from_json(data: Any, datatype: str, shape: Sequence[int]) -> np.ndarr
             raise InputError(
                 f"BYTES tensor of shape {list(shape)} needs {count} elements, got {flat.size}"
             )
-        values = [v.encode("utf-8") if isinstance(v, str) else v for v in flat]
+        try:
+            values = [v.encode("utf-8") if isinstance(v, str) else v for v in flat]
+        except UnicodeEncodeError:  # JSON can spell lone surrogates, which UTF-8 cannot
+            raise InputError("BYTES tensor elements must be valid Unicode text") from None
         if not all(isinstance(v, bytes) for v in values):
             raise InputError("BYTES tensor elements must be strings")
         out = np.empty(count, dtype=object)
