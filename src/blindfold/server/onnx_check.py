@@ -7,6 +7,7 @@ does not ship (unknown custom-op domains), or exhaust memory through declared sh
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
@@ -70,51 +71,71 @@ def _all_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
                     yield from _graphs(attribute.g)
 
 
-def _fields(model: onnx.ModelProto) -> Iterator[tuple[str, Message]]:
-    """Every message inside `model` with its path (e.g. `functions[0].node[2].attribute[0].t`),
-    found from the protobuf descriptors, so a field added to ONNX later cannot be missed."""
-    stack: list[tuple[str, Message]] = [("model", model)]
+# Where a message sits: (parent's location, field name, index in a repeated field or None).
+# Built as tuples while walking and spelled out only for an error message.
+Location = tuple[Any, str, int | None] | None
+Fields = list[tuple[FieldDescriptor, Any]]
+
+
+def _messages(model: onnx.ModelProto) -> Iterator[tuple[Location, Message, Fields]]:
+    """Every message inside `model`, with its location and set fields, found from the protobuf
+    descriptors, so a field added to ONNX later cannot be missed."""
+    stack: list[tuple[Location, Message]] = [(None, model)]
     while stack:
-        path, message = stack.pop()
-        yield path, message
-        for field, value in message.ListFields():
+        location, message = stack.pop()
+        fields = message.ListFields()
+        yield location, message, fields
+        for field, value in fields:
             if field.type != FieldDescriptor.TYPE_MESSAGE:
                 continue
             if _is_repeated(field):
-                stack.extend((f"{path}.{field.name}[{i}]", item) for i, item in enumerate(value))
+                stack.extend(((location, field.name, i), item) for i, item in enumerate(value))
             else:
-                stack.append((f"{path}.{field.name}", value))
+                stack.append(((location, field.name, None), value))
+
+
+def _spell(location: Location, field: str | None = None) -> str:
+    parts = [] if field is None else [f".{field}"]
+    while location is not None:
+        location, name, index = location
+        parts.append(f".{name}" if index is None else f".{name}[{index}]")
+    return "model" + "".join(reversed(parts))
+
+
+_REPEATED: dict[FieldDescriptor, bool] = {}
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:
-    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.29; `label` is deprecated
-    if repeated is not None:
-        return bool(repeated)
-    return bool(field.label == FieldDescriptor.LABEL_REPEATED)
+    repeated = _REPEATED.get(field)
+    if repeated is None:
+        flag = getattr(field, "is_repeated", None)  # protobuf >= 5.29; `label` is deprecated
+        if flag is None:
+            flag = field.label == FieldDescriptor.LABEL_REPEATED
+        repeated = _REPEATED[field] = bool(flag)
+    return repeated
 
 
 def _check_every_message(model: onnx.ModelProto) -> None:
     """External data in any tensor (initializers, sparse tensors, attributes, function
     bodies, subgraphs at any depth, training info) and text that is not UTF-8."""
-    for path, message in _fields(model):
+    for location, message, fields in _messages(model):
         if isinstance(message, onnx.TensorProto) and (
             message.data_location == onnx.TensorProto.EXTERNAL or message.external_data
         ):
             raise _bad(
-                f"tensor {message.name!r} at {path} references external data; the server only "
-                "accepts self-contained models. Re-save it with onnx.save_model(model, path, "
-                "save_as_external_data=False)"
+                f"tensor {message.name!r} at {_spell(location)} references external data; the "
+                "server only accepts self-contained models. Re-save it with "
+                "onnx.save_model(model, path, save_as_external_data=False)"
             )
-        for field, value in message.ListFields():
+        for field, value in fields:
             if field.type != FieldDescriptor.TYPE_STRING:
                 continue
             # protobuf hands out string fields that are not UTF-8 as bytes; onnxruntime's
             # Python API cannot return them (e.g. a symbolic dimension name) to anyone.
-            values = value if _is_repeated(field) else [value]
-            if any(isinstance(item, bytes) for item in values):
+            if bytes in (map(type, value) if _is_repeated(field) else (type(value),)):
                 raise _bad(
-                    f"the model's {path}.{field.name} is not valid UTF-8 text; ONNX requires "
-                    "names and other strings to be UTF-8"
+                    f"the model's {_spell(location, field.name)} is not valid UTF-8 text; "
+                    "ONNX requires names and other strings to be UTF-8"
                 )
 
 
