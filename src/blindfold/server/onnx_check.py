@@ -1,7 +1,10 @@
 """Static checks of uploaded ONNX bytes before onnxruntime ever sees them.
 
-Refuses what would let a model read the host's files (external data), load code the server
-does not ship (unknown custom-op domains), or exhaust memory through declared shapes.
+Refuses what would let a model read the host's files (external data in any tensor anywhere
+in the protobuf), load code the server does not ship (unknown custom-op domains), hold text
+onnxruntime's Python API cannot return (strings that are not UTF-8), exchange values the Open
+Inference Protocol cannot carry (non-tensor or unsupported-dtype inputs and outputs), or
+exhaust memory through declared shapes.
 """
 
 from __future__ import annotations
