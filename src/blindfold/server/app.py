@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
+import re
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -30,6 +30,7 @@ from blindfold.server.service import LoadResult, ModelService
 
 logger = logging.getLogger("blindfold.server")
 JSON_SLACK = 1 << 20  # room for JSON framing around base64 model bytes
+RECEIPT_NONCE = re.compile(r"(?:[0-9a-f]{2})*")
 
 
 class ServerState:
@@ -238,8 +239,14 @@ async def _receipt(
     """A signed receipt over the model, the inputs and every output returned (hashing the
     tensors runs off the event loop, like inference)."""
     nonce = parsed.parameters.get("receipt_nonce", "")
-    if not isinstance(nonce, str) or len(nonce) > 128:
-        raise RequestRejected(400, "receipt_nonce must be a string of at most 128 characters")
+    # The receipt format signs the nonce as lowercase hex (receipts.Receipt), so anything else
+    # is refused here rather than failing while signing.
+    if not isinstance(nonce, str) or len(nonce) > 128 or not RECEIPT_NONCE.fullmatch(nonce):
+        raise RequestRejected(
+            400,
+            "receipt_nonce must be lowercase hex of at most 128 characters, e.g. "
+            "secrets.token_hex(16) or uuid.uuid4().hex",
+        )
     receipt = await state.runner.call(
         state.receipts.sign,
         entry.sha256,
@@ -315,10 +322,7 @@ def _load_answer(name: str, result: LoadResult) -> Response:
 
 def _model_from_triton_load(body: bytes) -> tuple[bytes, bool | None]:
     """Triton's load request: `{"parameters": {"config": ..., "file:<path>": base64}}`."""
-    try:
-        document = json.loads(body) if body else {}
-    except ValueError:
-        raise RequestRejected(400, "the load request is not valid JSON") from None
+    document = oip.parse_json(body, "the load request is not valid JSON") if body else {}
     parameters = document.get("parameters") if isinstance(document, dict) else None
     if not isinstance(parameters, dict):
         raise RequestRejected(
@@ -350,17 +354,16 @@ async def repository_load_encrypted(request: Request) -> Response:
     state = state_of(request)
     name = request.path_params["name"]
     body = await read_body(request, 1 << 16, "request", "fixed")
+    advice = (
+        'send {"path": "<file on the server>", "key": <key file JSON from blindfold encrypt-model>}'
+    )
+    document = oip.parse_json(body, advice)
     try:
-        document = json.loads(body)
-        path = Path(document["path"])
+        path = _path_parameter(document["path"])
         key = ModelKey.from_json(document["key"])
         public = document.get("public")
-    except (ValueError, KeyError, TypeError, ConfigurationError):
-        raise RequestRejected(
-            400,
-            'send {"path": "<file on the server>", "key": <key file JSON from '
-            "blindfold encrypt-model>}",
-        ) from None
+    except (KeyError, TypeError, ConfigurationError):
+        raise RequestRejected(400, advice) from None
     # Authorize before touching the host's disk, so no one without upload rights can even
     # learn whether a path exists.
     state.service.authorize_load(name, bearer_token(request))
@@ -380,6 +383,20 @@ async def repository_load_encrypted(request: Request) -> Response:
         name, data, bearer_token(request), public=public if isinstance(public, bool) else None
     )
     return _load_answer(name, result)
+
+
+def _path_parameter(value: object) -> Path:
+    """A path as the operating system can take it: text without NUL, encodable as UTF-8
+    (JSON can carry lone surrogates, which no file name holds)."""
+    if not isinstance(value, str):
+        raise TypeError
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestRejected(400, "'path' is not valid UTF-8 text") from None
+    if "\0" in value:
+        raise RequestRejected(400, "'path' must not contain NUL characters")
+    return Path(value)
 
 
 def _encrypted_model_path(state: ServerState, requested: Path) -> Path:
@@ -410,12 +427,11 @@ async def repository_unload(request: Request) -> Response:
 async def set_access(request: Request) -> Response:
     state = state_of(request)
     body = await read_body(request, 1 << 16, "request", "fixed")
-    try:
-        public = json.loads(body)["public"]
-        if not isinstance(public, bool):
-            raise TypeError
-    except (ValueError, KeyError, TypeError):
-        raise RequestRejected(400, 'send {"public": true} or {"public": false}') from None
+    advice = 'send {"public": true} or {"public": false}'
+    document = oip.parse_json(body, advice)
+    if not isinstance(document, dict) or not isinstance(document.get("public"), bool):
+        raise RequestRejected(400, advice)
+    public = document["public"]
     entry = state.service.set_public(request.path_params["name"], bearer_token(request), public)
     return JSONResponse({"name": entry.name, "public": entry.public})
 
@@ -441,7 +457,10 @@ async def revoke_run_key(request: Request) -> Response:
 async def rejected(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestRejected)
     state_of(request).rejected_requests += 1
-    return JSONResponse({"error": exc.message}, status_code=exc.status)
+    # A message can name something the client sent (a path, a model name) that is not
+    # encodable text, e.g. a lone surrogate from JSON; the answer must still be UTF-8.
+    message = exc.message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": message}, status_code=exc.status)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
@@ -471,6 +490,10 @@ def _guarded(route: Route) -> Route:
             return response
         except RequestRejected as exc:
             return await rejected(request, exc)
+        except ClientDisconnect:
+            # Nothing went wrong on the server: the client went away before its body arrived.
+            logger.info("client disconnected during %s %s", request.method, request.url.path)
+            return Response(status_code=400)
         except Exception as exc:
             return await internal_error(request, exc)
 

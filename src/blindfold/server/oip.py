@@ -31,6 +31,16 @@ def _bad(message: str) -> RequestRejected:
     return RequestRejected(400, message)
 
 
+def parse_json(data: bytes, error: str) -> Any:
+    """The one JSON reader for request bodies: anything it cannot read (malformed, not UTF-8,
+    nested deeper than the parser allows) is a 400 with `error`, never the parser's own
+    message, which can quote the body."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise _bad(error) from None
+
+
 def parse_infer_request(body: bytes, header_length: str | None, limits: Limits) -> InferRequest:
     view = memoryview(body)
     if header_length is not None:
@@ -47,10 +57,10 @@ def parse_infer_request(body: bytes, header_length: str | None, limits: Limits) 
             )
     else:
         json_length = len(view)
-    try:
-        header = json.loads(bytes(view[:json_length]))
-    except (ValueError, UnicodeDecodeError):
-        raise _bad("the request's JSON header is malformed; send an OIP v2 infer request") from None
+    header = parse_json(
+        bytes(view[:json_length]),
+        "the request's JSON header is malformed; send an OIP v2 infer request",
+    )
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise _bad("the request must be a JSON object with an 'inputs' list")
     binary = view[json_length:]
@@ -94,7 +104,7 @@ def parse_infer_request(body: bytes, header_length: str | None, limits: Limits) 
             f"the body carries {len(binary) - offset} bytes of binary data that no input's "
             "binary_data_size accounts for"
         )
-    parameters = header.get("parameters") or {}
+    parameters = _parameters(header)
     if not isinstance(parameters, dict):
         raise _bad("'parameters' must be an object")
     request = InferRequest(
@@ -110,7 +120,10 @@ def parse_infer_request(body: bytes, header_length: str | None, limits: Limits) 
         for item in header["outputs"]:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise _bad("each requested output needs a 'name'")
-            wants = (item.get("parameters") or {}).get("binary_data", request.binary_default)
+            output_parameters = _parameters(item)
+            if not isinstance(output_parameters, dict):
+                raise _bad(f"output {item['name']!r}: 'parameters' must be an object")
+            wants = output_parameters.get("binary_data", request.binary_default)
             request.outputs[item["name"]] = bool(wants)
     return request
 
@@ -128,10 +141,17 @@ def _tensor_header(item: Any, index: int) -> tuple[str, str, list[int], dict[str
         )
     if not isinstance(shape, list):
         raise _bad(f"input {name!r} needs a 'shape' list")
-    parameters = item.get("parameters") or {}
+    parameters = _parameters(item)
     if not isinstance(parameters, dict):
         raise _bad(f"input {name!r}: 'parameters' must be an object")
     return name, datatype, shape, parameters
+
+
+def _parameters(item: dict[str, Any]) -> Any:
+    """The 'parameters' of an OIP object ({} when absent or null); the caller checks that it
+    is an object, so [] or "" is refused rather than read as empty."""
+    parameters = item.get("parameters")
+    return {} if parameters is None else parameters
 
 
 def _element_count(shape: list[Any], name: str) -> int:
@@ -165,7 +185,13 @@ def encode_infer_response(
             entry["parameters"] = {"binary_data_size": len(data)}
             binary_parts.append(data)
         else:
-            entry["data"] = tensors.tensor_to_json_data(array)
+            try:
+                entry["data"] = tensors.tensor_to_json_data(array)
+            except InputError as exc:
+                raise _bad(
+                    f"output {name!r}: {exc} (ask for binary outputs with "
+                    "'binary_data_output': true, or 'binary_data': true on the output)"
+                ) from None
         header_outputs.append(entry)
     document: dict[str, Any] = {
         "model_name": model_name,
@@ -176,7 +202,7 @@ def encode_infer_response(
         document["id"] = request.id
     if parameters:
         document["parameters"] = parameters
-    header = json.dumps(document, separators=(",", ":")).encode()
+    header = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
     if not binary_parts:
         return [header], None
     return [header, *binary_parts], len(header)
