@@ -112,13 +112,12 @@ def build_state(config: ServerConfig) -> ServerState:
     identity = ServerIdentity(provider, hostnames)
     upload_key_hashes = read_upload_keys(config.upload_key_file)
     store = open_store(provider, config.store) if config.store is not None else None
-    runner = InferenceRunner(config.limits.max_concurrent_inferences)
+    runner = InferenceRunner(config.limits, config.intra_op_threads)
     service = ModelService(
         config.limits,
         runner,
         upload_key_hashes=upload_key_hashes,
         open_upload=config.open_upload,
-        intra_op_threads=config.intra_op_threads,
         store=store,
     )
     try:
