@@ -184,8 +184,8 @@ class IsolatedSession(Session):
                 ) from None
             if not worker.ready.get("ok"):
                 worker.close()
-                detail = str(worker.ready.get("detail", ""))[:100]
-                raise RequestRejected(400, f"onnxruntime cannot load the model ({detail})")
+                detail = _printable(str(worker.ready.get("detail", "")))
+                raise RequestRejected(400, f"onnxruntime cannot load the model: {detail}")
             self._worker = worker
             return worker.ready
 
@@ -264,7 +264,7 @@ class InProcessSession(Session):
         except Exception as exc:  # onnxruntime raises several unrelated exception types
             self.close()
             raise RequestRejected(
-                400, f"onnxruntime cannot load the model ({type(exc).__name__})"
+                400, f"onnxruntime cannot load the model: {_printable(str(exc))}"
             ) from None
         self.inputs = [_spec_of(arg) for arg in self._session.get_inputs()]
         self.outputs = [_spec_of(arg) for arg in self._session.get_outputs()]
@@ -330,6 +330,11 @@ def _run_error(kind: Any, limits: Limits | None) -> RequestRejected:
         "onnxruntime could not run the model on these inputs; names, datatypes and shapes "
         "were accepted, so check the input values' ranges",
     )
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _timeout(limits: Limits) -> RequestRejected:

@@ -58,8 +58,10 @@ def main(sock: socket.socket, settings: WorkerSettings) -> None:
         session = _load(bytes(message.data), settings)
         message.data.release()
         del message
-    except Exception as exc:  # noqa: BLE001 - reported to the front by kind, never by text
-        _send(sock, threading.Lock(), {"ok": False, "error": "load_failed", "detail": _kind(exc)})
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types
+        # The text goes back to the uploader: it names operators and types, and at this point
+        # the worker has seen nothing but the uploader's own model.
+        _send(sock, threading.Lock(), {"ok": False, "error": "load_failed", "detail": str(exc)})
         return
     lock = threading.Lock()
     _send(
