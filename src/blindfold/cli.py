@@ -65,6 +65,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_tensor_elements=args.max_tensor_elements,
         max_models=args.max_models,
         max_concurrent_inferences=args.max_concurrent_inferences,
+        max_model_memory=args.max_model_memory,
+        max_inference_memory=args.max_inference_memory,
+        inference_timeout=args.inference_timeout,
+        isolation=not args.unsafe_no_isolation,
     )
     serve(
         ServerConfig(
@@ -412,6 +416,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-models", type=int, default=defaults.max_models)
     serve.add_argument(
         "--max-concurrent-inferences", type=int, default=defaults.max_concurrent_inferences
+    )
+    serve.add_argument(
+        "--max-model-memory",
+        type=int,
+        default=defaults.max_model_memory,
+        help="bytes all loaded models may hold together; an upload beyond it gets 507 "
+        "(default: half the machine's memory)",
+    )
+    serve.add_argument(
+        "--max-inference-memory",
+        type=int,
+        default=defaults.max_inference_memory,
+        help="bytes one model's worker may take at run time beyond its model (default: a "
+        "quarter of the machine's memory, 1-16 GiB; 0 = no limit)",
+    )
+    serve.add_argument(
+        "--inference-timeout",
+        type=float,
+        default=defaults.inference_timeout,
+        help="seconds one inference may run before it is stopped (default: 60)",
+    )
+    serve.add_argument(
+        "--unsafe-no-isolation",
+        action="store_true",
+        help="UNSAFE, for benchmarks only: run models inside the process that holds the "
+        "TLS, receipt and sealing keys, with no memory or time limit",
     )
     serve.add_argument(
         "--upload-key-file",

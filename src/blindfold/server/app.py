@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -204,7 +203,6 @@ async def infer(request: Request) -> Response:
     parsed = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH), limits)
     session = entry.session
     session.check_inputs(parsed.inputs)
-    feeds = {name: _ort_value(array) for name, array in parsed.inputs.items()}
     if parsed.outputs is None:
         names = session.output_names
     else:
@@ -214,8 +212,8 @@ async def infer(request: Request) -> Response:
                 400, f"unknown outputs {unknown}; the model has {session.output_names}"
             )
         names = [name for name in session.output_names if name in parsed.outputs]
-    results = await state.runner.run(session, names, feeds)
-    outputs = {name: _from_ort(array) for name, array in zip(names, results, strict=True)}
+    results = await state.runner.run(session, names, dict(parsed.inputs))
+    outputs = dict(zip(names, results, strict=True))
     state.inferences += 1
     parameters: dict[str, Any] = {"model_sha256": entry.sha256}
     if parsed.parameters.get("receipt"):
@@ -257,27 +255,6 @@ async def _receipt(
     )
     document: dict[str, Any] = receipt.to_json()
     return document
-
-
-def _ort_value(array: Any) -> Any:
-    # onnxruntime takes string tensors as str objects; the wire carries bytes.
-    if array.dtype == object:
-        try:
-            decoded = [item.decode("utf-8") for item in array.reshape(-1)]
-        except UnicodeDecodeError:
-            raise RequestRejected(400, "BYTES inputs must be UTF-8 text for ONNX models") from None
-        return np.array(decoded, dtype=object).reshape(array.shape)
-    return array
-
-
-def _from_ort(array: Any) -> Any:
-    if array.dtype.kind in ("U", "O"):
-        out = np.empty(array.shape, dtype=object)
-        flat = out.reshape(-1)
-        for index, item in enumerate(array.reshape(-1)):
-            flat[index] = item.encode() if isinstance(item, str) else bytes(item)
-        return out
-    return array
 
 
 # --- model repository extension ---

@@ -3,6 +3,7 @@ and run uvicorn with a TLS context that holds the key in memory only."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import ssl
@@ -118,13 +119,12 @@ def build_state(config: ServerConfig) -> ServerState:
     identity = ServerIdentity(provider, hostnames)
     upload_key_hashes = read_upload_keys(config.upload_key_file)
     store = open_store(provider, config.store) if config.store is not None else None
-    runner = InferenceRunner(config.limits.max_concurrent_inferences)
+    runner = InferenceRunner(config.limits, config.intra_op_threads)
     service = ModelService(
         config.limits,
         runner,
         upload_key_hashes=upload_key_hashes,
         open_upload=config.open_upload,
-        intra_op_threads=config.intra_op_threads,
         store=store,
     )
     try:
@@ -178,6 +178,17 @@ def banner(state: ServerState, config: ServerConfig) -> str:
         lines.insert(1, "!! SIMULATION TEE: NO HARDWARE PROTECTION. The host can read every model")
         lines.insert(2, "!! and every tensor. Clients must pass allow_simulation=True to connect.")
         lines.insert(3, "!" * 78)
+    if config.limits.isolation:
+        lines.append(
+            "  models: each in a confined worker process (memory limit "
+            f"{config.limits.max_inference_memory >> 20} MiB beyond the model, timeout "
+            f"{config.limits.inference_timeout:g} s)"
+        )
+    else:
+        lines.append(
+            "  models: UNSAFE --unsafe-no-isolation: models run next to every secret of this "
+            "process, with no memory or time limit (for benchmarks only)"
+        )
     if config.open_upload:
         lines.append("  uploads: OPEN (anyone who attests this server may upload models)")
     store = state.service.store
@@ -194,10 +205,21 @@ def banner(state: ServerState, config: ServerConfig) -> str:
     return "\n".join(lines)
 
 
+def _keep_secrets_out_of_reach() -> None:
+    """No core dumps of the front process and no ptrace or /proc/PID/mem reads of it by
+    processes of the same user (such as a model worker that lost its confinement): it holds
+    the TLS, receipt and sealing keys."""
+    ctypes.CDLL(None).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+_PR_SET_DUMPABLE = 4
+
+
 def serve(config: ServerConfig) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    _keep_secrets_out_of_reach()
     state = build_state(config)
     print(banner(state, config), file=sys.stderr, flush=True)
     app = create_app(state)
