@@ -399,8 +399,12 @@ class ModelStore:
                 self.directory,
                 self._epoch,
             )
-        for counter in verified.behind:  # a crash can leave a counter one epoch behind
-            counter.advance(self._epoch)
+        try:
+            for counter in verified.behind:  # a crash can leave a counter one epoch behind
+                counter.advance(self._epoch)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def epoch(self) -> int:
