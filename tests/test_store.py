@@ -455,6 +455,18 @@ def test_store_refuses_a_schema_it_did_not_create(
     assert snapshot(tmp_path) == before
 
 
+def test_store_opens_sqlite_defensively(tmp_path: Path, key: bytes) -> None:
+    store = ModelStore(tmp_path, key)
+    try:
+        db = store._db
+        assert db.execute("PRAGMA trusted_schema").fetchone() == (0,)
+        assert db.execute("PRAGMA cell_size_check").fetchone() == (1,)
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    finally:
+        store.close()
+
+
 def test_store_refuses_a_file_that_is_not_a_database(tmp_path: Path, key: bytes) -> None:
     (tmp_path / DB_FILE).write_bytes(b"not sqlite at all" * 100)
     with pytest.raises(StoreError, match="cannot open the store database"):
@@ -1066,6 +1078,15 @@ def test_rollback_of_the_whole_store(
             _copy_db(old, store_dir)  # the whole store folder, with its own (unused) files
             with pytest.raises(RuntimeError, match="older copy of its database"):
                 serve(tmp_path, store_dir, *epoch_args)
+            # An operator restoring this backup on purpose says so, loudly.
+            server, client = restart(
+                servers, tmp_path, store_dir, *epoch_args, "--unsafe-reset-store-epoch"
+            )
+            assert "UNSAFE: --unsafe-reset-store-epoch" in server.log()
+            with client:
+                np.testing.assert_array_equal(run_as(server, run_key, "m"), X)
+            server, client = restart(servers, tmp_path, store_dir, *epoch_args)
+            client.close()
 
 
 @pytest.mark.parametrize(
