@@ -284,8 +284,10 @@ def restart(
     return server, connect(server)
 
 
-def index(client: blindfold.Client) -> dict[str, dict[str, Any]]:
-    return {row["name"]: row for row in client.list_models()}
+def index(client: blindfold.Client, token: str | None = None) -> dict[str, dict[str, Any]]:
+    """The repository index as `token` (default: the client's) sees it."""
+    rows = client._json("POST", "/v2/repository/index", {}, token=token)
+    return {row["name"]: row for row in rows}
 
 
 def assert_store_consistent(store_dir: Path, client: blindfold.Client) -> None:
@@ -319,12 +321,14 @@ def test_restart_keeps_models_and_access_rules(
             "sha256": replaced.sha256,
             "public": True,
         }
+        assert "priv" not in listed  # restricted: listed only for its owner and run keys
+        listed = index(client, restricted.owner_token)
         assert listed["priv"]["public"] is False and listed["priv"]["state"] == "READY"
         np.testing.assert_array_equal(client.run_model("pub", X)["y"], X)
-        with pytest.raises(blindfold.AuthenticationError):
+        with pytest.raises(blindfold.NotFoundError):  # restricted: hidden without a token
             client.run_model("priv", X)
         np.testing.assert_array_equal(run_as(server, run_key, "priv"), X)
-        with pytest.raises(blindfold.AuthenticationError):
+        with pytest.raises(blindfold.NotFoundError):
             run_as(server, revoked_key, "priv")
         with pytest.raises(blindfold.AuthenticationError):  # not the owner
             client.delete_model("priv", token=run_key)
@@ -412,9 +416,9 @@ def test_sigkill_at_each_write_step_leaves_store_consistent(
     assert f"crash point {point} reached" in server.log()
     server, client = restart(servers, tmp_path, store_dir)
     with client:
-        listed = index(client)
+        listed = index(client, keep.owner_token)
         assert listed["keep"]["state"] == "READY" and listed["keep"]["public"] is False
-        with pytest.raises(blindfold.AuthenticationError):
+        with pytest.raises(blindfold.NotFoundError):
             client.run_model("keep", X)
         client.set_public("keep", True, token=keep.owner_token)
         np.testing.assert_array_equal(client.run_model("keep", X)["y"], X)
