@@ -3,7 +3,6 @@ and run uvicorn with a TLS context that holds the key in memory only."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import ssl
 import sys
@@ -17,6 +16,7 @@ from blindfold.errors import ConfigurationError
 from blindfold.server.app import ServerState, create_app
 from blindfold.server.identity import ServerIdentity
 from blindfold.server.limits import Limits
+from blindfold.server.models import new_token, token_hash
 from blindfold.server.runtime import InferenceRunner
 from blindfold.server.service import ModelService
 from blindfold.server.store import ModelStore
@@ -35,12 +35,14 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     upload_key_file: Path | None = None
     open_upload: bool = False
+    open_upload_if_simulation: bool = False  # else a generated upload key (bin/serve default)
     intra_op_threads: int = 0
     pccs_url: str | None = None
     encrypted_models_dir: Path | None = None
     collateral_cache: Path | None = None
     access_log: bool = False
     store: Path | None = None  # sealed persistent model store; None: models in memory only
+    store_journal: str = "auto"  # "wal", "delete", or "auto": delete under Gramine SGX
 
 
 def make_provider(config: ServerConfig) -> TeeProvider:
@@ -65,6 +67,17 @@ def make_provider(config: ServerConfig) -> TeeProvider:
     return make_hardware_provider(kind, **options)
 
 
+# 128 bits in base64url, the densest encoding an operator is likely to paste.
+MIN_UPLOAD_KEY_CHARS = 22
+MAKE_A_KEY = "make one with `blindfold upload-key new`"
+
+
+def new_upload_key() -> tuple[str, str]:
+    """A fresh upload key (256 random bits) and its `sha256:` line for --upload-key-file."""
+    key = new_token("bfu")
+    return key, f"sha256:{token_hash(key)}"
+
+
 def read_upload_keys(path: Path | None) -> frozenset[str]:
     if path is None:
         return frozenset()
@@ -75,6 +88,15 @@ def read_upload_keys(path: Path | None) -> frozenset[str]:
     keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     if not keys:
         raise ConfigurationError(f"upload key file {path} holds no key (one per line)")
+    plaintext = [number for number, key in enumerate(keys, 1) if not key.startswith("sha256:")]
+    if plaintext:
+        logger.warning(
+            "upload key file %s holds %d key(s) in plaintext: whoever reads the file (the host, "
+            "its backups) can upload models. Store only `sha256:<hex>` lines (%s)",
+            path,
+            len(plaintext),
+            MAKE_A_KEY,
+        )
     return frozenset(_upload_key_hash(key, path) for key in keys)
 
 
@@ -82,11 +104,45 @@ def _upload_key_hash(line: str, path: Path) -> str:
     """A line is a key, or `sha256:<hex>` of one: the hashed form lets the file sit on an
     untrusted host (or be measured into a TEE image) without revealing the key."""
     if not line.startswith("sha256:"):
-        return hashlib.sha256(line.encode()).hexdigest()
+        if len(line) < MIN_UPLOAD_KEY_CHARS:
+            # Never echo the key itself, not even a prefix.
+            raise ConfigurationError(
+                f"upload key file {path} holds a key of {len(line)} characters; keys need at "
+                f"least {MIN_UPLOAD_KEY_CHARS} (128 bits of base64url) so they cannot be "
+                f"guessed: {MAKE_A_KEY}"
+            )
+        return token_hash(line)
     digest = line.removeprefix("sha256:").lower()
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise ConfigurationError(f"upload key file {path}: {line[:12]}... is not sha256:<64 hex>")
+        raise ConfigurationError(f"upload key file {path}: a sha256: line is not sha256:<64 hex>")
     return digest
+
+
+@dataclass(frozen=True)
+class UploadAccess:
+    """Who may upload, decided once the TEE kind is known."""
+
+    open_upload: bool
+    key_hashes: frozenset[str]
+    generated_key: str | None = None  # printed once at start, never stored
+
+
+def decide_upload_access(config: ServerConfig, tee_kind: str) -> UploadAccess:
+    """--open-upload-if-simulation (what bin/serve passes with no arguments) keeps the
+    quickstart open only where nothing is protected anyway: on a hardware TEE it generates an
+    upload key instead, so uploads are not open to everyone who can reach the port."""
+    keys = read_upload_keys(config.upload_key_file)
+    if config.open_upload or keys:
+        return UploadAccess(config.open_upload, keys)
+    if config.open_upload_if_simulation:
+        if tee_kind == "simulation":
+            return UploadAccess(True, frozenset())
+        key, line = new_upload_key()
+        return UploadAccess(False, frozenset({line.removeprefix("sha256:")}), key)
+    raise ConfigurationError(
+        "choose who may upload models: --upload-key-file FILE (one key per line) or "
+        "--open-upload (anyone who attests the server may upload)"
+    )
 
 
 class _AttestedConfig(uvicorn.Config):
@@ -101,29 +157,28 @@ class _AttestedConfig(uvicorn.Config):
         self.ssl = self._context
 
 
-def build_state(config: ServerConfig) -> ServerState:
-    if not config.open_upload and config.upload_key_file is None:
-        raise ConfigurationError(
-            "choose who may upload models: --upload-key-file FILE (one key per line) or "
-            "--open-upload (anyone who attests the server may upload)"
-        )
+def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
+    if not (config.open_upload or config.open_upload_if_simulation or config.upload_key_file):
+        decide_upload_access(config, "")  # raises: says which choice to make
     provider = make_provider(config)
+    access = decide_upload_access(config, provider.kind)
     hostnames = sorted({config.host, "localhost", "127.0.0.1", *config.hostnames})
     identity = ServerIdentity(provider, hostnames)
-    upload_key_hashes = read_upload_keys(config.upload_key_file)
-    store = open_store(provider, config.store) if config.store is not None else None
+    store = None
+    if config.store is not None:
+        store = open_store(provider, config.store, store_journal(config.store_journal, provider))
     runner = InferenceRunner(config.limits.max_concurrent_inferences)
     service = ModelService(
         config.limits,
         runner,
-        upload_key_hashes=upload_key_hashes,
-        open_upload=config.open_upload,
+        upload_key_hashes=access.key_hashes,
+        open_upload=access.open_upload,
         intra_op_threads=config.intra_op_threads,
         store=store,
     )
     try:
         service.restore()
-        return ServerState(identity, service, runner, config.encrypted_models_dir)
+        return ServerState(identity, service, runner, config.encrypted_models_dir), access
     except BaseException:
         service.close()
         runner.shutdown()
@@ -143,7 +198,15 @@ _NO_SEALING_KEY = {
 }
 
 
-def open_store(provider: TeeProvider, directory: Path) -> ModelStore:
+def store_journal(choice: str, provider: TeeProvider) -> str:
+    """SQLite's WAL needs a shared-memory index, which Gramine cannot map from host files:
+    under SGX (always Gramine here) `auto` picks the rollback journal instead."""
+    if choice != "auto":
+        return choice
+    return "delete" if provider.kind == "sgx" else "wal"
+
+
+def open_store(provider: TeeProvider, directory: Path, journal: str = "wal") -> ModelStore:
     """The sealed store in `directory`, under the provider's measurement-bound sealing key."""
     key = provider.sealing_key()
     if key is None:
@@ -155,10 +218,10 @@ def open_store(provider: TeeProvider, directory: Path) -> ModelStore:
             "integration yet; run without --store (models are then kept in memory only and "
             "must be uploaded again after a restart)"
         )
-    return ModelStore(directory, key)
+    return ModelStore(directory, key, journal=journal)
 
 
-def banner(state: ServerState, config: ServerConfig) -> str:
+def banner(state: ServerState, config: ServerConfig, access: UploadAccess) -> str:
     kind = state.identity.provider.kind
     lines = [
         f"Blindfold serving on https://{config.host}:{config.port} (TEE: {kind})",
@@ -172,8 +235,15 @@ def banner(state: ServerState, config: ServerConfig) -> str:
         lines.insert(1, "!! SIMULATION TEE: NO HARDWARE PROTECTION. The host can read every model")
         lines.insert(2, "!! and every tensor. Clients must pass allow_simulation=True to connect.")
         lines.insert(3, "!" * 78)
-    if config.open_upload:
+    if access.open_upload:
         lines.append("  uploads: OPEN (anyone who attests this server may upload models)")
+    if access.generated_key is not None:
+        lines.append(
+            f"  upload key (generated for this run, shown only now): {access.generated_key}\n"
+            "    uploads need it as 'Authorization: Bearer <key>' (blindfold upload --token).\n"
+            "    Whoever reads this console holds it: for production pass --upload-key-file\n"
+            "    with sha256: lines (blindfold upload-key new)"
+        )
     store = state.service.store
     if store is None:
         lines.append("  model store: none (models are kept in memory only, lost at exit)")
@@ -192,8 +262,8 @@ def serve(config: ServerConfig) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    state = build_state(config)
-    print(banner(state, config), file=sys.stderr, flush=True)
+    state, access = build_state(config)
+    print(banner(state, config, access), file=sys.stderr, flush=True)
     app = create_app(state)
     uvicorn_config = _AttestedConfig(
         app,

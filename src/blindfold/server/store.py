@@ -3,6 +3,7 @@
 Layout of DIR::
 
     store.db, store.db-wal, store.db-shm   SQLite (WAL, synchronous=FULL): models, run keys
+                                           (journal "delete": store.db-journal instead)
     blobs/<sha256>.sealed                  model bytes sealed under the TEE's sealing key
     blobs/.tmp-*                           blobs being written (removed at the next start)
     store.lock                             flock: one server process per store
@@ -173,10 +174,27 @@ def _check_sha(sha256: str) -> str:
     return sha256
 
 
+# "wal": concurrent readers, needs a shared-memory index (store.db-shm). "delete": a rollback
+# journal and an exclusive lock, no shared memory: what works inside Gramine SGX enclaves.
+JOURNAL_MODES = ("wal", "delete")
+
+
 class ModelStore:
     """Durable, sealed storage of models; every method is thread-safe."""
 
-    def __init__(self, directory: Path, key: bytes, *, crash_point: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        key: bytes,
+        *,
+        crash_point: str | None = None,
+        journal: str = "wal",
+    ) -> None:
+        if journal not in JOURNAL_MODES:
+            raise ConfigurationError(
+                f"store journal {journal!r} is not one of {', '.join(JOURNAL_MODES)}"
+            )
+        self._journal = journal
         if not isinstance(key, bytes) or len(key) != KEY_SIZE:
             raise ConfigurationError(f"the store's sealing key must be {KEY_SIZE} bytes")
         if crash_point is None:
@@ -227,7 +245,13 @@ class ModelStore:
         path = self.directory / DB_FILE
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
+            if self._journal == "delete":
+                # No shared-memory index (Gramine has no shared mmap of host files): a rollback
+                # journal, and the database lock held for the connection's lifetime.
+                db.execute("PRAGMA locking_mode=EXCLUSIVE")
+                db.execute("PRAGMA journal_mode=DELETE")
+            else:
+                db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             db.executescript(_SCHEMA)
