@@ -109,3 +109,20 @@ def test_server_without_memfd_and_with_delete_journal_serves_and_keeps_models(
             server.stop()
         assert not [p.name for p in temp.iterdir() if p.name.startswith("blindfold-tls")]
         assert not [p.name for p in store.iterdir() if p.name.endswith(("-wal", "-shm"))]
+
+
+def test_manifest_command_line_is_one_the_server_accepts() -> None:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    from blindfold.cli import build_parser
+    from blindfold.server.tee.gramine_manifest import render_manifest
+
+    template = Path(__file__).parent.parent / "deploy" / "gramine" / "blindfold.manifest.template"
+    argv = tomllib.loads(render_manifest(template.read_text()))["loader"]["argv"]
+    assert argv[1:3] == ["-m", "blindfold"]
+    args = build_parser().parse_args(argv[3:])
+    assert args.tee == "sgx" and args.store_journal == "delete"
+    assert args.upload_key_file is not None and not args.open_upload
