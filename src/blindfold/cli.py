@@ -80,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             intra_op_threads=args.intra_op_threads,
             pccs_url=args.pccs_url,
             collateral_cache=args.collateral_cache,
+            amd_kds_url=None if args.no_amd_kds else args.amd_kds_url,
             encrypted_models_dir=args.encrypted_models_dir,
             access_log=args.access_log,
             store=args.store,
@@ -391,6 +392,7 @@ def _client_options(parser: argparse.ArgumentParser, url_required: bool = True) 
 
 def build_parser() -> argparse.ArgumentParser:
     from blindfold.server.limits import Limits
+    from blindfold.server.tee.kds import AMD_KDS_URL
 
     parser = argparse.ArgumentParser(prog="blindfold", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -434,7 +436,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="folder from which load-encrypted may read model files (default: disabled)",
     )
-    serve.add_argument("--collateral-cache", type=Path, help="folder caching Intel collateral")
+    serve.add_argument(
+        "--collateral-cache", type=Path, help="folder caching Intel collateral and AMD VCEKs"
+    )
+    serve.add_argument(
+        "--amd-kds-url",
+        default=AMD_KDS_URL,
+        help="SEV-SNP: where to fetch this chip's VCEK when the host provisioned none",
+    )
+    serve.add_argument(
+        "--no-amd-kds", action="store_true", help="SEV-SNP: never fetch a VCEK from AMD KDS"
+    )
     serve.add_argument(
         "--open-upload", action="store_true", help="let anyone who attests the server upload models"
     )

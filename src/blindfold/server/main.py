@@ -21,6 +21,7 @@ from blindfold.server.runtime import InferenceRunner
 from blindfold.server.service import ModelService
 from blindfold.server.store import ModelStore
 from blindfold.server.tee.base import TeeProvider
+from blindfold.server.tee.kds import AMD_KDS_URL
 
 logger = logging.getLogger("blindfold.server")
 
@@ -40,6 +41,7 @@ class ServerConfig:
     pccs_url: str | None = None
     encrypted_models_dir: Path | None = None
     collateral_cache: Path | None = None
+    amd_kds_url: str | None = AMD_KDS_URL  # None: never fetch a VCEK
     access_log: bool = False
     store: Path | None = None  # sealed persistent model store; None: models in memory only
     store_journal: str = "auto"  # "wal", "delete", or "auto": delete under Gramine SGX
@@ -64,6 +66,10 @@ def make_provider(config: ServerConfig) -> TeeProvider:
             options["pccs_url"] = config.pccs_url
         if config.collateral_cache:
             options["cache_dir"] = config.collateral_cache
+    if kind == "sev-snp" and config.amd_kds_url:  # the VCEK, when the host provides none
+        from blindfold.server.tee.kds import KdsVcekFetcher
+
+        options["kds"] = KdsVcekFetcher(config.amd_kds_url, cache_dir=config.collateral_cache)
     return make_hardware_provider(kind, **options)
 
 
@@ -88,13 +94,13 @@ def read_upload_keys(path: Path | None) -> frozenset[str]:
     keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     if not keys:
         raise ConfigurationError(f"upload key file {path} holds no key (one per line)")
-    plaintext = [number for number, key in enumerate(keys, 1) if not key.startswith("sha256:")]
+    plaintext = sum(1 for key in keys if not key.startswith("sha256:"))
     if plaintext:
         logger.warning(
             "upload key file %s holds %d key(s) in plaintext: whoever reads the file (the host, "
             "its backups) can upload models. Store only `sha256:<hex>` lines (%s)",
             path,
-            len(plaintext),
+            plaintext,
             MAKE_A_KEY,
         )
     return frozenset(_upload_key_hash(key, path) for key in keys)
@@ -118,6 +124,12 @@ def _upload_key_hash(line: str, path: Path) -> str:
     return digest
 
 
+CHOOSE_UPLOAD = (
+    "choose who may upload models: --upload-key-file FILE (one key per line) or "
+    "--open-upload (anyone who attests the server may upload)"
+)
+
+
 @dataclass(frozen=True)
 class UploadAccess:
     """Who may upload, decided once the TEE kind is known."""
@@ -137,12 +149,9 @@ def decide_upload_access(config: ServerConfig, tee_kind: str) -> UploadAccess:
     if config.open_upload_if_simulation:
         if tee_kind == "simulation":
             return UploadAccess(True, frozenset())
-        key, line = new_upload_key()
-        return UploadAccess(False, frozenset({line.removeprefix("sha256:")}), key)
-    raise ConfigurationError(
-        "choose who may upload models: --upload-key-file FILE (one key per line) or "
-        "--open-upload (anyone who attests the server may upload)"
-    )
+        key, _ = new_upload_key()
+        return UploadAccess(False, frozenset({token_hash(key)}), key)
+    raise ConfigurationError(CHOOSE_UPLOAD)
 
 
 class _AttestedConfig(uvicorn.Config):
@@ -159,7 +168,7 @@ class _AttestedConfig(uvicorn.Config):
 
 def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
     if not (config.open_upload or config.open_upload_if_simulation or config.upload_key_file):
-        decide_upload_access(config, "")  # raises: says which choice to make
+        raise ConfigurationError(CHOOSE_UPLOAD)  # before probing any TEE
     provider = make_provider(config)
     access = decide_upload_access(config, provider.kind)
     hostnames = sorted({config.host, "localhost", "127.0.0.1", *config.hostnames})
