@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -189,6 +190,29 @@ def test_run_npz_to_npz(url: str, uploaded: dict[str, Any], tmp_path: Path) -> N
         np.testing.assert_array_equal(outputs["product"], a * b)
 
 
+def test_run_out_is_readable_by_its_owner_only(
+    url: str, uploaded: dict[str, Any], tmp_path: Path
+) -> None:
+    """Outputs may be patient data: even with a permissive umask, and over an existing
+    world-readable file, `--out` leaves a file only its owner can read."""
+    a, b = _ab()
+    inputs = tmp_path / "in.npz"
+    np.savez(inputs, a=a, b=b)
+    fresh, existing = tmp_path / "fresh.npz", tmp_path / "existing.npz"
+    existing.write_bytes(b"old")
+    existing.chmod(0o644)
+    previous = os.umask(0o022)
+    try:
+        for out in (fresh, existing, tmp_path / "suffixless"):
+            cli("run", url, "cli-add-mul", inputs, "--out", out, "--allow-simulation")
+    finally:
+        os.umask(previous)
+    for path in (fresh, existing, tmp_path / "suffixless.npz"):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+        with np.load(path) as outputs:
+            np.testing.assert_array_equal(outputs["sum"], a + b)
+
+
 def test_run_npz_printed_and_by_hash(url: str, uploaded: dict[str, Any], tmp_path: Path) -> None:
     a, b = _ab()
     inputs = tmp_path / "in.npz"
@@ -293,7 +317,7 @@ def test_run_keys_and_access(url: str, tmp_path: Path) -> None:
     assert "restricted" in result.stdout
 
     result = cli("run", url, "cli-private", inputs, sim, expect=1)
-    assert "401" in result.stderr and "restricted" in result.stderr
+    assert "404" in result.stderr and "restricted" in result.stderr  # as if it did not exist
     # The owner may run it.
     printed = json_out(cli("run", url, "cli-private", inputs, "--token", owner, sim))
     assert printed["y"]["data"] == x.tolist()
@@ -314,7 +338,7 @@ def test_run_keys_and_access(url: str, tmp_path: Path) -> None:
     result = cli("keys", "revoke", url, "cli-private", key["key_id"], "--token", owner, sim)
     assert key["key_id"] in result.stdout
     result = cli("run", url, "cli-private", inputs, "--token", key["run_key"], sim, expect=1)
-    assert "403" in result.stderr
+    assert "404" in result.stderr
     result = cli(
         "keys", "revoke", url, "cli-private", key["key_id"], "--token", owner, sim, expect=1
     )

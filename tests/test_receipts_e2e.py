@@ -143,11 +143,14 @@ def test_server_keeps_serving_after_receipt_errors(
     assert client.run_model(add_mul, [x, x])["product"].shape == (1, 4)
 
 
+UPLOAD_KEY = "upload-key-1-of-at-least-22-chars"
+
+
 def test_encrypted_load_needs_upload_rights_before_touching_disk(tmp_path: Path) -> None:
     from conftest import start_server
 
     keys = tmp_path / "keys.txt"
-    keys.write_text("upload-key-1\n")
+    keys.write_text(f"{UPLOAD_KEY}\n")
     server = start_server(tmp_path, "--upload-key-file", str(keys))
     try:
         with pytest.warns(UserWarning):
@@ -160,7 +163,7 @@ def test_encrypted_load_needs_upload_rights_before_touching_disk(tmp_path: Path)
                 assert error.value.status == 401
             # With the upload key, this server (no --encrypted-models-dir) still refuses.
             with pytest.raises(blindfold.AuthenticationError) as disabled:
-                client.load_encrypted_model("probe", "/etc/passwd", key, token="upload-key-1")
+                client.load_encrypted_model("probe", "/etc/passwd", key, token=UPLOAD_KEY)
             assert disabled.value.status == 403
             assert "--encrypted-models-dir" in disabled.value.message
     finally:

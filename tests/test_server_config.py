@@ -16,8 +16,9 @@ from blindfold.server.main import read_upload_keys
 def test_upload_keys_plain_and_hashed(tmp_path: Path) -> None:
     path = tmp_path / "keys.txt"
     hashed = hashlib.sha256(b"second-key").hexdigest()
-    path.write_text(f"# deployment keys\nfirst-key\n\nsha256:{hashed.upper()}\n")
-    assert read_upload_keys(path) == {hashlib.sha256(b"first-key").hexdigest(), hashed}
+    first = "first-key-of-22-chars-or-more"
+    path.write_text(f"# deployment keys\n{first}\n\nsha256:{hashed.upper()}\n")
+    assert read_upload_keys(path) == {hashlib.sha256(first.encode()).hexdigest(), hashed}
 
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "sha256:abc\n"])

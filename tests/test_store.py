@@ -558,13 +558,18 @@ def restart(
     return server, connect(server)
 
 
-def index(client: blindfold.Client) -> dict[str, dict[str, Any]]:
-    return {row["name"]: row for row in client.list_models()}
+def index(client: blindfold.Client, token: str | None = None) -> dict[str, dict[str, Any]]:
+    """The repository index as `token` (default: the client's) sees it."""
+    rows = client._json("POST", "/v2/repository/index", {}, token=token)
+    return {row["name"]: row for row in rows}
 
 
-def assert_store_consistent(store_dir: Path, client: blindfold.Client) -> None:
-    """No temp file, no unreferenced blob, every READY model's blob present."""
-    listed = index(client)
+def assert_store_consistent(
+    store_dir: Path, client: blindfold.Client, token: str | None = None
+) -> None:
+    """No temp file, no unreferenced blob, every READY model's blob present (as far as
+    `token` may see: restricted models are listed only to those who may run them)."""
+    listed = index(client, token)
     blobs = blob_names(store_dir)
     assert not [name for name in blobs if name.startswith(".tmp-")]
     assert not list(store_dir.glob(f"{EPOCH_FILE}.tmp-*"))
@@ -594,12 +599,14 @@ def test_restart_keeps_models_and_access_rules(
             "sha256": replaced.sha256,
             "public": True,
         }
+        assert "priv" not in listed  # restricted: listed only for its owner and run keys
+        listed = index(client, restricted.owner_token)
         assert listed["priv"]["public"] is False and listed["priv"]["state"] == "READY"
         np.testing.assert_array_equal(client.run_model("pub", X)["y"], X)
-        with pytest.raises(blindfold.AuthenticationError):
+        with pytest.raises(blindfold.NotFoundError):  # restricted: hidden without a token
             client.run_model("priv", X)
         np.testing.assert_array_equal(run_as(server, run_key, "priv"), X)
-        with pytest.raises(blindfold.AuthenticationError):
+        with pytest.raises(blindfold.NotFoundError):
             run_as(server, revoked_key, "priv")
         with pytest.raises(blindfold.AuthenticationError):  # not the owner
             client.delete_model("priv", token=run_key)
@@ -690,9 +697,9 @@ def test_sigkill_at_each_write_step_leaves_store_consistent(
     assert f"crash point {point} reached" in server.log()
     server, client = restart(servers, tmp_path, store_dir)
     with client:
-        listed = index(client)
+        listed = index(client, keep.owner_token)
         assert listed["keep"]["state"] == "READY" and listed["keep"]["public"] is False
-        with pytest.raises(blindfold.AuthenticationError):
+        with pytest.raises(blindfold.NotFoundError):
             client.run_model("keep", X)
         client.set_public("keep", True, token=keep.owner_token)
         np.testing.assert_array_equal(client.run_model("keep", X)["y"], X)
@@ -908,13 +915,13 @@ def test_sigkill_while_revoking_a_run_key(
     _wait_killed(server)
     server, client = restart(servers, tmp_path, store_dir)
     with client:
-        assert index(client)["m"]["state"] == "READY"
+        assert index(client, owned.owner_token)["m"]["state"] == "READY"
         if point == "before_db_commit":
             np.testing.assert_array_equal(run_as(server, run_key, "m"), X)
         else:
-            with pytest.raises(blindfold.AuthenticationError):
+            with pytest.raises(blindfold.NotFoundError):  # a revoked key sees no model
                 run_as(server, run_key, "m")
-        assert_store_consistent(store_dir, client)
+        assert_store_consistent(store_dir, client, owned.owner_token)
     server, client = restart(servers, tmp_path, store_dir)  # and it stays acceptable
     client.close()
 
@@ -958,7 +965,7 @@ def test_one_row_put_back_from_an_older_copy_is_refused(
             model_bytes("m"), name="m", public=False, token=owned.owner_token
         )
         assert again.owner_token is None  # the owner keeps the token they hold
-        assert index(client)["m"]["state"] == "READY"
+        assert index(client, owned.owner_token)["m"]["state"] == "READY"
         with pytest.raises(blindfold.ServerError):
             run_as(server, run_key, "m")
         client.delete_model("m", token=owned.owner_token)
@@ -997,7 +1004,7 @@ def test_damaged_row_only_its_owner_or_an_admin_key_may_take_the_name(
     name = "victim" if damage == "edit" else "planted"
     server = start_server(tmp_path, *keys)
     servers.append(server)
-    listed = index(connect(server))
+    listed = index(connect(server, upload_key), upload_key)
     assert listed[name]["state"] == "UNAVAILABLE"
     assert listed[name]["public"] is False
     for token in (upload_key, None):
@@ -1105,7 +1112,7 @@ def test_planted_schema_objects_refuse_the_store_and_lose_nothing(
     server, client = restart(servers, tmp_path, store_dir)
     with client:
         client.upload_model(model_bytes("a"), name="a", public=True)
-        client.upload_model(model_bytes("b"), name="b", public=False)
+        b = client.upload_model(model_bytes("b"), name="b", public=False)
     server.stop()
     with sqlite3.connect(store_dir / DB_FILE) as db:
         db.execute(statement)
@@ -1119,6 +1126,6 @@ def test_planted_schema_objects_refuse_the_store_and_lose_nothing(
         db.execute(f"DROP {kind.upper()} {object_name.strip(chr(39))}")
     server, client = restart(servers, tmp_path, store_dir)
     with client:
-        listed = index(client)
+        listed = index(client, b.owner_token)
         assert {row["state"] for row in listed.values()} == {"READY"}
         assert set(listed) == {"a", "b"}

@@ -24,7 +24,7 @@ from onnx_models import add_mul_model, identity_model
 tritonclient_http = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-UPLOAD_KEYS = ("upload-key-triton-one", "upload-key-triton-two")
+UPLOAD_KEYS = ("upload-key-triton-one-long", "upload-key-triton-two-long")
 
 
 def server_policy(server: ServerProcess) -> blindfold.Policy:

@@ -80,9 +80,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             limits=limits,
             upload_key_file=args.upload_key_file,
             open_upload=args.open_upload,
+            open_upload_if_simulation=args.open_upload_if_simulation,
             intra_op_threads=args.intra_op_threads,
             pccs_url=args.pccs_url,
             collateral_cache=args.collateral_cache,
+            amd_kds_url=None if args.no_amd_kds else args.amd_kds_url,
             encrypted_models_dir=args.encrypted_models_dir,
             access_log=args.access_log,
             store=args.store,
@@ -90,6 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             epoch_file=args.epoch_file,
             unsafe_reset_store_epoch=args.unsafe_reset_store_epoch,
             admin_key_file=args.admin_key_file,
+            store_journal=args.store_journal,
         )
     )
     return 0
@@ -257,8 +260,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         outputs.receipt.save(args.receipt)
         print(f"wrote verified receipt {args.receipt}", file=sys.stderr)
     if args.out:
-        np.savez(args.out, **outputs)
-        print(f"wrote {args.out}")
+        written = _save_private_npz(args.out, outputs)
+        print(f"wrote {written}")
     else:
         _print_json(
             {
@@ -267,6 +270,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             }
         )
     return 0
+
+
+def _save_private_npz(path: Path, arrays: dict[str, Any]) -> Path:
+    """Writes `arrays` readable by this user only: the file is created with mode 0600, so no
+    other user can open it even while it is being written (outputs may be patient data)."""
+    if path.suffix != ".npz":  # what np.savez does with a path
+        path = path.with_name(path.name + ".npz")
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        os.fchmod(descriptor, 0o600)  # an existing file keeps its old mode through O_CREAT
+        np.savez(handle, **arrays)
+    return path
 
 
 def cmd_encrypt_model(args: argparse.Namespace) -> int:
@@ -363,6 +378,24 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upload_key_new(args: argparse.Namespace) -> int:
+    from blindfold.server.main import new_upload_key
+
+    key, line = new_upload_key()
+    if args.key_file is not None:
+        descriptor = os.open(args.key_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(descriptor, "a") as handle:
+            handle.write(line + "\n")
+        print(f"appended {line} to {args.key_file}", file=sys.stderr)
+    print(
+        "give the upload key to whoever uploads (keep it secret); put only the sha256: line "
+        "in the server's --upload-key-file (safe on the host, or measured into the image)",
+        file=sys.stderr,
+    )
+    _print_json({"upload_key": key, "key_file_line": line})
+    return 0
+
+
 def cmd_access(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.set_public(args.name, args.access == "public")
@@ -389,6 +422,7 @@ def _client_options(parser: argparse.ArgumentParser, url_required: bool = True) 
 
 def build_parser() -> argparse.ArgumentParser:
     from blindfold.server.limits import Limits
+    from blindfold.server.tee.kds import AMD_KDS_URL
 
     parser = argparse.ArgumentParser(prog="blindfold", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -449,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--upload-key-file",
         type=Path,
-        help="file with one upload key per line (or sha256:<hex> of a key)",
+        help="file with one upload key per line: sha256:<hex> of a key (from blindfold "
+        "upload-key new), or the key itself (at least 22 characters; warned about)",
     )
     serve.add_argument("--pccs-url", help="Intel PCS/PCCS base URL for SGX/TDX collateral")
     serve.add_argument(
@@ -457,7 +492,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="folder from which load-encrypted may read model files (default: disabled)",
     )
-    serve.add_argument("--collateral-cache", type=Path, help="folder caching Intel collateral")
+    serve.add_argument(
+        "--collateral-cache", type=Path, help="folder caching Intel collateral and AMD VCEKs"
+    )
+    serve.add_argument(
+        "--amd-kds-url",
+        default=AMD_KDS_URL,
+        help="SEV-SNP: where to fetch this chip's VCEK when the host provisioned none",
+    )
+    serve.add_argument(
+        "--no-amd-kds", action="store_true", help="SEV-SNP: never fetch a VCEK from AMD KDS"
+    )
     serve.add_argument(
         "--simulation-evidence-lifetime",
         type=int,
@@ -467,6 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--open-upload", action="store_true", help="let anyone who attests the server upload models"
+    )
+    serve.add_argument(
+        "--open-upload-if-simulation",
+        action="store_true",
+        help="open upload on the simulation TEE only; on a hardware TEE generate an upload key "
+        "and print it (what bin/serve does without arguments)",
     )
     serve.add_argument(
         "--intra-op-threads",
@@ -500,6 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="operator keys (one per line, or sha256:<hex>) that may replace or delete a "
         "stored model whose row the store refused",
+    )
+    serve.add_argument(
+        "--store-journal",
+        choices=["auto", "wal", "delete"],
+        default="auto",
+        help="SQLite journal of the store: wal (concurrent readers; needs shared memory) or "
+        "delete (rollback journal, exclusive lock; works in Gramine). auto: delete under SGX",
     )
     serve.set_defaults(handler=cmd_serve)
 
@@ -601,6 +659,17 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     revoke.add_argument("key_id")
     keys.set_defaults(handler=cmd_keys)
+
+    # `keys` already names run keys; upload keys (who may upload) get their own command.
+    upload_key = commands.add_parser("upload-key", help="make upload keys for --upload-key-file")
+    upload_key_commands = upload_key.add_subparsers(dest="upload_key_command", required=True)
+    new_key = upload_key_commands.add_parser(
+        "new", help="print a fresh upload key and its sha256: line for --upload-key-file"
+    )
+    new_key.add_argument(
+        "--key-file", type=Path, help="also append the sha256: line to this file (mode 0600)"
+    )
+    new_key.set_defaults(handler=cmd_upload_key_new)
 
     access = commands.add_parser("access", help="make a model public or restricted (owner)")
     _client_options(access)

@@ -1,9 +1,15 @@
 """Step 4 of the attested channel, client side: fetch the server's evidence, verify it under
 the policy, and return what to pin. Nothing but the attestation request (and a nonce) is
-sent before this succeeds."""
+sent before this succeeds.
+
+The attestation answer arrives before any trust exists (anyone on the path can write it), so
+what the SDK reads of it is bounded in size (`MAX_ATTESTATION_BYTES`) and JSON nesting depth
+(`MAX_ATTESTATION_DEPTH`) before it is parsed any further.
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
 import secrets
 from dataclasses import dataclass
@@ -22,6 +28,12 @@ from blindfold.client.transport import (
     unverified_context,
 )
 from blindfold.errors import AttestationError, EvidenceError, PinnedKeyMismatch
+
+# Real documents (DCAP quote + PCK chain + CRLs + TCB info, or a Nitro document) are tens
+# of KiB; a few MiB leaves room for large CRLs without letting a hostile answer fill memory.
+MAX_ATTESTATION_BYTES = 4 << 20
+# Real documents nest three or four levels deep.
+MAX_ATTESTATION_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -49,14 +61,13 @@ def fetch_attestation(
     """GET /v2/attestation; returns the document and the certificate the TLS peer presented."""
     connection = PinnedConnection(endpoint, unverified_context(), None, timeout)
     path = "/v2/attestation" + (f"?nonce={nonce.hex()}" if nonce is not None else "")
+    where = f"https://{endpoint.host}:{endpoint.port}"
     try:
         connection.request("GET", path)
         response = connection.getresponse()
-        body = response.read()
+        body = _read_bounded(response, where)
     except OSError as exc:
-        raise AttestationError(
-            f"cannot fetch attestation from https://{endpoint.host}:{endpoint.port}: {exc}"
-        ) from None
+        raise AttestationError(f"cannot fetch attestation from {where}: {exc}") from None
     finally:
         peer = connection.peer_certificate
         connection.close()
@@ -65,13 +76,58 @@ def fetch_attestation(
             f"the server answered {response.status} to GET /v2/attestation: "
             f"{body[:300].decode(errors='replace')}"
         )
+    document = _parse_bounded(body)
+    return document, peer
+
+
+def _read_bounded(response: http.client.HTTPResponse, where: str) -> bytes:
+    """The body, or an error as soon as it is known to exceed MAX_ATTESTATION_BYTES."""
+    too_large = AttestationError(
+        f"the attestation answer from {where} is too large (more than "
+        f"{MAX_ATTESTATION_BYTES} bytes); a Blindfold server sends tens of KiB. Refusing it "
+        "unread: this is not a Blindfold server, or someone on the path is attacking the client"
+    )
+    declared = response.getheader("content-length")
+    if declared is not None and declared.strip().isdigit():
+        if int(declared) > MAX_ATTESTATION_BYTES:
+            raise too_large
+    body = response.read(MAX_ATTESTATION_BYTES + 1)
+    if len(body) > MAX_ATTESTATION_BYTES:
+        raise too_large
+    return body
+
+
+def _parse_bounded(body: bytes) -> dict[str, Any]:
+    too_deep = EvidenceError(
+        f"the attestation document nests JSON more than {MAX_ATTESTATION_DEPTH} levels deep; "
+        "a Blindfold server's document is flat. Refusing it"
+    )
     try:
         document = json.loads(body)
+    except RecursionError:
+        raise too_deep from None
     except ValueError:
         raise EvidenceError(
             "the attestation document is not JSON; is this a Blindfold server?"
         ) from None
-    return document, peer
+    if _depth_exceeds(document, MAX_ATTESTATION_DEPTH):
+        raise too_deep
+    if not isinstance(document, dict):
+        raise EvidenceError("the attestation document is not a JSON object")
+    return document
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Iterative, so checking a hostile document cannot itself exhaust the stack."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 def attest(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import queue
 import select
+import socket
 import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -91,6 +92,16 @@ class PinnedConnection(http.client.HTTPSConnection):
             )
 
 
+def _readable(sock: socket.socket) -> bool:
+    """Whether `sock` has data or EOF waiting, without blocking. poll(), not select(): select
+    cannot watch descriptors numbered 1024 or more, which busy processes hand out."""
+    if not hasattr(select, "poll"):  # Windows: select has no descriptor-number limit there
+        return bool(select.select([sock], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class Transport:
     """A small thread-safe pool of keep-alive connections sharing one TLS context."""
 
@@ -145,7 +156,7 @@ class Transport:
                 return PinnedConnection(self.endpoint, self._context, self._pin, self._timeout)
             # An idle keep-alive socket that is readable was closed by the server (it may have
             # restarted with a new key): drop it, so the next handshake checks the pin again.
-            if connection.sock is not None and select.select([connection.sock], [], [], 0)[0]:
+            if connection.sock is not None and _readable(connection.sock):
                 connection.close()
                 continue
             return connection

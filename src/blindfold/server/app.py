@@ -261,8 +261,9 @@ async def _receipt(
 
 
 async def repository_index(request: Request) -> Response:
-    # READY models, and stored ones that could not be loaded as UNAVAILABLE with a reason.
-    return JSONResponse(state_of(request).service.index())
+    # What this caller may run: READY models, and stored ones that could not be loaded as
+    # UNAVAILABLE with a reason. Restricted models need their owner token or a run key.
+    return JSONResponse(state_of(request).service.index(bearer_token(request)))
 
 
 async def repository_load(request: Request) -> Response:

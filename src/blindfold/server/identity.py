@@ -1,8 +1,11 @@
 """The server's attested identity: a fresh TLS key pair and certificate made at each start,
 and evidence binding the certificate's public key (DESIGN.md, "The attested channel").
 
-The private key only ever lives in process memory: it is handed to the TLS stack through an
-anonymous memory file (memfd), never written to disk.
+The private key only ever lives in process memory. Python's ssl module loads keys only from
+a path, so the key reaches the TLS stack through an anonymous memory file (memfd). Where there
+is no memfd_create (Gramine SGX enclaves), it goes through a temporary file holding the key
+ENCRYPTED under a random 256-bit password that exists only in process memory, removed as soon
+as it is loaded: whatever storage the file lands on learns nothing of the key.
 
 The standing (nonce-less) evidence, which receipts name by hash, is made again before its
 collateral or certificate expires, so clients keep accepting it and receipts keep verifying.
@@ -14,7 +17,9 @@ import datetime
 import hashlib
 import ipaddress
 import os
+import secrets
 import ssl
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -84,19 +89,42 @@ class ServerIdentity:
     def ssl_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            self._load_through_memfd(context)
+        except (AttributeError, OSError):  # no memfd_create, or no /proc/self/fd to open it
+            self._load_through_encrypted_file(context)
+        return context
+
+    def _load_through_memfd(self, context: ssl.SSLContext) -> None:
         key_pem = self.private_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        # ssl can only load keys from a path; a memfd is a path that never touches a disk.
+        # A memfd is a path that never touches a disk.
         descriptor = os.memfd_create("blindfold-tls", os.MFD_CLOEXEC)
         try:
             os.write(descriptor, self.certificate_pem.encode() + key_pem)
             context.load_cert_chain(f"/proc/self/fd/{descriptor}")
         finally:
             os.close(descriptor)
-        return context
+
+    def _load_through_encrypted_file(self, context: ssl.SSLContext) -> None:
+        password = secrets.token_bytes(32)
+        key_pem = self.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(password),
+        )
+        # The temporary folder (a tmpfs inside the enclave under the Gramine manifest); even
+        # on host-visible storage the file holds only ciphertext under `password`.
+        descriptor, path = tempfile.mkstemp(prefix="blindfold-tls-", suffix=".pem")
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(self.certificate_pem.encode() + key_pem)
+            context.load_cert_chain(path, password=password)
+        finally:
+            os.unlink(path)
 
 
 STANDING_REFRESH_MARGIN = 3600.0

@@ -4,8 +4,8 @@ and run uvicorn with a TLS context that holds the key in memory only."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
+import os
 import ssl
 import sys
 from dataclasses import dataclass, field
@@ -18,10 +18,12 @@ from blindfold.errors import ConfigurationError
 from blindfold.server.app import ServerState, create_app
 from blindfold.server.identity import ServerIdentity
 from blindfold.server.limits import Limits
+from blindfold.server.models import new_token, token_hash
 from blindfold.server.runtime import InferenceRunner
 from blindfold.server.service import ModelService
 from blindfold.server.store import ModelStore
 from blindfold.server.tee.base import TeeProvider
+from blindfold.server.tee.kds import AMD_KDS_URL
 
 logger = logging.getLogger("blindfold.server")
 
@@ -36,16 +38,19 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     upload_key_file: Path | None = None
     open_upload: bool = False
+    open_upload_if_simulation: bool = False  # else a generated upload key (bin/serve default)
     intra_op_threads: int = 0
     pccs_url: str | None = None
     encrypted_models_dir: Path | None = None
     collateral_cache: Path | None = None
+    amd_kds_url: str | None = AMD_KDS_URL  # None: never fetch a VCEK
     access_log: bool = False
     store: Path | None = None  # sealed persistent model store; None: models in memory only
     simulation_evidence_lifetime: int | None = None  # None: simulation evidence never expires
     epoch_file: Path | None = None  # where the store's epoch is kept; None: inside the store
     unsafe_reset_store_epoch: bool = False  # accept the store as it is, without rollback check
     admin_key_file: Path | None = None  # operator keys that may take over refused rows
+    store_journal: str = "auto"  # "wal", "delete", or "auto": delete under Gramine SGX
 
 
 def make_provider(config: ServerConfig) -> TeeProvider:
@@ -72,7 +77,22 @@ def make_provider(config: ServerConfig) -> TeeProvider:
             options["pccs_url"] = config.pccs_url
         if config.collateral_cache:
             options["cache_dir"] = config.collateral_cache
+    if kind == "sev-snp" and config.amd_kds_url:  # the VCEK, when the host provides none
+        from blindfold.server.tee.kds import KdsVcekFetcher
+
+        options["kds"] = KdsVcekFetcher(config.amd_kds_url, cache_dir=config.collateral_cache)
     return make_hardware_provider(kind, **options)
+
+
+# 128 bits in base64url, the densest encoding an operator is likely to paste.
+MIN_UPLOAD_KEY_CHARS = 22
+MAKE_A_KEY = "make one with `blindfold upload-key new`"
+
+
+def new_upload_key() -> tuple[str, str]:
+    """A fresh upload key (256 random bits) and its `sha256:` line for --upload-key-file."""
+    key = new_token("bfu")
+    return key, f"sha256:{token_hash(key)}"
 
 
 def read_upload_keys(path: Path | None, what: str = "upload key file") -> frozenset[str]:
@@ -85,6 +105,16 @@ def read_upload_keys(path: Path | None, what: str = "upload key file") -> frozen
     keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     if not keys:
         raise ConfigurationError(f"{what} {path} holds no key (one per line)")
+    plaintext = sum(1 for key in keys if not key.startswith("sha256:"))
+    if plaintext:
+        logger.warning(
+            "%s %s holds %d key(s) in plaintext: whoever reads the file (the host, its "
+            "backups) can use them. Store only `sha256:<hex>` lines (%s)",
+            what,
+            path,
+            plaintext,
+            MAKE_A_KEY,
+        )
     return frozenset(_upload_key_hash(key, path) for key in keys)
 
 
@@ -92,11 +122,48 @@ def _upload_key_hash(line: str, path: Path) -> str:
     """A line is a key, or `sha256:<hex>` of one: the hashed form lets the file sit on an
     untrusted host (or be measured into a TEE image) without revealing the key."""
     if not line.startswith("sha256:"):
-        return hashlib.sha256(line.encode()).hexdigest()
+        if len(line) < MIN_UPLOAD_KEY_CHARS:
+            # Never echo the key itself, not even a prefix.
+            raise ConfigurationError(
+                f"upload key file {path} holds a key of {len(line)} characters; keys need at "
+                f"least {MIN_UPLOAD_KEY_CHARS} (128 bits of base64url) so they cannot be "
+                f"guessed: {MAKE_A_KEY}"
+            )
+        return token_hash(line)
     digest = line.removeprefix("sha256:").lower()
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise ConfigurationError(f"upload key file {path}: {line[:12]}... is not sha256:<64 hex>")
+        raise ConfigurationError(f"upload key file {path}: a sha256: line is not sha256:<64 hex>")
     return digest
+
+
+CHOOSE_UPLOAD = (
+    "choose who may upload models: --upload-key-file FILE (one key per line) or "
+    "--open-upload (anyone who attests the server may upload)"
+)
+
+
+@dataclass(frozen=True)
+class UploadAccess:
+    """Who may upload, decided once the TEE kind is known."""
+
+    open_upload: bool
+    key_hashes: frozenset[str]
+    generated_key: str | None = None  # printed once at start, never stored
+
+
+def decide_upload_access(config: ServerConfig, tee_kind: str) -> UploadAccess:
+    """--open-upload-if-simulation (what bin/serve passes with no arguments) keeps the
+    quickstart open only where nothing is protected anyway: on a hardware TEE it generates an
+    upload key instead, so uploads are not open to everyone who can reach the port."""
+    keys = read_upload_keys(config.upload_key_file)
+    if config.open_upload or keys:
+        return UploadAccess(config.open_upload, keys)
+    if config.open_upload_if_simulation:
+        if tee_kind == "simulation":
+            return UploadAccess(True, frozenset())
+        key, _ = new_upload_key()
+        return UploadAccess(False, frozenset({token_hash(key)}), key)
+    raise ConfigurationError(CHOOSE_UPLOAD)
 
 
 class _AttestedConfig(uvicorn.Config):
@@ -111,16 +178,13 @@ class _AttestedConfig(uvicorn.Config):
         self.ssl = self._context
 
 
-def build_state(config: ServerConfig) -> ServerState:
-    if not config.open_upload and config.upload_key_file is None:
-        raise ConfigurationError(
-            "choose who may upload models: --upload-key-file FILE (one key per line) or "
-            "--open-upload (anyone who attests the server may upload)"
-        )
+def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
+    if not (config.open_upload or config.open_upload_if_simulation or config.upload_key_file):
+        raise ConfigurationError(CHOOSE_UPLOAD)  # before probing any TEE
     provider = make_provider(config)
+    access = decide_upload_access(config, provider.kind)
     hostnames = sorted({config.host, "localhost", "127.0.0.1", *config.hostnames})
     identity = ServerIdentity(provider, hostnames)
-    upload_key_hashes = read_upload_keys(config.upload_key_file)
     admin_key_hashes = read_upload_keys(config.admin_key_file, "admin key file")
     store = None
     if config.store is not None:
@@ -129,19 +193,27 @@ def build_state(config: ServerConfig) -> ServerState:
             config.store,
             epoch_file=config.epoch_file,
             unsafe_reset_epoch=config.unsafe_reset_store_epoch,
+            journal=store_journal(config.store_journal, provider),
+        )
+    if config.limits.isolation and not hasattr(os, "memfd_create"):
+        raise ConfigurationError(
+            "model workers need memfd_create and descriptor passing, which this platform "
+            "lacks (Gramine SGX enclaves do): start with --unsafe-no-isolation to run models "
+            "inside the server process, next to its keys, knowing that an uploaded model is "
+            "then confined only by the upload checks"
         )
     runner = InferenceRunner(config.limits, config.intra_op_threads)
     service = ModelService(
         config.limits,
         runner,
-        upload_key_hashes=upload_key_hashes,
+        upload_key_hashes=access.key_hashes,
         admin_key_hashes=admin_key_hashes,
-        open_upload=config.open_upload,
+        open_upload=access.open_upload,
         store=store,
     )
     try:
         service.restore()
-        return ServerState(identity, service, runner, config.encrypted_models_dir)
+        return ServerState(identity, service, runner, config.encrypted_models_dir), access
     except BaseException:
         service.close()
         runner.shutdown()
@@ -161,12 +233,21 @@ _NO_SEALING_KEY = {
 }
 
 
+def store_journal(choice: str, provider: TeeProvider) -> str:
+    """SQLite's WAL needs a shared-memory index, which Gramine cannot map from host files:
+    under SGX (always Gramine here) `auto` picks the rollback journal instead."""
+    if choice != "auto":
+        return choice
+    return "delete" if provider.kind == "sgx" else "wal"
+
+
 def open_store(
     provider: TeeProvider,
     directory: Path,
     *,
     epoch_file: Path | None = None,
     unsafe_reset_epoch: bool = False,
+    journal: str = "wal",
 ) -> ModelStore:
     """The sealed store in `directory`, under the provider's measurement-bound sealing key.
     A deployment with a monotonic counter the host cannot rewind passes it here as
@@ -186,10 +267,11 @@ def open_store(
         key,
         epoch_file=epoch_file,
         unsafe_reset_epoch=unsafe_reset_epoch,
+        journal=journal,
     )
 
 
-def banner(state: ServerState, config: ServerConfig) -> str:
+def banner(state: ServerState, config: ServerConfig, access: UploadAccess) -> str:
     kind = state.identity.provider.kind
     lines = [
         f"Blindfold serving on https://{config.host}:{config.port} (TEE: {kind})",
@@ -214,8 +296,15 @@ def banner(state: ServerState, config: ServerConfig) -> str:
             "  models: UNSAFE --unsafe-no-isolation: models run next to every secret of this "
             "process, with no memory or time limit (for benchmarks only)"
         )
-    if config.open_upload:
+    if access.open_upload:
         lines.append("  uploads: OPEN (anyone who attests this server may upload models)")
+    if access.generated_key is not None:
+        lines.append(
+            f"  upload key (generated for this run, shown only now): {access.generated_key}\n"
+            "    uploads need it as 'Authorization: Bearer <key>' (blindfold upload --token).\n"
+            "    Whoever reads this console holds it: for production pass --upload-key-file\n"
+            "    with sha256: lines (blindfold upload-key new)"
+        )
     store = state.service.store
     if store is None:
         lines.append("  model store: none (models are kept in memory only, lost at exit)")
@@ -245,8 +334,8 @@ def serve(config: ServerConfig) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     _keep_secrets_out_of_reach()
-    state = build_state(config)
-    print(banner(state, config), file=sys.stderr, flush=True)
+    state, access = build_state(config)
+    print(banner(state, config, access), file=sys.stderr, flush=True)
     app = create_app(state)
     uvicorn_config = _AttestedConfig(
         app,

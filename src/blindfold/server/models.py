@@ -1,5 +1,8 @@
 """The in-memory model registry: names, versions, SHA-256 identities, access rules, and the
-sharing of one onnxruntime session between every name that holds identical bytes."""
+sharing of one onnxruntime session between every name that holds identical bytes.
+
+Visibility: a restricted model exists only for callers holding its owner token or a run key;
+for everyone else lookups answer exactly as for a missing model."""
 
 from __future__ import annotations
 
@@ -138,17 +141,18 @@ class ModelRegistry:
                 raise _not_found(reference)
             allowed = [e for e in candidates if e.may_run(token)]
             if not allowed:
-                raise _forbidden(reference, token)
+                raise _not_found(reference)
             return allowed[0]
         entry = self.get(reference)
+        if not entry.may_run(token):
+            # Answered exactly like a missing model, so no one learns a restricted name.
+            raise _not_found(reference)
         if version is not None and version != str(entry.version):
             raise RequestRejected(
                 404,
                 f"model {reference!r} has no version {version!r}; it serves version "
                 f"{entry.version}",
             )
-        if not entry.may_run(token):
-            raise _forbidden(reference, token)
         return entry
 
     def entries(self) -> list[ModelEntry]:
@@ -157,16 +161,10 @@ class ModelRegistry:
 
 
 def _not_found(reference: str) -> RequestRejected:
+    """Also the answer for a restricted model the caller may not run: the two must not differ."""
     return RequestRejected(
-        404, f"unknown model {reference!r}; list models with POST /v2/repository/index"
+        404,
+        f"unknown model {reference!r}; list models with POST /v2/repository/index (a "
+        "restricted model is visible only with its owner token or a run key, sent as "
+        "'Authorization: Bearer <token>')",
     )
-
-
-def _forbidden(reference: str, token: str | None) -> RequestRejected:
-    if token is None:
-        return RequestRejected(
-            401,
-            f"model {reference!r} is restricted: send a run key from its owner as "
-            "'Authorization: Bearer <key>'",
-        )
-    return RequestRejected(403, f"the token sent may not run model {reference!r}")

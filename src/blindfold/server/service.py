@@ -17,7 +17,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -75,19 +75,34 @@ class UnavailableModel:
             and hmac.compare_digest(token_hash(token), self.record.owner_token_sha256)
         )
 
+    def may_run(self, token: str | None) -> bool:
+        """Whether `token` could run it if it were available (so may learn it exists)."""
+        if not self.metadata_trusted:
+            return False
+        if self.public or self.is_owner(token):
+            return True
+        digest = token_hash(token) if token is not None else ""
+        return any(hmac.compare_digest(digest, known) for known in self.record.run_keys.values())
+
 
 class ServiceRegistry(ModelRegistry):
     """The registry, plus the stored models that could not be loaded: running one of those
     answers 503 with the reason instead of "unknown model"."""
 
-    def __init__(self, max_models: int) -> None:
+    def __init__(self, max_models: int, is_uploader: Callable[[str | None], bool]) -> None:
         super().__init__(max_models)
         self.unavailable: dict[str, UnavailableModel] = {}
+        self._is_uploader = is_uploader
+
+    def reveals(self, model: UnavailableModel, token: str | None) -> bool:
+        """Who learns that it exists: whoever could run it, and for a row whose metadata did
+        not authenticate (so its access rule is unknown) whoever may take its name over."""
+        return model.may_run(token) or (not model.metadata_trusted and self._is_uploader(token))
 
     def get_for_run(self, reference: str, version: str | None, token: str | None) -> ModelEntry:
         if not reference.startswith(HASH_PREFIX):
             broken = self.unavailable.get(reference)
-            if broken is not None:
+            if broken is not None and self.reveals(broken, token):
                 raise _unavailable(broken)
         return super().get_for_run(reference, version, token)
 
@@ -117,7 +132,7 @@ class ModelService:
         store: ModelStore | None = None,
     ) -> None:
         self.limits = limits
-        self.registry = ServiceRegistry(limits.max_models)
+        self.registry = ServiceRegistry(limits.max_models, self._is_uploader)
         self.store = store
         self._runner = runner
         self._upload_key_hashes = upload_key_hashes
@@ -149,8 +164,11 @@ class ModelService:
             raise _unavailable(broken)
         return self.registry.get(name)
 
-    def index(self) -> list[dict[str, Any]]:
-        """The repository index: served models READY, stored but refused ones UNAVAILABLE."""
+    def index(self, token: str | None) -> list[dict[str, Any]]:
+        """The repository index as `token` may see it: served models READY, stored but refused
+        ones UNAVAILABLE. Restricted models appear only for their owner token or run keys;
+        stored rows whose metadata did not authenticate only for upload-key holders (who
+        may take their names over)."""
         rows: list[dict[str, Any]] = [
             {
                 "name": e.name,
@@ -160,6 +178,7 @@ class ModelService:
                 "public": e.public,
             }
             for e in self.registry.entries()
+            if e.may_run(token)
         ]
         rows.extend(
             {
@@ -171,6 +190,7 @@ class ModelService:
                 "reason": m.reason,
             }
             for m in list(self.registry.unavailable.values())
+            if self.registry.reveals(m, token)
         )
         return sorted(rows, key=lambda row: row["name"])
 
@@ -195,8 +215,16 @@ class ModelService:
         self._require_upload_key(token)
         return None
 
-    def _require_upload_key(self, token: str | None) -> None:
+    def _is_uploader(self, token: str | None) -> bool:
         if self._open_upload:
+            return True
+        if token is None:
+            return False
+        digest = token_hash(token)
+        return any(hmac.compare_digest(digest, known) for known in self._upload_key_hashes)
+
+    def _require_upload_key(self, token: str | None) -> None:
+        if self._is_uploader(token):
             return
         if token is None:
             raise RequestRejected(
@@ -204,9 +232,7 @@ class ModelService:
                 "uploading needs the deployment's upload key: send it as "
                 "'Authorization: Bearer <key>' (blindfold --token / Client(token=...))",
             )
-        digest = token_hash(token)
-        if not any(hmac.compare_digest(digest, known) for known in self._upload_key_hashes):
-            raise RequestRejected(403, "the token sent is not an upload key of this server")
+        raise RequestRejected(403, "the token sent is not an upload key of this server")
 
     def _require_owner_or_admin(
         self, model: UnavailableModel, token: str | None, action: str

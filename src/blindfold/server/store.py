@@ -6,6 +6,7 @@ Layout of DIR::
                                            and the manifest that binds them together
     epoch.sealed                           the last epoch this server committed (sealed);
                                            `--epoch-file PATH` keeps it elsewhere
+                                           (journal "delete": store.db-journal, no -wal/-shm)
     blobs/<sha256>.sealed                  model bytes sealed under the TEE's sealing key
     blobs/.tmp-*                           blobs being written (removed at the next start)
     store.lock                             flock: one server process per store
@@ -322,6 +323,11 @@ def _check_sha(sha256: str) -> str:
     return sha256
 
 
+# "wal": concurrent readers, needs a shared-memory index (store.db-shm). "delete": a rollback
+# journal and an exclusive lock, no shared memory: what works inside Gramine SGX enclaves.
+JOURNAL_MODES = ("wal", "delete")
+
+
 @dataclass(frozen=True)
 class _Verified:
     """What opening the store established."""
@@ -355,7 +361,13 @@ class ModelStore:
         external_counter: EpochCounter | None = None,
         unsafe_reset_epoch: bool = False,
         crash_point: str | None = None,
+        journal: str = "wal",
     ) -> None:
+        if journal not in JOURNAL_MODES:
+            raise ConfigurationError(
+                f"store journal {journal!r} is not one of {', '.join(JOURNAL_MODES)}"
+            )
+        self._journal = journal
         if not isinstance(key, bytes) or len(key) != KEY_SIZE:
             raise ConfigurationError(f"the store's sealing key must be {KEY_SIZE} bytes")
         if crash_point is None:
@@ -440,7 +452,13 @@ class ModelStore:
                 reader.close()
         db = self._connect(str(path))
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            if self._journal == "delete":
+                # No shared-memory index (Gramine has no shared mmap of host files): a rollback
+                # journal, and the database lock held for the connection's lifetime.
+                db.execute("PRAGMA locking_mode=EXCLUSIVE")
+                db.execute("PRAGMA journal_mode=DELETE")
+            else:
+                db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             verified = self._verify(db, epoch_path, external, reset)

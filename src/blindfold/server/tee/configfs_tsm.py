@@ -4,7 +4,8 @@ This module owns the configfs-tsm protocol (Documentation/ABI/testing/configfs-t
 private entry directory, write 64 bytes to `inblob`, read `outblob` (the TDX quote or SNP
 report) and `auxblob` (the SNP certificate table), and use `generation` to detect that
 another writer changed `inblob` between our write and our read. It attaches collateral:
-Intel DCAP collateral for TDX (via `pcs`), VCEK/ASK/ARK for SNP when the host supplied them.
+Intel DCAP collateral for TDX (via `pcs`), VCEK/ASK/ARK for SNP when the host supplied them
+(otherwise the VCEK from AMD KDS, via `kds`).
 
 All file operations go through `TsmFilesystem`, whose default is plain file I/O, so tests
 can play the kernel's part at the file-protocol level.
@@ -22,6 +23,7 @@ from typing import Literal, Protocol
 
 from blindfold.attestation.verdict import Evidence
 from blindfold.server.tee.errors import TeeUnavailable
+from blindfold.server.tee.kds import KdsVcekFetcher
 from blindfold.server.tee.pcs import (
     INTEL_PCS_URL,
     CollateralCache,
@@ -106,6 +108,7 @@ class ConfigfsTsmProvider:
         cache_dir: Path | None = None,
         fetch: Fetch = urllib_fetch,
         sev_guest_device: Path = Path("/dev/sev-guest"),
+        kds: KdsVcekFetcher | None = None,
         max_attempts: int = 3,
         fs: TsmFilesystem | None = None,
         now: Callable[[], float] = time.time,
@@ -117,6 +120,7 @@ class ConfigfsTsmProvider:
         self.fs: TsmFilesystem = fs or RealFilesystem()
         self.max_attempts = max_attempts
         self._sev_guest_device = Path(sev_guest_device)
+        self._kds = kds
         if not self.fs.is_dir(self.root):
             raise missing_root_error(self.root)
         self._collateral = (
@@ -208,7 +212,10 @@ class ConfigfsTsmProvider:
         if report[REPORT_DATA_OFFSET : REPORT_DATA_OFFSET + 64] != report_data:
             raise TeeUnavailable("the SEV-SNP report does not carry the requested report data")
         certs = parse_cert_table(auxblob) if auxblob else {}
-        return Evidence(self.kind, report, collateral_from_certs(certs))
+        collateral = collateral_from_certs(certs)
+        if self._kds is not None:  # the host provided no VCEK: ask AMD KDS
+            collateral = self._kds.complete(report, collateral)
+        return Evidence(self.kind, report, collateral)
 
     def collateral_valid_until(self) -> int | None:
         return self._collateral.valid_until() if self._collateral is not None else None

@@ -123,4 +123,4 @@ def _sev_snp_provider(**options: Any) -> TeeProvider:
     if Path(options.get("root", TeePaths.configfs_tsm)).is_dir():
         options["sev_guest_device"] = device
         return ConfigfsTsmProvider("sev-snp", **options)
-    return SevGuestProvider(device)
+    return SevGuestProvider(device, kds=options.get("kds"))

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from blindfold.attestation.verdict import Evidence
 from blindfold.server.tee.errors import TeeUnavailable
 from blindfold.server.tee.gramine import derive_sealing_key
+from blindfold.server.tee.kds import KdsVcekFetcher
 
 
 def _iowr(ioc_type: int, nr: int, size: int) -> int:
@@ -200,9 +201,16 @@ class SevGuestProvider:
 
     kind = "sev-snp"
 
-    def __init__(self, device: Path = Path("/dev/sev-guest"), *, vmpl: int = 0) -> None:
+    def __init__(
+        self,
+        device: Path = Path("/dev/sev-guest"),
+        *,
+        vmpl: int = 0,
+        kds: KdsVcekFetcher | None = None,
+    ) -> None:
         self.device = Path(device)
         self.vmpl = vmpl
+        self._kds = kds
         if not self.device.exists():
             raise missing_device_error(self.device)
         self._lock = threading.Lock()
@@ -246,11 +254,14 @@ class SevGuestProvider:
         try:
             report, certs = self.extended_report(report_data)
         except SevGuestError:
-            # Hosts without extended-report support: plain report, verifier fetches the VCEK.
+            # Hosts without extended-report support: plain report, VCEK from AMD KDS.
             report, certs = self.report(report_data), {}
         if report[REPORT_DATA_OFFSET : REPORT_DATA_OFFSET + 64] != report_data:
             raise SevGuestError("the SEV-SNP report does not carry the requested report data")
-        return Evidence(self.kind, report, collateral_from_certs(certs))
+        collateral = collateral_from_certs(certs)
+        if self._kds is not None:
+            collateral = self._kds.complete(report, collateral)
+        return Evidence(self.kind, report, collateral)
 
     def collateral_valid_until(self) -> int | None:
         # VCEK certificates are valid for years and are not refreshed by the server.
