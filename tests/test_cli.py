@@ -148,7 +148,9 @@ def uploaded(url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
     folder = tmp_path_factory.mktemp("cli-models")
     path = folder / "addmul.onnx"
     path.write_bytes(add_mul_model().SerializeToString())
-    result = json_out(cli("upload", url, path, "--name", "cli-add-mul", "--allow-simulation"))
+    result = json_out(
+        cli("upload", url, path, "--name", "cli-add-mul", "--public", "--allow-simulation")
+    )
     yield result
     sdk_delete(url, "cli-add-mul", result["owner_token"])
 

@@ -81,7 +81,7 @@ def uploaded_for_module(server: Any, models: dict[str, Any]) -> Iterator[None]:
         connection = blindfold.connect(server.url, allow_simulation=True)
     with connection:
         tokens = {
-            name: connection.upload_model(model, name=name).owner_token
+            name: connection.upload_model(model, name=name, public=True).owner_token
             for name, model in models.items()
         }
         try:

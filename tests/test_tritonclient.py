@@ -130,7 +130,10 @@ def test_load_infer_index_open_upload(server: ServerProcess, open_cert: Path) ->
         for name, elem_type, datatype, data in cases:
             onnx_bytes = model_bytes(identity_model(elem_type, name=name))
             client.load_model(
-                name, config=config_for(name), files={"file:1/model.onnx": onnx_bytes}
+                name,
+                config=config_for(name),
+                files={"file:1/model.onnx": onnx_bytes},
+                query_params={"public": "true"},  # new models are restricted by default
             )
             assert client.is_model_ready(name)
             metadata = client.get_model_metadata(name)
@@ -164,6 +167,7 @@ def test_multiple_inputs_and_outputs(server: ServerProcess, open_cert: Path) -> 
             "triton-add-mul",
             config=config_for("triton-add-mul"),
             files={"file:1/model.onnx": model_bytes(add_mul_model())},
+            query_params={"public": "true"},
         )
         a = np.arange(8, dtype=np.float32).reshape(2, 4)
         b = np.full((2, 4), 2.0, dtype=np.float32)

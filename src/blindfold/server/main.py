@@ -13,6 +13,7 @@ from typing import Any
 
 import uvicorn
 
+from blindfold.attestation.deployment import load_operator_public_key, operator_key_id
 from blindfold.errors import ConfigurationError
 from blindfold.server.app import ServerState, create_app
 from blindfold.server.identity import ServerIdentity
@@ -41,6 +42,8 @@ class ServerConfig:
     collateral_cache: Path | None = None
     access_log: bool = False
     store: Path | None = None  # sealed persistent model store; None: models in memory only
+    deployment_id: str = ""  # simulation only: stands in for SNP host_data / TDX mr_config_id
+    deployment_operator_keys: list[Path] = field(default_factory=list)  # PEM public keys
 
 
 def make_provider(config: ServerConfig) -> TeeProvider:
@@ -53,7 +56,13 @@ def make_provider(config: ServerConfig) -> TeeProvider:
         from blindfold.server.tee.simulation import SimulationProvider
 
         # With a store, the (insecure) simulation sealing key file lives in the store.
-        return SimulationProvider(config.store)
+        return SimulationProvider(config.store, config.deployment_id)
+    if config.deployment_id:
+        raise ConfigurationError(
+            f"--deployment-id only exists for the simulation TEE; on {kind} the deployment is "
+            "named at launch (SEV-SNP host_data, TDX mr_config_id) or by an operator "
+            "endorsement (blindfold deployment endorse)"
+        )
     from blindfold.server.tee.detect import make_hardware_provider
 
     options: dict[str, Any] = {}
@@ -76,6 +85,18 @@ def read_upload_keys(path: Path | None) -> frozenset[str]:
     if not keys:
         raise ConfigurationError(f"upload key file {path} holds no key (one per line)")
     return frozenset(_upload_key_hash(key, path) for key in keys)
+
+
+def read_operator_keys(paths: list[Path]) -> frozenset[str]:
+    """The ids of the operator keys allowed to endorse this server (PEM public key files)."""
+    ids = set()
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read operator key {path}: {exc.strerror}") from None
+        ids.add(operator_key_id(load_operator_public_key(data, str(path))))
+    return frozenset(ids)
 
 
 def _upload_key_hash(line: str, path: Path) -> str:
@@ -109,7 +130,9 @@ def build_state(config: ServerConfig) -> ServerState:
         )
     provider = make_provider(config)
     hostnames = sorted({config.host, "localhost", "127.0.0.1", *config.hostnames})
-    identity = ServerIdentity(provider, hostnames)
+    identity = ServerIdentity(
+        provider, hostnames, read_operator_keys(config.deployment_operator_keys)
+    )
     upload_key_hashes = read_upload_keys(config.upload_key_file)
     store = open_store(provider, config.store) if config.store is not None else None
     runner = InferenceRunner(config.limits.max_concurrent_inferences)
@@ -167,6 +190,11 @@ def banner(state: ServerState, config: ServerConfig) -> str:
     measurement = getattr(state.identity.provider, "measurement", None)
     if measurement:
         lines.append(f"  measurement: {measurement}")
+    if config.deployment_id:
+        lines.append(f"  simulation deployment id: {config.deployment_id}")
+    if state.identity.operator_key_ids:
+        keys = ", ".join(sorted(state.identity.operator_key_ids))
+        lines.append(f"  deployment endorsements accepted from: {keys}")
     if kind == "simulation":
         lines.insert(0, "!" * 78)
         lines.insert(1, "!! SIMULATION TEE: NO HARDWARE PROTECTION. The host can read every model")

@@ -20,8 +20,8 @@ SEALING_KEY_FILE = "INSECURE-simulation-sealing.key"
 class SimulationProvider:
     kind = "simulation"
 
-    def __init__(self, state_dir: Path | None = None) -> None:
-        self._signer = SimulationSigner()
+    def __init__(self, state_dir: Path | None = None, deployment_id: str = "") -> None:
+        self._signer = SimulationSigner(deployment_id=deployment_id)
         self._state_dir = state_dir
         self.measurement = self._signer.measurement
         logger.warning("%s", WARNING)
