@@ -204,11 +204,12 @@ def test_keyed_load_and_owner_unload(keyed_server: ServerProcess, keyed_cert: Pa
             config=config_for("keyed-triton"),
             files={"file:1/model.onnx": onnx_bytes},
             headers={"Authorization": f"Bearer {UPLOAD_KEYS[0]}"},
+            query_params={"public": "true"},
         )
         assert client.is_model_ready("keyed-triton")
 
         with sdk(keyed_server, token=UPLOAD_KEYS[1]) as owner_client:
-            uploaded = owner_client.upload_model(onnx_bytes, name="keyed-sdk")
+            uploaded = owner_client.upload_model(onnx_bytes, name="keyed-sdk", public=True)
         assert uploaded.owner_token
         names = {entry["name"] for entry in client.get_model_repository_index()}
         assert {"keyed-triton", "keyed-sdk"} <= names

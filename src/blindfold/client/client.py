@@ -226,10 +226,13 @@ class Client:
             return token
         return self._owner_tokens.get(model, self.token)
 
-    def _remember(self, uploaded: UploadedModel) -> UploadedModel:
-        if uploaded.owner_token is not None:
-            self._owner_tokens[uploaded.name] = uploaded.owner_token
-            self._owner_tokens[f"sha256:{uploaded.sha256}"] = uploaded.owner_token
+    def _remember(self, uploaded: UploadedModel, sent: str | None) -> UploadedModel:
+        """A new model's owner token; for a replacement, the token that was accepted for
+        it (which can only be the owner token)."""
+        owner = uploaded.owner_token or sent
+        if owner is not None:
+            self._owner_tokens[uploaded.name] = owner
+            self._owner_tokens[f"sha256:{uploaded.sha256}"] = owner
         return uploaded
 
     def _forget(self, name: str) -> None:
@@ -282,19 +285,20 @@ class Client:
                 if progress is not None:
                     progress(min(start + UPLOAD_CHUNK, len(view)), len(view))
 
+        sent = self._token_for(name, token)
         answer = json.loads(
             self._request(
                 "POST",
                 path,
                 chunks(),
                 {"Content-Type": "application/octet-stream"},
-                token=self._token_for(name, token),
+                token=sent,
                 content_length=len(data),
                 body_factory=chunks,
             ).body
         )
         self._metadata.pop(name, None)
-        return self._remember(UploadedModel.from_answer(answer))
+        return self._remember(UploadedModel.from_answer(answer), sent)
 
     def delete_model(self, name: str, *, token: str | None = None) -> None:
         self._json(
@@ -457,14 +461,15 @@ class Client:
         document: dict[str, Any] = {"path": path_on_server, "key": key.to_json()}
         if public is not None:
             document["public"] = public
+        sent = self._token_for(name, token)
         answer = self._json(
             "POST",
             f"/v2/repository/models/{quote(name, safe='')}/load-encrypted",
             document,
-            token=self._token_for(name, token),
+            token=sent,
         )
         self._metadata.pop(name, None)
-        return self._remember(UploadedModel.from_answer(answer))
+        return self._remember(UploadedModel.from_answer(answer), sent)
 
     # --- deployment ---
 
