@@ -752,6 +752,10 @@ def test_endorsements_cannot_be_forged_copied_or_taken_over(tmp_path: Path) -> N
             forged = Endorsement.sign(key, "prod", mine).to_json() | {"deployment": "other"}
             with pytest.raises(blindfold.ServerError, match="does not verify"):
                 client._json("POST", "/v2/deployment/endorsement", forged)
+            for junk in (b"not json", b"[" * 60_000, b"[]", b'{"format": 1}'):
+                with pytest.raises(blindfold.ServerError) as e:
+                    client._request("POST", "/v2/deployment/endorsement", junk)
+                assert e.value.status == 400 and "blindfold deployment endorse" in e.value.message
             client.endorse_deployment(key, "prod")
             # Another operator cannot replace the first one's endorsement.
             with pytest.raises(blindfold.ServerError, match="already endorsed") as e:
@@ -773,11 +777,17 @@ def test_server_accepts_only_named_operator_keys(tmp_path: Path) -> None:
     try:
         from blindfold.attestation.deployment import load_operator_private_key
 
+        # A client pinning the operator refuses the server until the operator endorsed it.
+        with pytest.raises(blindfold.PolicyError, match="operator endorsement"):
+            connect(server.url, policy=pinned_policy(server, operator_keys=operator_id))
         with connect(server.url, policy=policy_of(server)) as client:
             with pytest.raises(blindfold.AuthenticationError, match="may not endorse"):
                 client.endorse_deployment(load_operator_private_key(attacker), "prod")
             endorsement = client.endorse_deployment(load_operator_private_key(operator), "prod")
             assert endorsement.operator_key_id == operator_id
+        pinned = pinned_policy(server, operator_keys=operator_id)
+        with connect(server.url, policy=pinned) as client:
+            assert client.attestation.deployment.operator == (operator_id, "prod")
     finally:
         server.stop()
 

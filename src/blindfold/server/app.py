@@ -172,7 +172,7 @@ async def endorse_deployment(request: Request) -> Response:
     body = await read_body(request, 1 << 16, "request", "fixed")
     try:
         endorsement = Endorsement.from_json(json.loads(body))
-    except (ValueError, EvidenceError) as exc:
+    except (ValueError, RecursionError, EvidenceError) as exc:
         raise RequestRejected(
             400, f"send an endorsement made by `blindfold deployment endorse`: {exc}"
         ) from None
