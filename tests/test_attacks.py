@@ -619,6 +619,7 @@ def test_deployment_change_callback_decides(
 
         proxy = make_proxy(first.port, mode="tcp")
         with connect(proxy.url, policy=policy_of(first), on_deployment_change=decide) as client:
+            mine = client.upload_model(identity_model(TensorProto.FLOAT), name="mine")
             before = client.attestation.spki_sha256
             proxy.upstream_port = second.port
             proxy.drop_connections()
@@ -626,6 +627,8 @@ def test_deployment_change_callback_decides(
             if accept:
                 client.upload_model(identity_model(TensorProto.FLOAT), name="accepted")
                 assert client.attestation.spki_sha256 != before
+                # The first deployment's owner token is not offered to the second one.
+                assert mine.owner_token not in client._owner_tokens.values()
             else:
                 with pytest.raises(blindfold.DeploymentChanged, match="refused"):
                     client.upload_model(identity_model(TensorProto.FLOAT), name="refused")

@@ -203,11 +203,18 @@ class Client:
         if change is None:
             return
         reason, acceptable = change
-        if acceptable and self.follow_key_changes == "same-code":
+        if acceptable and (
+            self.follow_key_changes == "same-code"
+            or (
+                self.on_deployment_change is not None
+                and self.on_deployment_change(previous, current)
+            )
+        ):
+            # Another deployment: the owner tokens of our models there mean nothing here,
+            # and are not handed to it.
+            self._owner_tokens.clear()
             return
         if acceptable and self.on_deployment_change is not None:
-            if self.on_deployment_change(previous, current):
-                return
             reason += "; on_deployment_change refused it"
         raise DeploymentChanged(
             f"the server at {self.url} changed its key and its new evidence does not prove it "
