@@ -42,6 +42,7 @@ def policy(**deployment: object) -> blindfold.Policy:
         ({"host_data": 5}, "must be a string or a non-empty list"),
         ({"host_data": []}, "must be a string or a non-empty list"),
         ({"host_data": ["zz"]}, "not a hex string"),
+        ({"mr_config_id": ["00" * 48]}, "names no deployment"),
         ({"mr_enclave": ["00"]}, "unknown keys"),
         ({}, "pins nothing"),
     ],
@@ -151,3 +152,25 @@ def test_same_deployment_decision() -> None:
     pinned = policy(simulation_deployment_id="staging").deployment
     reason, acceptable = deployment_change(pinned, prod, prod, new, None) or ("", True)
     assert not acceptable and "[deployment] pins" in reason
+
+
+@pytest.mark.parametrize("vector_id", ["sev-snp/virtee-milan", "sev-snp/gosevguest-milan"])
+def test_real_snp_evidence_without_host_data_names_no_deployment(
+    vector_id: str, vectors_dir: Path, vector_manifest: list[dict[str, object]]
+) -> None:
+    from blindfold.attestation import sevsnp
+
+    vector = next(v for v in vector_manifest if v["id"] == vector_id)
+    folder = vectors_dir / str(vector["dir"])
+    collateral = {name: (folder / name).read_bytes() for name in ("vcek.der", "ask_ark.pem")}
+    real = sevsnp.verify((folder / "report.bin").read_bytes(), collateral, vector["verify_at"])
+    assert not identify(real, None).known  # these launches set no host_data
+    pinned = blindfold.Policy.from_dict(
+        {
+            "sev-snp": {"measurement": real.measurements["measurement"]},
+            "deployment": {"host_data": "5a" * 32},
+        }
+    )
+    assert pinned.deployment is not None
+    with pytest.raises(PolicyError, match="host_data"):
+        pinned.deployment.verify(real, None)

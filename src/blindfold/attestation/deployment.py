@@ -431,6 +431,11 @@ def _hex(value: str, where: str) -> str:
         bytes.fromhex(value)
     except ValueError:
         raise ConfigurationError(f"{where}: {value!r} is not a hex string") from None
+    if not value.strip("0"):
+        raise ConfigurationError(
+            f"{where}: all zeros is what a launch without the field reports; it names no "
+            "deployment. Pin the value the operator sets at launch."
+        )
     return value.lower()
 
 
