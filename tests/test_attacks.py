@@ -507,33 +507,293 @@ def test_tampered_simulation_evidence(
 # --- g. the pinned key changes mid-session ---
 
 
-def test_restarted_server_is_reattested_transparently(tmp_path: Path) -> None:
-    port = free_port()
-    first = start_server(tmp_path, "--open-upload", port=port)
+def operator_key(directory: Path) -> tuple[Path, str]:
+    """A fresh operator key file (made by the CLI, as an operator would) and its key id."""
+    path = directory / f"operator-{secrets.token_hex(4)}.key"
+    from blindfold.cli import main
+
+    assert main(["deployment", "keygen", "--out", str(path)]) == 0
+    from blindfold.attestation.deployment import load_operator_private_key, operator_key_id
+
+    return path, operator_key_id(load_operator_private_key(path).public_key())
+
+
+def endorse(server: ServerProcess, key: Path, name: str) -> None:
+    """What the operator runs after each start: attest the server, endorse its new key."""
+    from blindfold.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        argv = ["deployment", "endorse", server.url, "--allow-simulation"]
+        assert main([*argv, "--operator-key", str(key), "--name", name]) == 0
+
+
+def pinned_policy(server: ServerProcess, **deployment: object) -> blindfold.Policy:
+    return blindfold.Policy.from_dict(
+        {"simulation": {"measurement": measurement_of(server)}, "deployment": deployment}
+    )
+
+
+# Each scenario: (flags of the first server, flags of the second, policy's [deployment]).
+# The second server is a genuine instance of the same build that the attacker controls or
+# that merely belongs to another deployment.
+REROUTES = {
+    "no-deployment-identity": ([], [], None),
+    "other-deployment-id": (["--deployment-id", "prod"], ["--deployment-id", "staging"], None),
+    "deployment-id-pinned": (
+        ["--deployment-id", "prod"],
+        [],
+        {"simulation_deployment_id": "prod"},
+    ),
+    "endorsed-first-server-only": ("endorse:prod", [], None),
+    "attacker-endorsed-same-name": ("endorse:prod", "attacker:prod", None),
+    "operator-key-pinned": ("endorse:prod", "attacker:prod", {"operator_keys": "OPERATOR"}),
+}
+
+
+def _start_deployment(
+    tmp_path: Path, flags: object, operator: Path, attacker: Path, *extra: str
+) -> ServerProcess:
+    if isinstance(flags, list):
+        return start_server(tmp_path, "--open-upload", *flags, *extra)
+    server = start_server(tmp_path, "--open-upload", *extra)
+    who, _, name = str(flags).partition(":")
+    endorse(server, operator if who == "endorse" else attacker, name)
+    return server
+
+
+@pytest.mark.parametrize("scenario", list(REROUTES))
+def test_rerouted_to_another_genuine_instance_sends_nothing(
+    scenario: str, tmp_path: Path, make_proxy: Callable[..., AttackProxy]
+) -> None:
+    """A network attacker re-routes a connected client to another genuine instance of the
+    same build: the next upload must raise DeploymentChanged, and no byte of it may reach
+    the other instance."""
+    first_flags, second_flags, deployment = REROUTES[scenario]
+    operator, operator_id = operator_key(tmp_path)
+    attacker, _ = operator_key(tmp_path)
+    first = _start_deployment(tmp_path, first_flags, operator, attacker)
+    second = _start_deployment(tmp_path, second_flags, operator, attacker, "--access-log")
     try:
-        client = connect(first.url, policy=policy_of(first))
-        client.upload_model(identity_model(TensorProto.FLOAT), name="restart")
-        np.testing.assert_array_equal(client.run_model("restart", X)["y"], X)
-        before = client.attestation
+        proxy = make_proxy(first.port, mode="tcp")  # the network, honest at first
+        if deployment is None:
+            policy = policy_of(first)
+        else:
+            pins = {k: operator_id if v == "OPERATOR" else v for k, v in deployment.items()}
+            policy = pinned_policy(first, **pins)
+        with connect(proxy.url, policy=policy) as client:
+            client.upload_model(identity_model(TensorProto.FLOAT), name="first")
+            np.testing.assert_array_equal(client.run_model("first", X)["y"], X)
+            attested = client.attestation
+            if measurement_of(second) != measurement_of(first):
+                pytest.skip("the source tree changed between the two server starts")
+            proxy.upstream_port = second.port  # the attacker re-routes the connection
+            proxy.drop_connections()
+            watch = LogWatch(second)
+            secret_model = identity_model(TensorProto.FLOAT)
+            with pytest.raises(blindfold.DeploymentChanged) as failure:
+                client.upload_model(secret_model, name="secret")
+            with pytest.raises(blindfold.DeploymentChanged):
+                client.run_model("first", X)
+            assert "Nothing was sent" in str(failure.value)
+            assert failure.value.previous is attested
+            assert client.attestation is attested  # still pinned to the first server
+        assert_no_payload(watch.lines())
+        assert "secret" not in second.log()
     finally:
         first.stop()
-    second = start_server(tmp_path, "--open-upload", "--access-log", port=port)
+        second.stop()
+
+
+@pytest.mark.parametrize("accept", [False, True])
+def test_deployment_change_callback_decides(
+    accept: bool, tmp_path: Path, make_proxy: Callable[..., AttackProxy]
+) -> None:
+    first = start_server(tmp_path, "--open-upload")
+    second = start_server(tmp_path, "--open-upload", "--access-log")
     try:
+        seen: list[tuple[bytes, bytes]] = []
+
+        def decide(previous: object, current: object) -> bool:
+            seen.append((previous.spki_sha256, current.spki_sha256))  # type: ignore[attr-defined]
+            return accept
+
+        proxy = make_proxy(first.port, mode="tcp")
+        with connect(proxy.url, policy=policy_of(first), on_deployment_change=decide) as client:
+            mine = client.upload_model(identity_model(TensorProto.FLOAT), name="mine")
+            before = client.attestation.spki_sha256
+            proxy.upstream_port = second.port
+            proxy.drop_connections()
+            watch = LogWatch(second)
+            if accept:
+                client.upload_model(identity_model(TensorProto.FLOAT), name="accepted")
+                assert client.attestation.spki_sha256 != before
+                # The first deployment's owner token is not offered to the second one.
+                assert mine.owner_token not in client._owner_tokens.values()
+            else:
+                with pytest.raises(blindfold.DeploymentChanged, match="refused"):
+                    client.upload_model(identity_model(TensorProto.FLOAT), name="refused")
+        assert len(seen) == 1 and seen[0][0] == before and seen[0][1] != before
+        lines = watch.lines()
+        if accept:
+            assert "POST /v2/repository/models/accepted/load" in lines
+        else:
+            assert_no_payload(lines)
+    finally:
+        first.stop()
+        second.stop()
+
+
+def _restart_on_same_port(
+    tmp_path: Path, *flags: str
+) -> tuple[ServerProcess, Callable[[], ServerProcess]]:
+    port = free_port()
+    first = start_server(tmp_path, "--open-upload", *flags, port=port)
+
+    def restart() -> ServerProcess:
+        first.stop()
+        second = start_server(tmp_path, "--open-upload", "--access-log", *flags, port=port)
         if measurement_of(second) != measurement_of(first):
+            second.stop()
             pytest.skip("the source tree changed between the two server starts")
+        return second
+
+    return first, restart
+
+
+def _use_after_restart(client: blindfold.Client, before: object) -> None:
+    # The new server lost the model (memory only): re-attested, then a clean 404.
+    with pytest.raises(blindfold.NotFoundError):
+        client.run_model("restart", X)
+    after = client.attestation
+    assert after.spki_sha256 != before.spki_sha256  # type: ignore[attr-defined]
+    assert after.verdict.measurements == before.verdict.measurements  # type: ignore[attr-defined]
+    client.upload_model(identity_model(TensorProto.FLOAT), name="restart")
+    np.testing.assert_array_equal(client.run_model("restart", X)["y"], X)
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_same_deployment_id_restart_is_reattested_transparently(
+    pinned: bool, tmp_path: Path
+) -> None:
+    first, restart = _restart_on_same_port(tmp_path, "--deployment-id", "prod")
+    try:
+        policy = (
+            pinned_policy(first, simulation_deployment_id="prod") if pinned else policy_of(first)
+        )
+        client = connect(first.url, policy=policy)
+        client.upload_model(identity_model(TensorProto.FLOAT), name="restart")
+        before = client.attestation
+    finally:
+        second = restart()
+    try:
         with client:
-            # The new server lost the model (memory only): re-attested, then a clean 404.
-            with pytest.raises(blindfold.NotFoundError):
-                client.run_model("restart", X)
-            after = client.attestation
-            assert after.spki_sha256 != before.spki_sha256
-            assert after.verdict.measurements == before.verdict.measurements
-            client.upload_model(identity_model(TensorProto.FLOAT), name="restart")
-            np.testing.assert_array_equal(client.run_model("restart", X)["y"], X)
+            _use_after_restart(client, before)
         lines = requests_in(second.log())
         assert any(line.startswith("GET /v2/attestation?nonce=") for line in lines)
     finally:
         second.stop()
+
+
+def test_endorsed_restart_is_followed_once_the_operator_endorses_it(tmp_path: Path) -> None:
+    operator, operator_id = operator_key(tmp_path)
+    first, restart = _restart_on_same_port(tmp_path)
+    try:
+        endorse(first, operator, "prod")
+        policy = pinned_policy(first, operator_keys=[operator_id], names=["prod"])
+        client = connect(first.url, policy=policy)
+        assert client.attestation.deployment.operator == (operator_id, "prod")
+        client.upload_model(identity_model(TensorProto.FLOAT), name="restart")
+        before = client.attestation
+    finally:
+        second = restart()
+    try:
+        with client:
+            watch = LogWatch(second)
+            # Until the operator endorses the new key, it is not provably the deployment.
+            with pytest.raises(blindfold.DeploymentChanged, match="not endorsed this server"):
+                client.upload_model(identity_model(TensorProto.FLOAT), name="early")
+            assert_no_payload(watch.lines())
+            endorse(second, operator, "prod")
+            _use_after_restart(client, before)
+    finally:
+        second.stop()
+
+
+def test_follow_key_changes_same_code_is_the_old_behaviour(tmp_path: Path) -> None:
+    first, restart = _restart_on_same_port(tmp_path)
+    try:
+        client = connect(first.url, policy=policy_of(first), follow_key_changes="same-code")
+        client.upload_model(identity_model(TensorProto.FLOAT), name="restart")
+        before = client.attestation
+    finally:
+        second = restart()
+    try:
+        with client:
+            _use_after_restart(client, before)
+    finally:
+        second.stop()
+
+
+def test_endorsements_cannot_be_forged_copied_or_taken_over(tmp_path: Path) -> None:
+    from blindfold.attestation.deployment import Endorsement, load_operator_private_key
+
+    operator, _ = operator_key(tmp_path)
+    attacker, _ = operator_key(tmp_path)
+    server = start_server(tmp_path, "--open-upload")
+    other = start_server(tmp_path, "--open-upload")
+    try:
+        with connect(server.url, policy=policy_of(server)) as client:
+            key = load_operator_private_key(operator)
+            mine = client.attestation.spki_sha256
+            # An endorsement of another server's key is refused (copied from elsewhere).
+            with connect(other.url, policy=policy_of(other)) as elsewhere:
+                copied = Endorsement.sign(key, "prod", elsewhere.attestation.spki_sha256)
+            with pytest.raises(blindfold.ServerError, match="copied from another server") as e:
+                client._json("POST", "/v2/deployment/endorsement", copied.to_json())
+            assert e.value.status == 400
+            # A tampered one does not verify.
+            forged = Endorsement.sign(key, "prod", mine).to_json() | {"deployment": "other"}
+            with pytest.raises(blindfold.ServerError, match="does not verify"):
+                client._json("POST", "/v2/deployment/endorsement", forged)
+            for junk in (b"not json", b"[" * 60_000, b"[]", b'{"format": 1}'):
+                with pytest.raises(blindfold.ServerError) as e:
+                    client._request("POST", "/v2/deployment/endorsement", junk)
+                assert e.value.status == 400 and "blindfold deployment endorse" in e.value.message
+            client.endorse_deployment(key, "prod")
+            # Another operator cannot replace the first one's endorsement.
+            with pytest.raises(blindfold.ServerError, match="already endorsed") as e:
+                client.endorse_deployment(load_operator_private_key(attacker), "prod")
+            assert e.value.status == 409
+        with connect(server.url, policy=policy_of(server)) as client:
+            assert client.attestation.deployment.operator is not None
+            assert client.attestation.deployment.operator[1] == "prod"
+    finally:
+        server.stop()
+        other.stop()
+
+
+def test_server_accepts_only_named_operator_keys(tmp_path: Path) -> None:
+    operator, operator_id = operator_key(tmp_path)
+    attacker, _ = operator_key(tmp_path)
+    public = operator.with_name(operator.name + ".pub")
+    server = start_server(tmp_path, "--open-upload", "--deployment-operator-key", str(public))
+    try:
+        from blindfold.attestation.deployment import load_operator_private_key
+
+        # A client pinning the operator refuses the server until the operator endorsed it.
+        with pytest.raises(blindfold.PolicyError, match="operator endorsement"):
+            connect(server.url, policy=pinned_policy(server, operator_keys=operator_id))
+        with connect(server.url, policy=policy_of(server)) as client:
+            with pytest.raises(blindfold.AuthenticationError, match="may not endorse"):
+                client.endorse_deployment(load_operator_private_key(attacker), "prod")
+            endorsement = client.endorse_deployment(load_operator_private_key(operator), "prod")
+            assert endorsement.operator_key_id == operator_id
+        pinned = pinned_policy(server, operator_keys=operator_id)
+        with connect(server.url, policy=pinned) as client:
+            assert client.attestation.deployment.operator == (operator_id, "prod")
+    finally:
+        server.stop()
 
 
 def test_key_change_to_an_unattested_certificate_fails_closed(
@@ -653,6 +913,34 @@ def test_owner_token_of_another_model_has_no_rights(keyed: ServerProcess) -> Non
     log = keyed.log()
     for secret in (a.owner_token, b.owner_token, run_key_a, run_key_b, UPLOAD_KEY_A, UPLOAD_KEY_B):
         assert secret not in log
+
+
+def test_new_uploads_are_restricted_by_default(keyed: ServerProcess) -> None:
+    """A model is private to its owner unless they opt into public; the uploading Client
+    remembers the owner token and uses it without being told."""
+    model = identity_model(TensorProto.FLOAT, name="restricted-default")
+    with connect(keyed.url, policy=policy_of(keyed), token=UPLOAD_KEY_A) as owner:
+        uploaded = owner.upload_model(model, name="restricted-default")
+        assert uploaded.public is False
+        for reference in ("restricted-default", f"sha256:{uploaded.sha256}", uploaded.sha256):
+            np.testing.assert_array_equal(owner.run_model(reference, X)["y"], X)
+        key_id, run_key = owner.create_run_key("restricted-default")
+        with connect(keyed.url, policy=policy_of(keyed)) as stranger:
+            for reference in ("restricted-default", f"sha256:{uploaded.sha256}"):
+                with pytest.raises((blindfold.NotFoundError, blindfold.AuthenticationError)):
+                    stranger.run_model(reference, X)
+            # Replacing keeps the rule; the owner opts into public explicitly.
+            owner.upload_model(model, name="restricted-default")
+            with pytest.raises((blindfold.NotFoundError, blindfold.AuthenticationError)):
+                stranger.run_model("restricted-default", X)
+            opted = owner.upload_model(model, name="public-opt-in", public=True)
+            assert opted.public is True
+            np.testing.assert_array_equal(stranger.run_model("public-opt-in", X)["y"], X)
+        with connect(keyed.url, policy=policy_of(keyed), token=run_key) as user:
+            np.testing.assert_array_equal(user.run_model("restricted-default", X)["y"], X)
+        owner.revoke_run_key("restricted-default", key_id)
+        owner.delete_model("restricted-default")
+        owner.delete_model("public-opt-in")
 
 
 # --- i. CA environment variables do not widen what the SDK trusts ---

@@ -95,7 +95,7 @@ def bad(server: ServerProcess) -> Iterator[blindfold.Client]:
     }
     with connect(server) as connection:
         tokens = {
-            name: connection.upload_model(model, name=name).owner_token
+            name: connection.upload_model(model, name=name, public=True).owner_token
             for name, model in models.items()
         }
         yield connection
@@ -667,7 +667,9 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
 def small(limited: ServerProcess) -> Iterator[blindfold.Client]:
     with connect(limited) as connection:
         if "bad-healthy" not in [m["name"] for m in connection.list_models()]:
-            connection.upload_model(identity_model(TensorProto.INT32), name="bad-healthy")
+            connection.upload_model(
+                identity_model(TensorProto.INT32), name="bad-healthy", public=True
+            )
         yield connection
 
 

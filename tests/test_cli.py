@@ -149,7 +149,9 @@ def uploaded(url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
     folder = tmp_path_factory.mktemp("cli-models")
     path = folder / "addmul.onnx"
     path.write_bytes(add_mul_model().SerializeToString())
-    result = json_out(cli("upload", url, path, "--name", "cli-add-mul", "--allow-simulation"))
+    result = json_out(
+        cli("upload", url, path, "--name", "cli-add-mul", "--public", "--allow-simulation")
+    )
     yield result
     sdk_delete(url, "cli-add-mul", result["owner_token"])
 
@@ -230,7 +232,9 @@ def test_run_npz_printed_and_by_hash(url: str, uploaded: dict[str, Any], tmp_pat
 def identity_uploaded(url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     path = tmp_path_factory.mktemp("cli-identity") / "identity.onnx"
     path.write_bytes(identity_model(TensorProto.INT64, name="cli-id").SerializeToString())
-    result = json_out(cli("upload", url, path, "--name", "cli-identity", "--allow-simulation"))
+    result = json_out(
+        cli("upload", url, path, "--name", "cli-identity", "--public", "--allow-simulation")
+    )
     yield "cli-identity"
     sdk_delete(url, "cli-identity", result["owner_token"])
 

@@ -72,6 +72,13 @@ def bytes_array(values: list[bytes]) -> np.ndarray:
     return array
 
 
+def stranger(client: blindfold.Client) -> blindfold.Client:
+    """Another Client of the same server: it holds none of the owner tokens `client` does."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return blindfold.connect(client.url, allow_simulation=True)
+
+
 @contextlib.contextmanager
 def uploaded_for_module(server: Any, models: dict[str, Any]) -> Iterator[None]:
     """Uploads `models` by name for a module and unloads them afterwards, so the shared
@@ -81,7 +88,7 @@ def uploaded_for_module(server: Any, models: dict[str, Any]) -> Iterator[None]:
         connection = blindfold.connect(server.url, allow_simulation=True)
     with connection:
         tokens = {
-            name: connection.upload_model(model, name=name).owner_token
+            name: connection.upload_model(model, name=name, public=True).owner_token
             for name, model in models.items()
         }
         try:
@@ -366,8 +373,8 @@ def test_delete_then_run_fails(client: blindfold.Client) -> None:
     uploaded = client.upload_model(model, name="inf-delete")
     x = np.zeros((1, 3), dtype=np.float32)
     client.run_model("inf-delete", x)
-    with pytest.raises(blindfold.AuthenticationError) as info:
-        client.delete_model("inf-delete")
+    with stranger(client) as other, pytest.raises(blindfold.AuthenticationError) as info:
+        other.delete_model("inf-delete")
     assert info.value.status == 401
     with pytest.raises(blindfold.AuthenticationError) as info:
         client.delete_model("inf-delete", token="bfo_not-the-owner")
@@ -405,8 +412,8 @@ def test_identical_bytes_share_one_session(client: blindfold.Client) -> None:
 def test_versions_increment_on_replace(client: blindfold.Client) -> None:
     v1 = client.upload_model(identity_model(TensorProto.FLOAT, name="inf-v1"), name="inf-ver")
     assert v1.version == "1" and v1.owner_token
-    with pytest.raises(blindfold.AuthenticationError) as info:
-        client.upload_model(identity_model(TensorProto.FLOAT, name="inf-v2"), name="inf-ver")
+    with stranger(client) as other, pytest.raises(blindfold.AuthenticationError) as info:
+        other.upload_model(identity_model(TensorProto.FLOAT, name="inf-v2"), name="inf-ver")
     assert info.value.status == 401
     with pytest.raises(blindfold.AuthenticationError) as info:
         client.upload_model(

@@ -137,7 +137,8 @@ def test_server_keeps_serving_after_receipt_errors(
     server: ServerProcess, client: blindfold.Client, add_mul: str
 ) -> None:
     body = json.dumps({"inputs": [], "parameters": {"receipt": True, "receipt_nonce": 5}}).encode()
-    response = client._transport.request("POST", f"/v2/models/{add_mul}/infer", body)
+    owner = {"Authorization": f"Bearer {client._token_for(add_mul, None)}"}
+    response = client._transport.request("POST", f"/v2/models/{add_mul}/infer", body, owner)
     assert response.status == 400
     x = np.ones((1, 4), dtype=np.float32)
     assert client.run_model(add_mul, [x, x])["product"].shape == (1, 4)

@@ -580,12 +580,14 @@ def test_restart_keeps_models_and_access_rules(
     tmp_path: Path, store_dir: Path, servers: list[ServerProcess]
 ) -> None:
     server, client = restart(servers, tmp_path, store_dir)
-    public = client.upload_model(model_bytes("public"), name="pub")
+    public = client.upload_model(model_bytes("public"), name="pub", public=True)
     restricted = client.upload_model(model_bytes("restricted"), name="priv", public=False)
     key_id, run_key = client.create_run_key("priv", token=restricted.owner_token)
     revoked_id, revoked_key = client.create_run_key("priv", token=restricted.owner_token)
     client.revoke_run_key("priv", revoked_id, token=restricted.owner_token)
-    replaced = client.upload_model(model_bytes("public-v2"), name="pub", token=public.owner_token)
+    replaced = client.upload_model(
+        model_bytes("public-v2"), name="pub", token=public.owner_token, public=True
+    )
     assert replaced.version == "2"
     client.close()
 
@@ -631,8 +633,8 @@ def test_identical_bytes_share_one_blob(
     data = model_bytes("shared")
     server, client = restart(servers, tmp_path, store_dir)
     with client:
-        first = client.upload_model(data, name="first")
-        second = client.upload_model(data, name="second")
+        first = client.upload_model(data, name="first", public=True)
+        second = client.upload_model(data, name="second", public=True)
         assert blob_names(store_dir) == {f"{sha(data)}.sealed"}
         client.delete_model("first", token=first.owner_token)
         assert blob_names(store_dir) == {f"{sha(data)}.sealed"}
@@ -650,7 +652,7 @@ def test_without_store_models_live_in_memory_only(
     servers.append(server)
     assert "memory only" in server.log()
     with connect(server) as client:
-        client.upload_model(model_bytes("volatile"), name="volatile")
+        client.upload_model(model_bytes("volatile"), name="volatile", public=True)
     server.stop()
     server = start_server(tmp_path, "--open-upload")
     servers.append(server)
@@ -692,7 +694,7 @@ def test_sigkill_at_each_write_step_leaves_store_consistent(
     server, client = restart(servers, tmp_path, store_dir, **{CRASH_ENV: point})
     new = model_bytes("new")
     with pytest.raises(Exception):  # noqa: B017 - the server dies mid-request
-        client.upload_model(new, name="new")
+        client.upload_model(new, name="new", public=True)
     _wait_killed(server)
     assert f"crash point {point} reached" in server.log()
     server, client = restart(servers, tmp_path, store_dir)
@@ -708,7 +710,7 @@ def test_sigkill_at_each_write_step_leaves_store_consistent(
             np.testing.assert_array_equal(client.run_model("new", X)["y"], X)
         else:
             assert "new" not in listed
-            client.upload_model(new, name="new")  # the name is free again
+            client.upload_model(new, name="new", public=True)  # the name is free again
         assert_store_consistent(store_dir, client)
 
 
@@ -717,8 +719,8 @@ def test_sigkill_between_delete_commit_and_blob_removal(
 ) -> None:
     server, client = restart(servers, tmp_path, store_dir)
     with client:
-        client.upload_model(model_bytes("keep"), name="keep")
-        gone = client.upload_model(model_bytes("gone"), name="gone")
+        client.upload_model(model_bytes("keep"), name="keep", public=True)
+        gone = client.upload_model(model_bytes("gone"), name="gone", public=True)
     server, client = restart(servers, tmp_path, store_dir, **{CRASH_ENV: "after_delete_commit"})
     with pytest.raises(Exception):  # noqa: B017
         client.delete_model("gone", token=gone.owner_token)
@@ -751,7 +753,7 @@ def test_sigkill_mid_upload_body(
 ) -> None:
     server, client = restart(servers, tmp_path, store_dir)
     with client:
-        client.upload_model(model_bytes("keep"), name="keep")
+        client.upload_model(model_bytes("keep"), name="keep", public=True)
     data = model_bytes("half")
     sock = _raw_upload_start(server, "half", len(data), data[: len(data) // 2])
     time.sleep(0.5)
@@ -770,14 +772,14 @@ def test_sigkill_at_a_random_moment_of_a_large_upload(
 ) -> None:
     server, client = restart(servers, tmp_path, store_dir)
     with client:
-        client.upload_model(model_bytes("keep"), name="keep")
+        client.upload_model(model_bytes("keep"), name="keep", public=True)
     big = matmul_model(size=1536, seed=int(delay * 100)).SerializeToString()  # ~9 MiB
     errors: list[BaseException] = []
 
     def upload() -> None:
         try:
             with connect(server) as uploader:
-                uploader.upload_model(big, name="big")
+                uploader.upload_model(big, name="big", public=True)
         except BaseException as exc:  # noqa: BLE001 - the server may die at any moment
             errors.append(exc)
 
@@ -816,8 +818,8 @@ def test_damaged_blob_is_refused_and_others_load(
     victim_bytes, good_bytes = model_bytes("victim"), model_bytes("good")
     server, client = restart(servers, tmp_path, store_dir)
     with client:
-        victim = client.upload_model(victim_bytes, name="victim")
-        client.upload_model(good_bytes, name="good")
+        victim = client.upload_model(victim_bytes, name="victim", public=True)
+        client.upload_model(good_bytes, name="good", public=True)
     server.stop()
     _damage_blob(store_dir, sha(victim_bytes), damage, victim_bytes)
     server, client = restart(servers, tmp_path, store_dir)
@@ -834,7 +836,7 @@ def test_damaged_blob_is_refused_and_others_load(
         assert "stored model 'victim'" in log and "UNAVAILABLE" in log
         assert victim_bytes.hex()[:64] not in log
         # Re-uploading the same bytes heals it; the owner keeps control.
-        client.upload_model(victim_bytes, name="victim", token=victim.owner_token)
+        client.upload_model(victim_bytes, name="victim", token=victim.owner_token, public=True)
         assert index(client)["victim"]["state"] == "READY"
         client.delete_model("victim", token=victim.owner_token)
         assert_store_consistent(store_dir, client)
@@ -867,7 +869,7 @@ def test_access_rules_edited_on_disk_are_refused(
     server, client = restart(servers, tmp_path, store_dir)
     with client:
         client.upload_model(model_bytes("secret"), name="secret", public=False)
-        client.upload_model(model_bytes("fine"), name="fine")
+        client.upload_model(model_bytes("fine"), name="fine", public=True)
     server.stop()
     with sqlite3.connect(store_dir / "store.db") as db:
         db.execute("UPDATE models SET public = 1 WHERE name = 'secret'")
@@ -887,7 +889,7 @@ def test_model_bytes_are_sealed_on_disk(
     data = matmul_model(size=64).SerializeToString()
     server, client = restart(servers, tmp_path, store_dir)
     with client:
-        client.upload_model(data, name="m")
+        client.upload_model(data, name="m", public=True)
     server.stop()
     weights = onnx.load_model_from_string(data).graph.initializer[0].raw_data[:64]
     for path in store_dir.rglob("*"):

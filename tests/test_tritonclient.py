@@ -130,7 +130,10 @@ def test_load_infer_index_open_upload(server: ServerProcess, open_cert: Path) ->
         for name, elem_type, datatype, data in cases:
             onnx_bytes = model_bytes(identity_model(elem_type, name=name))
             client.load_model(
-                name, config=config_for(name), files={"file:1/model.onnx": onnx_bytes}
+                name,
+                config=config_for(name),
+                files={"file:1/model.onnx": onnx_bytes},
+                query_params={"public": "true"},  # new models are restricted by default
             )
             assert client.is_model_ready(name)
             metadata = client.get_model_metadata(name)
@@ -164,6 +167,7 @@ def test_multiple_inputs_and_outputs(server: ServerProcess, open_cert: Path) -> 
             "triton-add-mul",
             config=config_for("triton-add-mul"),
             files={"file:1/model.onnx": model_bytes(add_mul_model())},
+            query_params={"public": "true"},
         )
         a = np.arange(8, dtype=np.float32).reshape(2, 4)
         b = np.full((2, 4), 2.0, dtype=np.float32)
@@ -200,11 +204,12 @@ def test_keyed_load_and_owner_unload(keyed_server: ServerProcess, keyed_cert: Pa
             config=config_for("keyed-triton"),
             files={"file:1/model.onnx": onnx_bytes},
             headers={"Authorization": f"Bearer {UPLOAD_KEYS[0]}"},
+            query_params={"public": "true"},
         )
         assert client.is_model_ready("keyed-triton")
 
         with sdk(keyed_server, token=UPLOAD_KEYS[1]) as owner_client:
-            uploaded = owner_client.upload_model(onnx_bytes, name="keyed-sdk")
+            uploaded = owner_client.upload_model(onnx_bytes, name="keyed-sdk", public=True)
         assert uploaded.owner_token
         names = {entry["name"] for entry in client.get_model_repository_index()}
         assert {"keyed-triton", "keyed-sdk"} <= names

@@ -31,7 +31,10 @@ def _print_json(data: Any) -> None:
 
 
 def _public(args: argparse.Namespace) -> bool | None:
-    """`--access public|restricted`; None keeps the server's default (or the model's rule)."""
+    """`--public` or `--access public|restricted`; None keeps the server's default
+    (restricted for a new model) or the replaced model's rule."""
+    if args.public:
+        return True
     return None if args.access is None else args.access == "public"
 
 
@@ -93,6 +96,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             unsafe_reset_store_epoch=args.unsafe_reset_store_epoch,
             admin_key_file=args.admin_key_file,
             store_journal=args.store_journal,
+            deployment_id=args.deployment_id,
+            deployment_operator_keys=args.deployment_operator_key,
         )
     )
     return 0
@@ -403,6 +408,43 @@ def cmd_access(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deployment_keygen(args: argparse.Namespace) -> int:
+    from blindfold.attestation.deployment import generate_operator_key
+
+    private_pem, public_pem, key_id = generate_operator_key()
+    descriptor = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(private_pem)
+    public_path = args.out.with_name(args.out.name + ".pub")
+    public_path.write_bytes(public_pem)
+    print(f"operator private key: {args.out} (keep it offline)")
+    print(f"operator public key:  {public_path}")
+    print(f'policy line:          [deployment] operator_keys = ["{key_id}"]')
+    return 0
+
+
+def cmd_deployment_endorse(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from blindfold.attestation.deployment import load_operator_private_key
+    from blindfold.attestation.policy import Policy
+    from blindfold.client.client import connect
+
+    key = load_operator_private_key(args.operator_key)
+    # The operator attests the code only: this server's key is not endorsed yet, which is
+    # what the policy's [deployment] section would require.
+    policy = Policy.load(args.policy) if args.policy else Policy.simulation()
+    policy = dataclasses.replace(policy, deployment=None)
+    with connect(args.url, policy=policy, allow_simulation=args.allow_simulation) as client:
+        endorsement = client.endorse_deployment(key, args.name)
+        print(
+            f"endorsed {args.url} (TLS public key SHA-256 {endorsement.spki_sha256.hex()}) as "
+            f"deployment {endorsement.deployment!r} with operator key "
+            f"{endorsement.operator_key_id}"
+        )
+    return 0
+
+
 # --- parser ---
 
 
@@ -559,6 +601,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="SQLite journal of the store: wal (concurrent readers; needs shared memory) or "
         "delete (rollback journal, exclusive lock; works in Gramine). auto: delete under SGX",
     )
+    serve.add_argument(
+        "--deployment-id",
+        default="",
+        help="simulation TEE only: a deployment name put into the evidence, standing in for "
+        "SEV-SNP host_data / TDX mr_config_id",
+    )
+    serve.add_argument(
+        "--deployment-operator-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PUBKEY",
+        help="PEM public key of an operator who may endorse this server (repeatable; "
+        "default: the first operator to endorse it)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     attest = commands.add_parser("attest", help="verify a server's (or saved) evidence")
@@ -595,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("model", type=Path)
     upload.add_argument("--name")
     upload.add_argument("--access", choices=["public", "restricted"])
+    upload.add_argument(
+        "--public", action="store_true", help="let anyone who attests the server run it"
+    )
     upload.set_defaults(handler=cmd_upload)
 
     run = commands.add_parser("run", help="run a model on inputs from .npz/.npy/.json")
@@ -622,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     load_encrypted.add_argument("path", help="path of the .enc file on the server")
     load_encrypted.add_argument("key", type=Path, help="key file from encrypt-model")
     load_encrypted.add_argument("--access", choices=["public", "restricted"])
+    load_encrypted.add_argument(
+        "--public", action="store_true", help="let anyone who attests the server run it"
+    )
     load_encrypted.set_defaults(handler=cmd_load_encrypted)
 
     receipt = commands.add_parser("receipt", help="verify saved inference receipts offline")
@@ -676,6 +739,23 @@ def build_parser() -> argparse.ArgumentParser:
     access.add_argument("name")
     access.add_argument("access", choices=["public", "restricted"])
     access.set_defaults(handler=cmd_access)
+
+    deployment = commands.add_parser(
+        "deployment", help="operator keys that name a deployment (clients follow restarts)"
+    )
+    deployment_commands = deployment.add_subparsers(dest="deployment_command", required=True)
+    keygen = deployment_commands.add_parser("keygen", help="make an Ed25519 operator key")
+    keygen.add_argument("--out", type=Path, required=True, help="private key file (0600)")
+    keygen.set_defaults(handler=cmd_deployment_keygen)
+    endorse = deployment_commands.add_parser(
+        "endorse", help="attest a server, then endorse its TLS key as a deployment"
+    )
+    endorse.add_argument("url", help="server URL, e.g. https://127.0.0.1:8443")
+    endorse.add_argument("--operator-key", type=Path, required=True, help="PEM private key")
+    endorse.add_argument("--name", required=True, help="deployment name, e.g. prod-eu")
+    endorse.add_argument("--policy", type=Path, help="attestation policy TOML file")
+    endorse.add_argument("--allow-simulation", action="store_true")
+    endorse.set_defaults(handler=cmd_deployment_endorse)
     return parser
 
 

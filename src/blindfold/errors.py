@@ -58,6 +58,18 @@ class PinnedKeyMismatch(AttestationError):
     """A TLS connection presented a public key other than the attested one."""
 
 
+class DeploymentChanged(AttestationError):
+    """The server's key changed and the new evidence does not prove the same deployment (the
+    same operator endorsement, SNP host_data, TDX mr_config_id or simulation deployment id)
+    as the one the client attested: it may be another instance of the same code, reached by
+    re-routing. Nothing was sent to it. `previous` and `current` describe both servers."""
+
+    def __init__(self, message: str, *, previous: object = None, current: object = None) -> None:
+        self.previous = previous
+        self.current = current
+        super().__init__(message)
+
+
 # --- server: the server answered with an error ---
 
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from blindfold.attestation.verdict import TEE_KINDS, Verdict
 from blindfold.errors import (
@@ -26,6 +26,9 @@ from blindfold.errors import (
     PolicyError,
     TeeKindNotAllowed,
 )
+
+if TYPE_CHECKING:
+    from blindfold.attestation.deployment import DeploymentPolicy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -661,9 +664,12 @@ class KindPolicy:
 
 @dataclass(frozen=True)
 class Policy:
-    """The TEE kinds a client accepts and, per kind, the measured code it expects."""
+    """The TEE kinds a client accepts and, per kind, the measured code it expects; and
+    optionally (`[deployment]`, see `attestation.deployment`) which deployment of that code.
+    `verify` checks the code; the client checks the deployment with the endorsement."""
 
     kinds: dict[str, KindPolicy]
+    deployment: DeploymentPolicy | None = None
 
     def verify(self, verdict: Verdict) -> None:
         if verdict.kind not in self.kinds:
@@ -680,6 +686,10 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "policy") -> Policy:
+        from blindfold.attestation.deployment import DeploymentPolicy
+
+        data = dict(data)
+        deployment = data.pop("deployment", None)
         kinds = {}
         for kind, section in data.items():
             if kind not in TEE_KINDS:
@@ -691,7 +701,9 @@ class Policy:
             kinds[kind] = KindPolicy(kind, check_section(kind, section, source))
         if not kinds:
             raise ConfigurationError(f"{source}: the policy accepts no TEE kind; add a section")
-        return cls(kinds)
+        if deployment is None:
+            return cls(kinds)
+        return cls(kinds, DeploymentPolicy.from_toml(deployment, source))
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
@@ -705,7 +717,10 @@ class Policy:
         return cls.from_dict(data, source=str(path))
 
     def to_toml(self) -> str:
-        return dump_toml({kind: kp.values for kind, kp in self.kinds.items()})
+        sections = {kind: kp.values for kind, kp in self.kinds.items()}
+        if self.deployment is not None:
+            sections["deployment"] = dict(self.deployment.values)
+        return dump_toml(sections)
 
 
 def check_section(kind: str, section: dict[str, Any], source: str = "policy") -> dict[str, Any]:

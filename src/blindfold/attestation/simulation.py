@@ -57,11 +57,15 @@ def _signed_body(body: dict[str, Any]) -> bytes:
 class SimulationSigner:
     """The server-side half: produces simulation evidence for given report data."""
 
-    def __init__(self, measurement: str | None = None, lifetime: int | None = None) -> None:
+    def __init__(
+        self, measurement: str | None = None, lifetime: int | None = None, deployment_id: str = ""
+    ) -> None:
         self.measurement = measurement or measure_package()
         # Evidence normally never expires; a lifetime makes it behave like hardware evidence
         # whose collateral or certificate runs out, so expiry handling runs without hardware.
         self.lifetime = lifetime
+        # Stands in for SNP host_data / TDX mr_config_id, so tests can exercise that path.
+        self.deployment_id = deployment_id
         self._key = ec.generate_private_key(ec.SECP256R1())
         self._public_der = self._key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -72,6 +76,7 @@ class SimulationSigner:
             "format": FORMAT,
             "warning": WARNING,
             "measurement": self.measurement,
+            "deployment_id": self.deployment_id,
             "report_data": report_data.hex(),
             "signer": base64.b64encode(self._public_der).decode(),
         }
@@ -93,6 +98,7 @@ def verify(evidence: bytes, collateral: dict[str, bytes], at: int) -> Verdict:
             raise ValueError(f"format {document.get('format')!r}")
         report_data = bytes.fromhex(document["report_data"])
         measurement = str(document["measurement"])
+        deployment_id = str(document.get("deployment_id", ""))
         signer = serialization.load_der_public_key(base64.b64decode(document["signer"]))
         window = _window(document)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -117,7 +123,7 @@ def verify(evidence: bytes, collateral: dict[str, bytes], at: int) -> Verdict:
         )
     return Verdict(
         kind="simulation",
-        measurements={"measurement": measurement},
+        measurements={"measurement": measurement, "deployment_id": deployment_id},
         report_data=report_data,
         valid_from=window[0] if window else None,
         valid_until=window[1] if window else None,

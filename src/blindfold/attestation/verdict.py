@@ -59,7 +59,7 @@ class Verdict:
     """The verified claims of one piece of evidence.
 
     `measurements` uses these keys per kind (hex strings for byte fields, ints for numbers):
-      simulation: measurement
+      simulation: measurement, deployment_id ("" unless `serve --deployment-id`)
       sgx: mr_enclave, mr_signer, isv_prod_id, isv_svn, attributes, cpu_svn
       tdx: mr_td, rtmr0, rtmr1, rtmr2, rtmr3, mr_config_id, mr_owner, mr_owner_config,
            mr_seam, tee_tcb_svn, td_attributes, xfam

@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from blindfold.attestation.binding import spki_sha256
+from blindfold.attestation.deployment import DeploymentIdentity, Endorsement, identify
 from blindfold.attestation.policy import Policy
 from blindfold.attestation.verdict import Evidence, Verdict
 from blindfold.attestation.verify import verify_server_evidence
@@ -38,7 +39,8 @@ MAX_ATTESTATION_DEPTH = 16
 
 @dataclass(frozen=True)
 class AttestedServer:
-    """What the client verified: the claims, the evidence, and the certificate it pins."""
+    """What the client verified: the claims, the evidence, the certificate it pins, and
+    the deployment the evidence (and the operator's endorsement, if any) names."""
 
     verdict: Verdict
     evidence: Evidence
@@ -46,12 +48,15 @@ class AttestedServer:
     certificate_der: bytes
     spki_sha256: bytes
     nonce: bytes | None
+    endorsement: Endorsement | None = None
+    deployment: DeploymentIdentity = DeploymentIdentity()
 
     def describe(self) -> dict[str, Any]:
         return {
             **self.verdict.describe(),
             "public_key_sha256": self.spki_sha256.hex(),
             "nonce": self.nonce.hex() if self.nonce else None,
+            "deployment": self.deployment.describe(),
         }
 
 
@@ -138,7 +143,10 @@ def attest(
     nonce: bool = True,
     at: int | None = None,
     timeout: float = 30.0,
+    check_deployment: bool = True,
 ) -> AttestedServer:
+    """Verifies the server's evidence under `policy` (code and, unless `check_deployment`
+    is False, the `[deployment]` pins) and returns what to pin."""
     nonce_bytes = secrets.token_bytes(32) if nonce else None
     document, peer_certificate = fetch_attestation(endpoint, nonce_bytes, timeout)
     evidence = Evidence.from_json(document)
@@ -162,6 +170,12 @@ def attest(
             f"{spki_sha256(peer_certificate).hex()}, but the evidence binds {pin.hex()}: a "
             "proxy is relaying another server's evidence. Connect to the attested server directly."
         )
+    endorsement = None
+    if document.get("deployment_endorsement") is not None:
+        endorsement = Endorsement.from_json(document["deployment_endorsement"])
+        endorsement.verify(pin)
+    if check_deployment and policy.deployment is not None:
+        policy.deployment.verify(verdict, endorsement)
     return AttestedServer(
         verdict=verdict,
         evidence=evidence,
@@ -169,4 +183,6 @@ def attest(
         certificate_der=certificate_der,
         spki_sha256=pin,
         nonce=nonce_bytes,
+        endorsement=endorsement,
+        deployment=identify(verdict, endorsement),
     )

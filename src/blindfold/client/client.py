@@ -3,6 +3,11 @@
 with blindfold.connect("https://127.0.0.1:8443", allow_simulation=True) as client:
     uploaded = client.upload_model("model.onnx")
     outputs = client.run_model(uploaded.sha256, {"x": array})
+
+A Client stays with the deployment it attested: when the server's key changes it re-attests,
+and continues only if the new evidence proves the same deployment (`attestation.deployment`);
+otherwise it raises `DeploymentChanged` (or asks `on_deployment_change`) and sends nothing.
+It remembers the owner tokens of the models it uploaded and uses them for those models.
 """
 
 from __future__ import annotations
@@ -17,13 +22,18 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from blindfold.attestation.deployment import (
+    Endorsement,
+    OperatorPrivateKey,
+    deployment_change,
+)
 from blindfold.attestation.policy import Policy
 from blindfold.attestation.verdict import Evidence
 from blindfold.attestation.verify import verify_server_evidence
@@ -31,12 +41,24 @@ from blindfold.client.attest import AttestedServer, attest
 from blindfold.client.inputs import normalize_inputs
 from blindfold.client.protocol import decode_infer_response, encode_infer_request
 from blindfold.client.transport import Endpoint, HttpResponse, Transport, pinned_context
-from blindfold.errors import InputError, PinnedKeyMismatch, ReceiptError, server_error
+from blindfold.errors import (
+    ConfigurationError,
+    DeploymentChanged,
+    InputError,
+    PinnedKeyMismatch,
+    ReceiptError,
+    server_error,
+)
 from blindfold.receipts import Receipt, ReceiptChainVerifier, SavedReceipt
 from blindfold.sealing import ModelKey
 
 UPLOAD_CHUNK = 1 << 20
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+FollowKeyChanges = Literal["same-deployment", "same-code"]
+# Called with (previous, current) when the server's new key passes the policy but cannot be
+# shown to belong to the deployment attested first; True accepts the new server.
+DeploymentChangeCallback = Callable[[AttestedServer, AttestedServer], bool]
 
 
 @dataclass(frozen=True)
@@ -44,7 +66,9 @@ class UploadedModel:
     name: str
     sha256: str
     version: str
-    owner_token: str | None  # returned once, for a new model; keep it to delete or share it
+    # Returned once, for a new model: it runs, replaces, deletes and shares the model. The
+    # Client that uploaded remembers it; keep it to manage the model from elsewhere.
+    owner_token: str | None
     public: bool
 
     @classmethod
@@ -74,11 +98,23 @@ class Client:
         nonce: bool = True,
         token: str | None = None,
         timeout: float = 300.0,
+        follow_key_changes: FollowKeyChanges = "same-deployment",
+        on_deployment_change: DeploymentChangeCallback | None = None,
     ) -> None:
+        if follow_key_changes not in ("same-deployment", "same-code"):
+            raise ConfigurationError(
+                f"follow_key_changes={follow_key_changes!r}: use 'same-deployment' (default: "
+                "continue after a key change only on proof of the same deployment) or "
+                "'same-code' (continue with any instance the policy accepts)"
+            )
         self.url = url
         self.policy = policy if policy is not None else Policy.simulation()
         self.allow_simulation = allow_simulation
         self.token = token
+        self.follow_key_changes = follow_key_changes
+        self.on_deployment_change = on_deployment_change
+        # model name or "sha256:<hex>" -> owner token, for the models this Client uploaded
+        self._owner_tokens: dict[str, str] = {}
         self._nonce = nonce
         self._timeout = timeout
         self._endpoint = Endpoint.parse(url)
@@ -129,8 +165,9 @@ class Client:
         try:
             response = transport.request(method, path, body, send, content_length)
         except PinnedKeyMismatch:
-            # The server restarted with a new key: re-attest under the same policy and
-            # retry. The mismatch is detected at the handshake, before any byte was sent.
+            # The server's key changed (a restart, or someone re-routed us): re-attest, and
+            # retry only if it is the same deployment. The mismatch is detected at the
+            # handshake, before any byte was sent.
             self._reattest(transport)
             if body_factory is not None:
                 body = body_factory()
@@ -151,15 +188,74 @@ class Client:
         with self._lock:
             if self._transport is not failed:
                 return  # another thread already re-attested
-            self.attestation = attest(
+            previous = self.attestation
+            current = attest(
                 self._endpoint,
                 self.policy,
                 allow_simulation=self.allow_simulation,
                 nonce=self._nonce,
+                check_deployment=False,  # judged below, as a deployment change
             )
+            self._check_same_deployment(previous, current)
+            self.attestation = current
             self._transport = self._pinned_transport()
             self._metadata.clear()
             failed.close()
+
+    def _check_same_deployment(self, previous: AttestedServer, current: AttestedServer) -> None:
+        change = deployment_change(
+            self.policy.deployment,
+            previous.deployment,
+            current.deployment,
+            current.verdict,
+            current.endorsement,
+        )
+        if change is None:
+            return
+        reason, acceptable = change
+        if acceptable and (
+            self.follow_key_changes == "same-code"
+            or (
+                self.on_deployment_change is not None
+                and self.on_deployment_change(previous, current)
+            )
+        ):
+            # Another deployment: the owner tokens of our models there mean nothing here,
+            # and are not handed to it.
+            self._owner_tokens.clear()
+            return
+        if acceptable and self.on_deployment_change is not None:
+            reason += "; on_deployment_change refused it"
+        raise DeploymentChanged(
+            f"the server at {self.url} changed its key and its new evidence does not prove it "
+            f"is the deployment this client attested: {reason}. It may be another instance "
+            "of the same code that the network re-routed this client to. Nothing was sent. "
+            "If the operator restarted the server, retry once they endorsed the new key; or "
+            "connect again to accept the new server explicitly.",
+            previous=previous,
+            current=current,
+        )
+
+    def _token_for(self, model: str, token: str | None) -> str | None:
+        """An explicit token, else the owner token of a model this Client uploaded, else
+        the Client's own token."""
+        if token is not None:
+            return token
+        return self._owner_tokens.get(model, self.token)
+
+    def _remember(self, uploaded: UploadedModel, sent: str | None) -> UploadedModel:
+        """A new model's owner token; for a replacement, the token that was accepted for
+        it (which can only be the owner token)."""
+        owner = uploaded.owner_token or sent
+        if owner is not None:
+            self._owner_tokens[uploaded.name] = owner
+            self._owner_tokens[f"sha256:{uploaded.sha256}"] = owner
+        return uploaded
+
+    def _forget(self, name: str) -> None:
+        token = self._owner_tokens.pop(name, None)
+        for key in [k for k, v in self._owner_tokens.items() if v == token]:
+            del self._owner_tokens[key]
 
     def _json(self, method: str, path: str, document: Any = None, **kwargs: Any) -> Any:
         body = None if document is None else json.dumps(document).encode()
@@ -188,7 +284,10 @@ class Client:
     ) -> UploadedModel:
         """Uploads ONNX bytes (a path, bytes or an onnx.ModelProto) and returns its identity.
 
-        `token` is the upload key for a new name, or the owner token to replace a model.
+        A new model is restricted (only its owner token and run keys run it) unless
+        `public=True`; a replaced model keeps its rule unless `public` is given. `token` is
+        the upload key for a new name, or the owner token to replace a model (by default
+        the owner token this Client remembers for `name`, else the Client's token).
         """
         data, default_name = _model_bytes(model)
         name = name or default_name or f"model-{hashlib.sha256(data).hexdigest()[:12]}"
@@ -203,23 +302,30 @@ class Client:
                 if progress is not None:
                     progress(min(start + UPLOAD_CHUNK, len(view)), len(view))
 
+        sent = self._token_for(name, token)
         answer = json.loads(
             self._request(
                 "POST",
                 path,
                 chunks(),
                 {"Content-Type": "application/octet-stream"},
-                token=token,
+                token=sent,
                 content_length=len(data),
                 body_factory=chunks,
             ).body
         )
         self._metadata.pop(name, None)
-        return UploadedModel.from_answer(answer)
+        return self._remember(UploadedModel.from_answer(answer), sent)
 
     def delete_model(self, name: str, *, token: str | None = None) -> None:
-        self._json("POST", f"/v2/repository/models/{quote(name, safe='')}/unload", {}, token=token)
+        self._json(
+            "POST",
+            f"/v2/repository/models/{quote(name, safe='')}/unload",
+            {},
+            token=self._token_for(name, token),
+        )
         self._metadata.pop(name, None)
+        self._forget(name)
 
     def list_models(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._json("POST", "/v2/repository/index", {})
@@ -231,7 +337,9 @@ class Client:
         key = model if version is None else f"{model}@{version}"
         cached = self._metadata.get(key)
         if cached is None:
-            cached = self._json("GET", _model_path(model, version), token=token)
+            cached = self._json(
+                "GET", _model_path(model, version), token=self._token_for(model, token)
+            )
             self._metadata[key] = cached
         return cached
 
@@ -240,19 +348,24 @@ class Client:
             "POST",
             f"/v2/repository/models/{quote(name, safe='')}/access",
             {"public": public},
-            token=token,
+            token=self._token_for(name, token),
         )
 
     def create_run_key(self, name: str, *, token: str | None = None) -> tuple[str, str]:
         """Issues a key that may run a restricted model; returns (key id, run key)."""
         answer = self._json(
-            "POST", f"/v2/repository/models/{quote(name, safe='')}/keys", {}, token=token
+            "POST",
+            f"/v2/repository/models/{quote(name, safe='')}/keys",
+            {},
+            token=self._token_for(name, token),
         )
         return answer["key_id"], answer["run_key"]
 
     def revoke_run_key(self, name: str, key_id: str, *, token: str | None = None) -> None:
         self._json(
-            "DELETE", f"/v2/repository/models/{quote(name, safe='')}/keys/{key_id}", token=token
+            "DELETE",
+            f"/v2/repository/models/{quote(name, safe='')}/keys/{key_id}",
+            token=self._token_for(name, token),
         )
 
     # --- inference ---
@@ -270,12 +383,16 @@ class Client:
     ) -> Outputs:
         """Runs `model` (a name or "sha256:<hex>" or a bare 64-hex hash) on `inputs`.
 
+        Running by hash pins the exact model bytes you reviewed: a name can be replaced by
+        its owner at any time, a hash cannot.
+
         With `receipt=True` the server signs a receipt over the model hash, the inputs and
         the outputs; it is verified on arrival and returned as `outputs.receipt`
         (a `SavedReceipt`: `.save(path)` writes a file `blindfold receipt verify` checks).
         """
         if len(model) == 64 and _HEX64.fullmatch(model):
             model = f"sha256:{model.lower()}"
+        token = self._token_for(model, token)
         metadata = self.model_metadata(model, version=version, token=token)
         arrays = normalize_inputs(inputs, metadata["inputs"], dtype)
         nonce = secrets.token_hex(16) if receipt else ""
@@ -369,14 +486,25 @@ class Client:
         document: dict[str, Any] = {"path": path_on_server, "key": key.to_json()}
         if public is not None:
             document["public"] = public
+        sent = self._token_for(name, token)
         answer = self._json(
             "POST",
             f"/v2/repository/models/{quote(name, safe='')}/load-encrypted",
             document,
-            token=token,
+            token=sent,
         )
         self._metadata.pop(name, None)
-        return UploadedModel.from_answer(answer)
+        return self._remember(UploadedModel.from_answer(answer), sent)
+
+    # --- deployment ---
+
+    def endorse_deployment(self, operator_key: OperatorPrivateKey, name: str) -> Endorsement:
+        """For the operator: signs (`name`, the attested server's TLS key hash) with the
+        operator's key and posts it, so clients pinning that key in their policy's
+        `[deployment] operator_keys` accept this server and follow it across restarts."""
+        endorsement = Endorsement.sign(operator_key, name, self.attestation.spki_sha256)
+        self._json("POST", "/v2/deployment/endorsement", endorsement.to_json())
+        return endorsement
 
     # --- lifetime ---
 
@@ -425,9 +553,16 @@ def connect(
     nonce: bool = True,
     token: str | None = None,
     timeout: float = 300.0,
+    follow_key_changes: FollowKeyChanges = "same-deployment",
+    on_deployment_change: DeploymentChangeCallback | None = None,
 ) -> Client:
     """Attests the server at `url` under `policy` (a Policy or a TOML path; default: the
-    simulation TEE running this installed package's code) and returns a pinned Client."""
+    simulation TEE running this installed package's code) and returns a pinned Client.
+
+    After the server's key changes the Client continues only with the same deployment
+    (see `blindfold.attestation.deployment`); `on_deployment_change(previous, current)`
+    may accept another instance the policy accepts, and `follow_key_changes="same-code"`
+    accepts any such instance without asking (the behaviour before deployments existed)."""
     if isinstance(policy, (str, Path)):
         policy = Policy.load(policy)
     return Client(
@@ -437,4 +572,6 @@ def connect(
         nonce=nonce,
         token=token,
         timeout=timeout,
+        follow_key_changes=follow_key_changes,
+        on_deployment_change=on_deployment_change,
     )

@@ -18,7 +18,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from blindfold import __version__
-from blindfold.errors import ConfigurationError, RequestRejected, SealError
+from blindfold.attestation.deployment import Endorsement
+from blindfold.errors import ConfigurationError, EvidenceError, RequestRejected, SealError
 from blindfold.receipts import ReceiptSigner
 from blindfold.sealing import ModelKey, decrypt_model_file
 from blindfold.server import oip
@@ -165,6 +166,27 @@ async def attestation(request: Request) -> Response:
     return JSONResponse(document.to_json())
 
 
+async def endorse_deployment(request: Request) -> Response:
+    """The operator's endorsement of this server's key (`blindfold deployment endorse`); it
+    authenticates itself, so the route needs no token."""
+    state = state_of(request)
+    body = await read_body(request, 1 << 16, "request", "fixed")
+    document = oip.parse_json(body, "send an endorsement made by `blindfold deployment endorse`")
+    try:
+        endorsement = Endorsement.from_json(document)
+    except (ValueError, EvidenceError) as exc:
+        raise RequestRejected(
+            400, f"send an endorsement made by `blindfold deployment endorse`: {exc}"
+        ) from None
+    state.identity.endorse(endorsement)
+    logger.info(
+        "deployment %r endorsed by operator %s", endorsement.deployment, endorsement.operator_key_id
+    )
+    return JSONResponse(
+        {"deployment": endorsement.deployment, "operator_key": endorsement.operator_key_id}
+    )
+
+
 def _metadata(entry: ModelEntry) -> dict[str, Any]:
     return {
         "name": entry.name,
@@ -271,16 +293,19 @@ async def repository_load(request: Request) -> Response:
     name = request.path_params["name"]
     token = bearer_token(request)
     limits = state.service.limits
+    # New models are restricted unless the owner opts in: `?public=true` (any client, also
+    # tritonclient's load_model(query_params=...)) or Triton's load parameter "public".
     public = None
+    if "public" in request.query_params:
+        public = request.query_params["public"].lower() in ("1", "true", "yes")
     if request.headers.get("content-type", "").startswith("application/octet-stream"):
         # Blindfold's raw upload: the body is the ONNX file, no base64 blow-up.
         data = await read_body(request, limits.max_model_bytes, "model", "--max-model-bytes")
-        if "public" in request.query_params:
-            public = request.query_params["public"].lower() in ("1", "true", "yes")
     else:
         limit = limits.max_model_bytes * 4 // 3 + JSON_SLACK
         body = await read_body(request, limit, "model", "--max-model-bytes")
-        data, public = _model_from_triton_load(body)
+        data, parameter = _model_from_triton_load(body)
+        public = public if parameter is None else parameter
     result = await state.service.load(name, data, token, public=public)
     return _load_answer(name, result)
 
@@ -488,6 +513,7 @@ ROUTES = [
     Route("/v2", server_metadata),
     Route("/metrics", metrics),
     Route("/v2/attestation", attestation),
+    Route("/v2/deployment/endorsement", endorse_deployment, methods=["POST"]),
     Route(MODEL, model_metadata),
     Route(VERSION, model_metadata),
     Route(MODEL + "/ready", model_ready),

@@ -1,5 +1,6 @@
 """The server's attested identity: a fresh TLS key pair and certificate made at each start,
-and evidence binding the certificate's public key (DESIGN.md, "The attested channel").
+and evidence binding the certificate's public key (DESIGN.md, "The attested channel"), and the
+operator's endorsement naming the deployment that key belongs to (`attestation.deployment`).
 
 The private key only ever lives in process memory. Python's ssl module loads keys only from
 a path, so the key reaches the TLS stack through an anonymous memory file (memfd). Where there
@@ -22,7 +23,7 @@ import ssl
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cryptography import x509
@@ -31,7 +32,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from blindfold.attestation.binding import public_key_sha256
+from blindfold.attestation.deployment import Endorsement
 from blindfold.attestation.verdict import Evidence
+from blindfold.errors import EvidenceError, RequestRejected
 from blindfold.server.tee.base import TeeProvider
 
 
@@ -39,14 +42,27 @@ from blindfold.server.tee.base import TeeProvider
 class AttestationDocument:
     evidence: Evidence
     certificate_pem: str
+    endorsement: Endorsement | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.evidence.to_json(), "certificate": self.certificate_pem}
+        document = {**self.evidence.to_json(), "certificate": self.certificate_pem}
+        if self.endorsement is not None:
+            document["deployment_endorsement"] = self.endorsement.to_json()
+        return document
 
 
 class ServerIdentity:
-    def __init__(self, provider: TeeProvider, hostnames: list[str]) -> None:
+    def __init__(
+        self,
+        provider: TeeProvider,
+        hostnames: list[str],
+        operator_key_ids: frozenset[str] = frozenset(),
+    ) -> None:
         self.provider = provider
+        # Who may endorse this server's key (`--deployment-operator-key`); empty: the first
+        # operator to post a valid endorsement, and later only that operator.
+        self.operator_key_ids = operator_key_ids
+        self.endorsement: Endorsement | None = None
         self.private_key = ec.generate_private_key(ec.SECP256R1())
         self.certificate = _self_signed_certificate(self.private_key, hostnames)
         self.certificate_der = self.certificate.public_bytes(serialization.Encoding.DER)
@@ -59,7 +75,7 @@ class ServerIdentity:
     def attestation(self, nonce: bytes | None = None) -> AttestationDocument:
         """Evidence for `SHA-256(SPKI) || nonce`, or the standing evidence for 32 zero bytes."""
         if nonce is None:
-            return self.standing()
+            return replace(self.standing(), endorsement=self.endorsement)
         return self._document(nonce)
 
     def standing(self) -> AttestationDocument:
@@ -84,7 +100,34 @@ class ServerIdentity:
 
     def _document(self, freshness: bytes) -> AttestationDocument:
         evidence = self.provider.evidence(self.spki_sha256 + freshness)
-        return AttestationDocument(evidence, self.certificate_pem)
+        return AttestationDocument(evidence, self.certificate_pem, self.endorsement)
+
+    def endorse(self, endorsement: Endorsement) -> None:
+        """Publishes an operator's endorsement of this server's key. It authenticates
+        itself (signature, and the key hash only this TEE holds the private half of); a
+        second operator cannot replace the first one's, so no client can take it over."""
+        try:
+            endorsement.verify(self.spki_sha256)
+        except EvidenceError as exc:
+            raise RequestRejected(400, str(exc)) from None
+        key_id = endorsement.operator_key_id
+        if self.operator_key_ids and key_id not in self.operator_key_ids:
+            raise RequestRejected(
+                403,
+                f"operator key {key_id} may not endorse this server; it accepts only "
+                f"{', '.join(sorted(self.operator_key_ids))} (--deployment-operator-key)",
+            )
+        with self._lock:
+            current = self.endorsement
+            if current is not None and current.operator_key_id != key_id:
+                raise RequestRejected(
+                    409,
+                    f"this server is already endorsed by operator {current.operator_key_id}; "
+                    "another operator cannot replace it. Restart the server to endorse it anew.",
+                )
+            if current is not None and endorsement.issued_at < current.issued_at:
+                raise RequestRejected(409, "a newer endorsement by this operator is in place")
+            self.endorsement = endorsement
 
     def ssl_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

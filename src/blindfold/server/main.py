@@ -14,6 +14,7 @@ from typing import Any
 
 import uvicorn
 
+from blindfold.attestation.deployment import load_operator_public_key, operator_key_id
 from blindfold.errors import ConfigurationError
 from blindfold.server.app import ServerState, create_app
 from blindfold.server.identity import ServerIdentity
@@ -51,6 +52,8 @@ class ServerConfig:
     unsafe_reset_store_epoch: bool = False  # accept the store as it is, without rollback check
     admin_key_file: Path | None = None  # operator keys that may take over refused rows
     store_journal: str = "auto"  # "wal", "delete", or "auto": delete under Gramine SGX
+    deployment_id: str = ""  # simulation only: stands in for SNP host_data / TDX mr_config_id
+    deployment_operator_keys: list[Path] = field(default_factory=list)  # PEM public keys
 
 
 def make_provider(config: ServerConfig) -> TeeProvider:
@@ -68,7 +71,22 @@ def make_provider(config: ServerConfig) -> TeeProvider:
         from blindfold.server.tee.simulation import SimulationProvider
 
         # With a store, the (insecure) simulation sealing key file lives in the store.
-        return SimulationProvider(config.store, config.simulation_evidence_lifetime)
+        return SimulationProvider(
+            config.store, config.simulation_evidence_lifetime, config.deployment_id
+        )
+    if config.deployment_id:
+        raise ConfigurationError(
+            f"--deployment-id only exists for the simulation TEE; on {kind} the deployment is "
+            "named at launch (SEV-SNP host_data, TDX mr_config_id) or by an operator "
+            "endorsement (blindfold deployment endorse)"
+        )
+        return SimulationProvider(config.store, config.deployment_id)
+    if config.deployment_id:
+        raise ConfigurationError(
+            f"--deployment-id only exists for the simulation TEE; on {kind} the deployment is "
+            "named at launch (SEV-SNP host_data, TDX mr_config_id) or by an operator "
+            "endorsement (blindfold deployment endorse)"
+        )
     from blindfold.server.tee.detect import make_hardware_provider
 
     options: dict[str, Any] = {}
@@ -116,6 +134,18 @@ def read_upload_keys(path: Path | None, what: str = "upload key file") -> frozen
             MAKE_A_KEY,
         )
     return frozenset(_upload_key_hash(key, path) for key in keys)
+
+
+def read_operator_keys(paths: list[Path]) -> frozenset[str]:
+    """The ids of the operator keys allowed to endorse this server (PEM public key files)."""
+    ids = set()
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read operator key {path}: {exc.strerror}") from None
+        ids.add(operator_key_id(load_operator_public_key(data, str(path))))
+    return frozenset(ids)
 
 
 def _upload_key_hash(line: str, path: Path) -> str:
@@ -184,7 +214,9 @@ def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
     provider = make_provider(config)
     access = decide_upload_access(config, provider.kind)
     hostnames = sorted({config.host, "localhost", "127.0.0.1", *config.hostnames})
-    identity = ServerIdentity(provider, hostnames)
+    identity = ServerIdentity(
+        provider, hostnames, read_operator_keys(config.deployment_operator_keys)
+    )
     admin_key_hashes = read_upload_keys(config.admin_key_file, "admin key file")
     store = None
     if config.store is not None:
@@ -280,6 +312,11 @@ def banner(state: ServerState, config: ServerConfig, access: UploadAccess) -> st
     measurement = getattr(state.identity.provider, "measurement", None)
     if measurement:
         lines.append(f"  measurement: {measurement}")
+    if config.deployment_id:
+        lines.append(f"  simulation deployment id: {config.deployment_id}")
+    if state.identity.operator_key_ids:
+        keys = ", ".join(sorted(state.identity.operator_key_ids))
+        lines.append(f"  deployment endorsements accepted from: {keys}")
     if kind == "simulation":
         lines.insert(0, "!" * 78)
         lines.insert(1, "!! SIMULATION TEE: NO HARDWARE PROTECTION. The host can read every model")

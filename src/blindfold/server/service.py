@@ -356,7 +356,8 @@ class ModelService:
             owner_token_sha256=existing.owner_token_sha256
             if existing is not None and keeps_owner
             else token_hash(owner_token or ""),
-            public=(inherit.public if inherit else True) if public is None else public,
+            # New models are restricted unless the owner opts into public.
+            public=(inherit.public if inherit else False) if public is None else public,
             run_keys=_run_keys(inherit),
         )
         entry = _entry(record, session)

@@ -21,8 +21,13 @@ SEALING_KEY_FILE = "INSECURE-simulation-sealing.key"
 class SimulationProvider:
     kind = "simulation"
 
-    def __init__(self, state_dir: Path | None = None, evidence_lifetime: int | None = None) -> None:
-        self._signer = SimulationSigner(lifetime=evidence_lifetime)
+    def __init__(
+        self,
+        state_dir: Path | None = None,
+        evidence_lifetime: int | None = None,
+        deployment_id: str = "",
+    ) -> None:
+        self._signer = SimulationSigner(lifetime=evidence_lifetime, deployment_id=deployment_id)
         self._state_dir = state_dir
         self.measurement = self._signer.measurement
         logger.warning("%s", WARNING)
