@@ -167,7 +167,10 @@ def test_real_snp_evidence_without_host_data_names_no_deployment(
     assert not identify(real, None).known  # these launches set no host_data
     pinned = blindfold.Policy.from_dict(
         {
-            "sev-snp": {"measurement": real.measurements["measurement"]},
+            "sev-snp": {
+                "measurement": real.measurements["measurement"],
+                "min_tcb": {"bootloader": 0, "tee": 0, "snp": 0, "microcode": 0},
+            },
             "deployment": {"host_data": "5a" * 32},
         }
     )
