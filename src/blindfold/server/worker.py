@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import queue
 import resource
 import signal
 import socket
@@ -77,40 +76,31 @@ def main(sock: socket.socket, settings: WorkerSettings) -> None:
     )
     _WATCHDOG.start()
     # The run threads start now, while memory is plentiful: a thread started after a model
-    # exhausted the address space could not get its stack.
-    runs: queue.SimpleQueue[frames.Message] = queue.SimpleQueue()
+    # exhausted the address space could not get its stack. Each reads the socket itself (a
+    # SOCK_SEQPACKET read takes one whole message), so no run waits for a hand-off.
     for index in range(settings.concurrency):
         threading.Thread(
             target=_run_loop,
-            args=(runs, sock, lock, session, settings.inference_timeout),
+            args=(sock, lock, session, settings.inference_timeout),
             name=f"run-{index}",
             daemon=True,
         ).start()
+    threading.Event().wait()  # the run threads end the process
+
+
+def _run_loop(
+    sock: socket.socket, lock: threading.Lock, session: ort.InferenceSession, timeout: float
+) -> None:
     try:
         while True:
             message = frames.receive(sock)
             if message is None:  # the front closed the socket: nothing more to do
-                break
-            runs.put(message)
-    finally:
-        os._exit(0)
-
-
-def _run_loop(
-    runs: queue.SimpleQueue[frames.Message],
-    sock: socket.socket,
-    lock: threading.Lock,
-    session: ort.InferenceSession,
-    timeout: float,
-) -> None:
-    while True:
-        message = runs.get()
-        try:
+                os._exit(0)
             _serve_run(sock, lock, session, message, timeout)
-        except BaseException:
-            # Even the error answer failed (say, no memory for it): the front sees the worker
-            # end and fails the request, rather than waiting for an answer that never comes.
-            os._exit(70)
+    except BaseException:
+        # Even the error answer failed (say, no memory for it), or the socket broke: the front
+        # sees the worker end and fails the request, rather than wait for an answer.
+        os._exit(70)
 
 
 def _confine(settings: WorkerSettings) -> str:
