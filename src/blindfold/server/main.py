@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import resource
 import ssl
 import sys
 from dataclasses import dataclass, field
@@ -15,8 +16,10 @@ import uvicorn
 
 from blindfold.errors import ConfigurationError
 from blindfold.server.app import ServerState, create_app
+from blindfold.server.connections import GuardedProtocol, GuardedServer
 from blindfold.server.identity import ServerIdentity
-from blindfold.server.limits import Limits
+from blindfold.server.limits import ConnectionLimits, Limits
+from blindfold.server.pools import Pools
 from blindfold.server.runtime import InferenceRunner
 from blindfold.server.service import ModelService
 from blindfold.server.store import ModelStore
@@ -33,6 +36,7 @@ class ServerConfig:
     tee: str = "simulation"
     allow_simulation_fallback: bool = False
     limits: Limits = field(default_factory=Limits)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     upload_key_file: Path | None = None
     open_upload: bool = False
     intra_op_threads: int = 0
@@ -107,12 +111,14 @@ def build_state(config: ServerConfig) -> ServerState:
             "choose who may upload models: --upload-key-file FILE (one key per line) or "
             "--open-upload (anyone who attests the server may upload)"
         )
+    check_limits(config.limits)
     provider = make_provider(config)
     hostnames = sorted({config.host, "localhost", "127.0.0.1", *config.hostnames})
     identity = ServerIdentity(provider, hostnames)
     upload_key_hashes = read_upload_keys(config.upload_key_file)
     store = open_store(provider, config.store) if config.store is not None else None
     runner = InferenceRunner(config.limits.max_concurrent_inferences)
+    pools = Pools()
     service = ModelService(
         config.limits,
         runner,
@@ -120,14 +126,45 @@ def build_state(config: ServerConfig) -> ServerState:
         open_upload=config.open_upload,
         intra_op_threads=config.intra_op_threads,
         store=store,
+        loading=pools.loading,
     )
     try:
         service.restore()
-        return ServerState(identity, service, runner, config.encrypted_models_dir)
+        return ServerState(identity, service, runner, config.encrypted_models_dir, pools)
     except BaseException:
         service.close()
         runner.shutdown()
+        pools.shutdown()
         raise
+
+
+def check_limits(limits: Limits) -> None:
+    budget = limits.inflight_body_bytes()
+    for flag, value in (
+        ("--max-model-bytes", limits.max_model_bytes),
+        ("--max-request-bytes", limits.max_request_bytes),
+    ):
+        if value > budget:
+            raise ConfigurationError(
+                f"--max-inflight-body-bytes {budget} is smaller than {flag} {value}: such a "
+                "request could never be admitted; raise the budget or lower the limit"
+            )
+
+
+def _raise_open_files_limit(connections: ConnectionLimits) -> None:
+    """Lets the process hold --max-connections sockets plus its own files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections.max_connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < wanted:
+            logger.warning(
+                "the open-files limit (%d) is below --max-connections %d plus the server's "
+                "own files; connections beyond it will be refused by the kernel",
+                target,
+                connections.max_connections,
+            )
 
 
 _NO_SEALING_KEY = {
@@ -195,6 +232,8 @@ def serve(config: ServerConfig) -> None:
     state = build_state(config)
     print(banner(state, config), file=sys.stderr, flush=True)
     app = create_app(state)
+    connections = config.connections
+    _raise_open_files_limit(connections)
     uvicorn_config = _AttestedConfig(
         app,
         state.identity.ssl_context(),
@@ -202,12 +241,13 @@ def serve(config: ServerConfig) -> None:
         port=config.port,
         access_log=config.access_log,
         log_level="info",
-        http="httptools",
+        http=GuardedProtocol.with_limits(connections),
         loop="uvloop",
-        timeout_keep_alive=75,
+        timeout_keep_alive=connections.keep_alive_timeout,  # type: ignore[arg-type]
     )
     try:
-        uvicorn.Server(uvicorn_config).run()
+        GuardedServer(uvicorn_config, connections.tls_handshake_timeout).run()
     finally:
         state.runner.shutdown()
+        state.pools.shutdown()
         state.service.close()

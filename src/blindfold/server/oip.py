@@ -3,11 +3,11 @@ Triton's binary tensor data extension. Pure functions: no I/O, no onnxruntime.""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from blindfold import tensors
 from blindfold.errors import InputError, RequestRejected
@@ -31,7 +31,9 @@ def _bad(message: str) -> RequestRejected:
     return RequestRejected(400, message)
 
 
-def parse_infer_request(body: bytes, header_length: str | None, limits: Limits) -> InferRequest:
+def parse_infer_request(
+    body: bytes | bytearray, header_length: str | None, limits: Limits
+) -> InferRequest:
     view = memoryview(body)
     if header_length is not None:
         try:
@@ -47,8 +49,10 @@ def parse_infer_request(body: bytes, header_length: str | None, limits: Limits) 
             )
     else:
         json_length = len(view)
+    if json_length > limits.max_json_bytes:
+        raise json_too_large(limits)
     try:
-        header = json.loads(bytes(view[:json_length]))
+        header = orjson.loads(view[:json_length])
     except (ValueError, UnicodeDecodeError):
         raise _bad("the request's JSON header is malformed; send an OIP v2 infer request") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
@@ -56,6 +60,7 @@ def parse_infer_request(body: bytes, header_length: str | None, limits: Limits) 
     binary = view[json_length:]
     offset = 0
     total_elements = 0
+    bytes_data = 0  # BYTES tensors' binary data: one Python object per element, like JSON
     inputs: dict[str, np.ndarray] = {}
     for index, item in enumerate(header["inputs"]):
         name, datatype, shape, parameters = _tensor_header(item, index)
@@ -74,6 +79,10 @@ def parse_infer_request(body: bytes, header_length: str | None, limits: Limits) 
             if size is not None:
                 if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                     raise _bad(f"input {name!r}: binary_data_size must be a non-negative integer")
+                if datatype == "BYTES":
+                    bytes_data += size
+                    if bytes_data > limits.max_json_bytes:
+                        raise json_too_large(limits, "BYTES tensor data")
                 if offset + size > len(binary):
                     raise _bad(
                         f"input {name!r} declares binary_data_size {size} but only "
@@ -113,6 +122,16 @@ def parse_infer_request(body: bytes, header_length: str | None, limits: Limits) 
             wants = (item.get("parameters") or {}).get("binary_data", request.binary_default)
             request.outputs[item["name"]] = bool(wants)
     return request
+
+
+def json_too_large(limits: Limits, what: str = "JSON") -> RequestRejected:
+    return RequestRejected(
+        413,
+        f"the request's {what} is larger than the server's limit of {limits.max_json_bytes} "
+        "bytes for JSON and BYTES data (--max-json-bytes); send large tensors as binary "
+        "tensor data (Inference-Header-Content-Length; the Blindfold SDK and tritonclient "
+        "with binary_data=True do)",
+    )
 
 
 def _tensor_header(item: Any, index: int) -> tuple[str, str, list[int], dict[str, Any]]:
@@ -176,7 +195,7 @@ def encode_infer_response(
         document["id"] = request.id
     if parameters:
         document["parameters"] = parameters
-    header = json.dumps(document, separators=(",", ":")).encode()
+    header = orjson.dumps(document)
     if not binary_parts:
         return [header], None
     return [header, *binary_parts], len(header)

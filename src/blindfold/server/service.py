@@ -30,6 +30,7 @@ from blindfold.server.models import (
     token_hash,
 )
 from blindfold.server.onnx_check import check_model
+from blindfold.server.pools import Pool
 from blindfold.server.runtime import InferenceRunner, Session
 from blindfold.server.store import ModelStore, ModelUnavailable, StoredModel, StoreError
 
@@ -111,11 +112,14 @@ class ModelService:
         open_upload: bool = False,
         intra_op_threads: int = 0,
         store: ModelStore | None = None,
+        loading: Pool | None = None,
     ) -> None:
         self.limits = limits
         self.registry = ServiceRegistry(limits.max_models)
         self.store = store
         self._runner = runner
+        # Checking a model and creating its session must not queue behind inferences.
+        self._loading = loading
         self._upload_key_hashes = upload_key_hashes
         self._open_upload = open_upload
         self._intra_op_threads = intra_op_threads
@@ -278,17 +282,29 @@ class ModelService:
     # --- lifecycle ---
 
     async def load(
-        self, name: str, data: bytes, token: str | None, *, public: bool | None = None
+        self,
+        name: str,
+        data: bytes,
+        token: str | None,
+        *,
+        public: bool | None = None,
+        sha256: str | None = None,
     ) -> LoadResult:
+        """Loads `data` as model `name`; `sha256` is its hash when the caller computed it
+        while the bytes arrived (hashing a large model here would stall the event loop)."""
         check_name(name)
         existing = self._check_upload_right(name, token)
         self.registry.check_capacity(name)
         if len(data) > self.limits.max_model_bytes:
             raise _too_large(len(data), self.limits.max_model_bytes)
-        sha256 = hashlib.sha256(data).hexdigest()
+        if sha256 is None:
+            sha256 = hashlib.sha256(data).hexdigest()
         session = self.registry.session_for(sha256)
         if session is None:
-            session = await self._runner.call(self._new_session, data, sha256)
+            if self._loading is not None:
+                session = await self._loading.call(self._new_session, data, sha256)
+            else:
+                session = await self._runner.call(self._new_session, data, sha256)
         # A stored model whose metadata did not authenticate is taken over as a new one:
         # fresh owner token, default access, no run keys.
         takeover = isinstance(existing, UnavailableModel) and not existing.metadata_trusted
