@@ -407,6 +407,9 @@ async def repository_load_encrypted(request: Request) -> Response:
     the attested channel); the server decrypts inside the TEE and checks the SHA-256."""
     state = state_of(request)
     name = request.path_params["name"]
+    # Authorized before reading the body or touching the host's disk, so no one without
+    # upload rights can even learn whether a path exists.
+    state.service.authorize_load(name, bearer_token(request))
     body = await read_body(request, state.body_budget, 1 << 16, "request", "fixed")
     try:
         document = orjson.loads(body)
@@ -419,9 +422,6 @@ async def repository_load_encrypted(request: Request) -> Response:
             'send {"path": "<file on the server>", "key": <key file JSON from '
             "blindfold encrypt-model>}",
         ) from None
-    # Authorize before touching the host's disk, so no one without upload rights can even
-    # learn whether a path exists.
-    state.service.authorize_load(name, bearer_token(request))
     path = _encrypted_model_path(state, path)
     limit = state.service.limits.max_model_bytes
     try:
