@@ -26,9 +26,10 @@ from blindfold.sealing import ModelKey, decrypt_model_file
 from blindfold.server import admission, oip
 from blindfold.server.admission import BodyBudget, read_body
 from blindfold.server.identity import ServerIdentity
+from blindfold.server.limits import Limits
 from blindfold.server.models import ModelEntry
 from blindfold.server.pools import Pools
-from blindfold.server.runtime import InferenceRunner
+from blindfold.server.runtime import InferenceRunner, Session
 from blindfold.server.service import LoadResult, ModelService
 
 logger = logging.getLogger("blindfold.server")
@@ -236,7 +237,7 @@ def _decodes_quickly(body: bytearray, header_length: str | None) -> bool:
 
 
 def _decode(
-    body: bytearray, header_length: str | None, limits: Any, session: Any
+    body: bytearray, header_length: str | None, limits: Limits, session: Session
 ) -> tuple[oip.InferRequest, dict[str, Any], list[str]]:
     parsed = oip.parse_infer_request(body, header_length, limits)
     session.check_inputs(parsed.inputs)
@@ -344,8 +345,9 @@ async def repository_load(request: Request) -> Response:
             "--max-model-bytes",
             hasher,
         )
-        data = bytes(buffer)
-        del buffer  # one copy of the model from here on
+        # onnx and onnxruntime take bytes: one copy (off the event loop), then one again.
+        data = await state.pools.loading.call(bytes, buffer)
+        del buffer
         if "public" in request.query_params:
             public = request.query_params["public"].lower() in ("1", "true", "yes")
     else:
