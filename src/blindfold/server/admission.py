@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from blindfold.errors import RequestRejected
 
@@ -156,13 +156,3 @@ async def must_close(request: Request) -> bool:
         message = await request.receive()
         if message["type"] != "http.request" or not message.get("more_body", False):
             return False
-
-
-__all__ = [
-    "BodyBudget",
-    "ClientDisconnect",
-    "must_close",
-    "read_body",
-    "refuse_if_larger",
-    "release",
-]

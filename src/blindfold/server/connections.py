@@ -88,7 +88,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if not candidates:
             return False
         oldest = min(candidates, key=lambda c: c._waiting_since)
-        oldest.connections.discard(oldest)  # counted out now; closing completes later
+        self.connections.discard(oldest)  # counted out now; closing completes later
         oldest._close(None)
         return True
 
