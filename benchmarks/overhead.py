@@ -21,8 +21,10 @@ load from other processes on the machine biases both sides of each ratio alike.
 
 Targets (printed as PASS/MISS):
   (b) SDK p50 / in-process p50 <= 1.15
-  (a) SDK p50 - in-process p50 <= 1.5 ms
-  (a) throughput with 8 clients >= 1000 inferences/s
+  (a) SDK p50 - in-process p50 <= 1 ms
+  (a) throughput with 8 clients >= 2000 inferences/s
+Run it twice to see what model isolation costs: as is, and with
+--server-arg=--unsafe-no-isolation (models inside the front process).
 This is a benchmark, not a test: absolute numbers depend on the machine.
 """
 
@@ -380,12 +382,12 @@ def report(data: dict[str, Any]) -> dict[str, Any]:
     tiny_multi = best_multi("tiny")
     targets = [
         ("(b) medium: SDK p50 / in-process p50", ratio, "<=", 1.15, f"{ratio:.3f}"),
-        ("(a) tiny: added latency p50 (ms)", added, "<=", 1.5, f"{added:.3f} ms"),
+        ("(a) tiny: added latency p50 (ms)", added, "<=", 1.0, f"{added:.3f} ms"),
         (
             f"(a) tiny: throughput, {CLIENTS} clients (inf/s)",
             tiny_multi.throughput,
             ">=",
-            1000.0,
+            2000.0,
             f"{tiny_multi.throughput:.0f}/s ({tiny_multi.mode})",
         ),
     ]

@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 import blindfold
 from blindfold.client.attest import fetch_attestation
@@ -680,3 +681,131 @@ def test_ca_environment_variables_are_ignored(
             client.run_model(victim_model, X)
     assert all(line.startswith("GET /v2/attestation") for line in proxy.seen())
     assert_no_payload(watch.lines())
+
+
+# --- j. a model that reads the server's files through external data ---
+
+
+def _external_tensor(name: str, location: str, size: int) -> TensorProto:
+    tensor = TensorProto(name=name, data_type=TensorProto.UINT8, dims=[size])
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(size))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def _external_sparse(location: str, size: int) -> onnx.SparseTensorProto:
+    sparse = onnx.SparseTensorProto(dims=[size])
+    sparse.values.CopyFrom(_external_tensor("leak_values", location, size))
+    sparse.indices.CopyFrom(helper.make_tensor("leak_i", TensorProto.INT64, [size], range(size)))
+    return sparse
+
+
+def _file_reading_models(location: str, size: int) -> dict[str, onnx.ModelProto]:
+    """y = x + (bytes of `location`), with the file reference hidden where a check of graph
+    initializers and top-level Constant nodes does not look."""
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, [size])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, [size])
+    opsets = [helper.make_opsetid("", 17)]
+
+    # A Constant inside a model-local function.
+    function = helper.make_function(
+        "local.fn",
+        "Leak",
+        ["a"],
+        ["b"],
+        [
+            helper.make_node("Constant", [], ["c"], value=_external_tensor("c", location, size)),
+            helper.make_node("Add", ["a", "c"], ["b"]),
+        ],
+        opset_imports=opsets,
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Leak", ["x"], ["y"], domain="local.fn")], "f", [x], [y]
+    )
+    in_function = helper.make_model(
+        graph, opset_imports=[*opsets, helper.make_opsetid("local.fn", 1)], functions=[function]
+    )
+
+    # A Constant with a sparse_value attribute.
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["c"], sparse_value=_external_sparse(location, size)),
+            helper.make_node("Add", ["x", "c"], ["y"]),
+        ],
+        "s",
+        [x],
+        [y],
+    )
+    in_sparse_attribute = helper.make_model(graph, opset_imports=opsets)
+
+    # A sparse Constant inside a Loop body subgraph.
+    body = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["k"], sparse_value=_external_sparse(location, size)),
+            helper.make_node("Identity", ["cond"], ["cond_out"]),
+            helper.make_node("Identity", ["k"], ["scan"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("scan", TensorProto.UINT8, [size]),
+        ],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Loop", ["trip", "go"], ["scans"], body=body),
+            helper.make_node("Reshape", ["scans", "flat"], ["leak"]),
+            helper.make_node("Add", ["x", "leak"], ["y"]),
+        ],
+        "l",
+        [x],
+        [y],
+        initializer=[
+            helper.make_tensor("trip", TensorProto.INT64, [], [1]),
+            helper.make_tensor("go", TensorProto.BOOL, [], [True]),
+            helper.make_tensor("flat", TensorProto.INT64, [1], [size]),
+        ],
+    )
+    in_loop_body = helper.make_model(graph, opset_imports=opsets)
+    return {
+        "function-constant": in_function,
+        "sparse-attribute": in_sparse_attribute,
+        "loop-body-sparse": in_loop_body,
+    }
+
+
+def test_models_cannot_read_files_through_external_data_anywhere(
+    server: ServerProcess,
+) -> None:
+    """The server process runs in the test's working directory; a file planted there is what
+    a relative external-data reference resolves to (onnxruntime refuses absolute and '..'
+    paths itself, so the upload check must refuse the reference wherever it hides)."""
+    canary = b"CANARY-" + secrets.token_hex(12).encode()
+    planted = Path.cwd() / f".blindfold-canary-{secrets.token_hex(6)}.bin"
+    planted.write_bytes(canary)
+    try:
+        with connect(server.url, allow_simulation=True) as client:
+            for label, model in _file_reading_models(planted.name, len(canary)).items():
+                try:
+                    uploaded = client.upload_model(model, name=f"leak-{label}")
+                except blindfold.ServerError as error:
+                    assert error.status == 400, (label, error.message)
+                    assert "references external data" in error.message, label
+                    assert canary.decode() not in error.message
+                    continue
+                try:
+                    leaked = client.run_model(
+                        f"leak-{label}", np.zeros(len(canary), dtype=np.uint8)
+                    )["y"]
+                finally:
+                    client.delete_model(f"leak-{label}", token=uploaded.owner_token)
+                pytest.fail(f"{label}: the upload was accepted and returned {bytes(leaked)!r}")
+    finally:
+        planted.unlink()
+    assert canary.decode() not in server.log()

@@ -4,9 +4,13 @@ error messages or logs. Real servers on loopback, real onnxruntime, real ONNX mo
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import struct
+import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -764,3 +768,296 @@ def test_limited_server_log_is_clean(limited: ServerProcess, small: blindfold.Cl
     assert_serving(small)
     assert limited.alive()
     assert "Traceback" not in limited.log()
+
+
+# --- inputs that used to reach a 500 (issue 7) ---
+
+# Deeper than Python's (and orjson's) parser allows, yet within the 64 KiB limit of the small
+# JSON routes.
+DEEP_JSON = b"[" * 20_000 + b"]" * 20_000
+
+
+def test_json_nested_deeper_than_the_parser_allows(
+    bad: blindfold.Client, server: ServerProcess
+) -> None:
+    """Every route that reads JSON answers 400, not 500, when the parser gives up."""
+    routes = [
+        F32,
+        "/v2/repository/models/bad-deep/load",
+        "/v2/repository/models/bad-deep/load-encrypted",
+        "/v2/repository/models/bad-f32/access",
+    ]
+    for path in routes:
+        for body in (DEEP_JSON, b'{"inputs": ' + DEEP_JSON + b"}"):
+            headers = {"Content-Type": "application/json"}
+            status, error = raw(bad, path, body, headers)
+            assert status == 400, (path, status, error)
+    # The binary extension's JSON header too.
+    header = b'{"inputs": ' + DEEP_JSON + b"}"
+    status, error = raw(bad, F32, header, {"Inference-Header-Content-Length": str(len(header))})
+    assert status == 400, error
+    assert_serving(bad)
+    assert "internal error" not in server.log()
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ([0, 2**63], "too large"),
+        ([0, 2**64 + 5], "too large"),
+        ([0, 2**62, 2**62], "too large"),
+        ([0] + [1] * 64, "65 dimensions; at most 64"),
+        ([1] * 100, "100 dimensions; at most 64"),
+    ],
+    ids=["zero-size-2**63", "zero-size-2**64", "zero-size-span", "65-dims", "100-dims"],
+)
+def test_extreme_shapes_are_refused(
+    bad: blindfold.Client, server: ServerProcess, shape: list[int], message: str
+) -> None:
+    for body, headers in (
+        binary_request([_f32_input(shape, 0)], b""),
+        json_request([{"name": "x", "datatype": "FP32", "shape": shape, "data": []}]),
+    ):
+        status, error = raw(bad, F32, body, headers)
+        assert status == 400, error
+        assert message in error
+    assert_serving(bad)
+    assert "internal error" not in server.log()
+
+
+def test_output_parameters_must_be_an_object(bad: blindfold.Client) -> None:
+    for parameters in ([], "binary", 3, [["binary_data", True]]):
+        body, headers = json_request(
+            [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}],
+            outputs=[{"name": "y", "parameters": parameters}],
+        )
+        status, error = raw(bad, F32, body, headers)
+        assert status == 400, error
+        assert "output 'y': 'parameters' must be an object" in error
+    assert_serving(bad)
+
+
+@pytest.mark.parametrize(
+    "nonce",
+    ["0b8e3f0c-6b52-4c43-9d8f-5f7f0a1e2d3c", "ABCDEF", "abc", "zz", "\ud800", 7, "a" * 130],
+    ids=["uuid", "uppercase", "odd-length", "not-hex", "lone-surrogate", "number", "too-long"],
+)
+def test_receipt_nonce_that_is_not_hex(bad: blindfold.Client, nonce: Any) -> None:
+    body, headers = json_request(
+        [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}],
+        parameters={"receipt": True, "receipt_nonce": nonce},
+    )
+    status, error = raw(bad, F32, body, headers)
+    assert status == 400, error
+    assert "receipt_nonce must be lowercase hex" in error
+    assert_serving(bad)
+
+
+def _graph_output_model(output: Any, node: Any) -> Any:
+    from onnx import helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    graph = helper.make_graph([node], "io", [x], [output])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _unsupported_io_models() -> list[tuple[str, Any, str]]:
+    from onnx import helper
+
+    sequence = helper.make_tensor_sequence_value_info("y", TensorProto.FLOAT, [2])
+    cases = [
+        (
+            "sequence",
+            _graph_output_model(sequence, helper.make_node("SequenceConstruct", ["x"], ["y"])),
+            "output 'y' is a sequence",
+        )
+    ]
+    for element in ("BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E5M2", "INT4", "UINT4"):
+        to = getattr(TensorProto, element)
+        y = helper.make_tensor_value_info("y", to, [2])
+        model = _graph_output_model(y, helper.make_node("Cast", ["x"], ["y"], to=to))
+        cases.append((element, model, f"element type {element}, which the server does not"))
+    return cases
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [case[1:] for case in _unsupported_io_models()],
+    ids=[case[0] for case in _unsupported_io_models()],
+)
+def test_outputs_the_protocol_cannot_carry_are_refused_at_upload(
+    bad: blindfold.Client, model: Any, message: str
+) -> None:
+    """Sequences and maps have no OIP form; bfloat16/int4 used to fail at inference with a
+    misleading message, and FLOAT8 outputs came back labelled UINT8."""
+    error = _upload_error(bad, model, "bad-io")
+    assert error.status == 400, error.message
+    assert message in error.message
+    assert "bad-io" not in [m["name"] for m in bad.list_models()]
+    assert_serving(bad)
+
+
+def test_map_input_is_refused_at_upload(bad: blindfold.Client) -> None:
+    from onnx import helper
+
+    map_type = helper.make_map_type_proto(
+        TensorProto.STRING, helper.make_tensor_type_proto(TensorProto.FLOAT, [])
+    )
+    x = helper.make_value_info("x", map_type)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    node = helper.make_node("Constant", [], ["y"], value_floats=[1.0, 2.0])
+    graph = helper.make_graph([node], "map", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    error = _upload_error(bad, model, "bad-map")
+    assert error.status == 400, error.message
+    assert "input 'x' is a map" in error.message
+    assert_serving(bad)
+
+
+def test_symbolic_dimension_names_that_are_not_utf8(
+    bad: blindfold.Client, server: ServerProcess
+) -> None:
+    data = identity_model(TensorProto.FLOAT, ["BATCHDIM", 3]).SerializeToString()
+    assert data.count(b"BATCHDIM") == 2
+    error = _upload_error(bad, data.replace(b"BATCHDIM", b"BAT\xff\xfeDIM"), "bad-utf8")
+    assert error.status == 400, error.message
+    assert "not valid UTF-8" in error.message
+    # Some invalid sequences already fail protobuf's own parse: a 400 as well.
+    error = _upload_error(bad, data.replace(b"BATCHDIM", b"\xc3(ATCHDIM"), "bad-utf8")
+    assert error.status == 400, error.message
+    assert_serving(bad)
+    assert "internal error" not in server.log()
+
+
+def test_json_outputs_never_carry_bare_nan_or_infinity(bad: blindfold.Client) -> None:
+    data = [float("nan"), float("inf"), float("-inf")]
+    body = json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": data}]}
+    ).encode()
+    status, error = raw(bad, F32, body, {})
+    assert status == 400, "the server answered with JSON holding bare NaN/Infinity"
+    assert "NaN or infinite values" in error and "binary_data" in error
+    # The binary path carries them exactly.
+    x = np.array([data], dtype=np.float32)
+    np.testing.assert_array_equal(bad.run_model("bad-f32", x)["y"], x)
+    assert_serving(bad)
+
+
+def _planted(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / "planted.enc"
+    path.write_bytes(data)
+    return path
+
+
+def _load_encrypted(client: blindfold.Client, path: Any) -> tuple[int, str]:
+    from blindfold.sealing import ModelKey
+
+    key = ModelKey(key=bytes(32), sha256="0" * 64).to_json()
+    body = json.dumps({"path": path, "key": key}).encode()
+    return raw(client, "/v2/repository/models/bad-enc/load-encrypted", body)
+
+
+def test_load_encrypted_never_echoes_the_file(bad: blindfold.Client, tmp_path: Path) -> None:
+    """A plaintext model, or any host file, given to load-encrypted: the error must not quote
+    its first bytes (the shared server reads encrypted models from pytest's base temp dir)."""
+    canary = b"SECRET-FILE-" + b"q" * 64
+    for data in (canary, b"BFS" + canary, MODEL_SENTINEL.encode() * 4):
+        status, error = _load_encrypted(bad, str(_planted(tmp_path, data)))
+        assert status == 400, error
+        assert "not in the Blindfold sealed format" in error
+        assert "SECRET" not in error and "qqqq" not in error
+    assert_serving(bad)
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [("model\x00.enc", "NUL"), ("model\ud800.enc", "not valid UTF-8"), ("\udcff", "UTF-8")],
+    ids=["nul", "lone-surrogate", "surrogate-escape"],
+)
+def test_load_encrypted_path_that_no_file_can_have(
+    bad: blindfold.Client, server: ServerProcess, path: str, message: str
+) -> None:
+    status, error = _load_encrypted(bad, path)
+    assert status == 400, error
+    assert message in error
+    assert_serving(bad)
+    assert "internal error" not in server.log()
+
+
+def test_client_disconnecting_mid_body_is_not_an_error(
+    bad: blindfold.Client, server: ServerProcess
+) -> None:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    before = server.log().count("client disconnected")
+    for path in (F32, "/v2/repository/models/bad-cut/load"):
+        with socket.create_connection(("127.0.0.1", server.port)) as plain:
+            with context.wrap_socket(plain) as tls:
+                tls.sendall(
+                    f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                    "Content-Type: application/octet-stream\r\n\r\n".encode()
+                    + b"{" * 1000
+                )
+        assert_serving(bad)
+    deadline = time.monotonic() + 10
+    while server.log().count("client disconnected") < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = server.log()
+    assert log.count("client disconnected") >= before + 2
+    assert "internal error" not in log
+    assert "ClientDisconnect" not in log
+
+
+def test_model_load_errors_do_not_quote_model_contents(
+    bad: blindfold.Client, server: ServerProcess
+) -> None:
+    """onnxruntime's load errors are passed on (they name operators and types), so check
+    that the ones a model's constants can trigger name no constant's contents."""
+    from onnx import helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    text = helper.make_tensor("k", TensorProto.STRING, [1], [MODEL_SENTINEL.encode()])
+    numbers = helper.make_tensor("s", TensorProto.INT64, [3], [INDEX_SENTINEL, 1, 1])
+    graphs = [
+        helper.make_graph(
+            [
+                helper.make_node("Constant", [], ["k"], value=text),
+                helper.make_node("Add", ["x", "k"], ["y"]),
+            ],
+            "typed",
+            [x],
+            [y],
+        ),
+        helper.make_graph(
+            [helper.make_node("Pad", ["x", "s"], ["y"])], "pads", [x], [y], initializer=[numbers]
+        ),
+        helper.make_graph(
+            [helper.make_node("ConstantOfShape", ["negative"], ["y"])],
+            "negative",
+            [x],
+            [y],
+            initializer=[helper.make_tensor("negative", TensorProto.INT64, [1], [-INDEX_SENTINEL])],
+        ),
+    ]
+    for graph in graphs:
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        error = _upload_error(bad, model, "bad-quote")
+        assert error.status == 400, error.message
+        assert MODEL_SENTINEL not in error.message
+        assert str(INDEX_SENTINEL) not in error.message
+    assert_serving(bad)
+    log = server.log()
+    assert MODEL_SENTINEL not in log and str(INDEX_SENTINEL) not in log
+
+
+def test_bytes_element_with_a_lone_surrogate(bad: blindfold.Client, server: ServerProcess) -> None:
+    body, headers = json_request(
+        [{"name": "x", "datatype": "BYTES", "shape": [2], "data": ["ok", "\ud800"]}]
+    )
+    status, error = raw(bad, STR, body, headers)
+    assert status == 400, error
+    assert "valid Unicode text" in error
+    assert_serving(bad)
+    assert "internal error" not in server.log()

@@ -66,6 +66,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_tensor_elements=args.max_tensor_elements,
         max_models=args.max_models,
         max_concurrent_inferences=args.max_concurrent_inferences,
+        max_model_memory=args.max_model_memory,
+        max_inference_memory=args.max_inference_memory,
+        inference_timeout=args.inference_timeout,
+        isolation=not args.unsafe_no_isolation,
         max_inflight_body_bytes=args.max_inflight_body_bytes,
     )
     connections = ConnectionLimits(
@@ -94,6 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             encrypted_models_dir=args.encrypted_models_dir,
             access_log=args.access_log,
             store=args.store,
+            simulation_evidence_lifetime=args.simulation_evidence_lifetime,
         )
     )
     return 0
@@ -166,8 +171,17 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
 
 
 def policy_section_from(verdict: Any) -> dict[str, Any]:
-    """Pins what the evidence measured; TCB status and debug stay at their safe defaults, so
-    the operator opts into anything else by editing the named fields."""
+    """Pins everything the evidence measured that names the code and its configuration;
+    TCB status and debug stay at their safe defaults, so the operator opts into anything
+    else by editing the named fields."""
+    from blindfold.attestation.policy import (
+        SNP_POLICY_MIGRATE_MA,
+        SNP_POLICY_SINGLE_SOCKET,
+        SNP_POLICY_SMT,
+        SNP_TCB_PARTS,
+        TDX_RTMRS,
+    )
+
     m = verdict.measurements
     kind = verdict.kind
     section: dict[str, Any] = {}
@@ -179,19 +193,32 @@ def policy_section_from(verdict: Any) -> dict[str, Any]:
             "min_isv_svn": m["isv_svn"],
         }
     elif kind == "tdx":
-        section = {k: [m[k]] for k in ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3") if k in m}
+        pinned = ("mr_td", *TDX_RTMRS, "mr_seam", "mr_config_id", "mr_owner", "mr_owner_config")
+        section = {k: [m[k]] for k in pinned}
+        section.update(td_attributes=m["td_attributes"], xfam=m["xfam"])
     elif kind == "sev-snp":
         section = {
             "measurement": [m["measurement"]],
-            "min_tcb": {
-                part: m[f"reported_tcb_{part}"]
-                for part in ("bootloader", "tee", "snp", "microcode")
-            },
+            "min_tcb": {part: m[f"reported_tcb_{part}"] for part in SNP_TCB_PARTS},
+            "vmpl": m["vmpl"],
+            "min_guest_svn": m["guest_svn"],
+            "allow_smt": bool(m["policy"] >> SNP_POLICY_SMT & 1),
+            "require_single_socket": bool(m["policy"] >> SNP_POLICY_SINGLE_SOCKET & 1),
+            "id_key_digest": [m["id_key_digest"]],
+            "author_key_digest": [m["author_key_digest"]],
         }
+        if m["policy"] >> SNP_POLICY_MIGRATE_MA & 1:
+            print(
+                "note: the guest policy allows a migration agent (MIGRATE_MA), which every "
+                "Blindfold policy refuses: launch the guest without it",
+                file=sys.stderr,
+            )
     elif kind == "nitro":
         section = {k: [m[k]] for k in ("pcr0", "pcr1", "pcr2") if k in m}
     elif kind == "simulation":
         section = {"measurement": [m["measurement"]]}
+    if isinstance(m.get("tcb_eval_data_number"), int):
+        section["min_tcb_eval_data_number"] = m["tcb_eval_data_number"]
     if kind != "simulation":
         section["allowed_tcb_status"] = ["UpToDate"]
         section["allow_debug"] = False
@@ -454,6 +481,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrent-inferences", type=int, default=defaults.max_concurrent_inferences
     )
     serve.add_argument(
+        "--max-model-memory",
+        type=int,
+        default=defaults.max_model_memory,
+        help="bytes all loaded models may hold together; an upload beyond it gets 507 "
+        "(default: half the machine's memory)",
+    )
+    serve.add_argument(
+        "--max-inference-memory",
+        type=int,
+        default=defaults.max_inference_memory,
+        help="bytes one model's worker may take at run time beyond its model (default: a "
+        "quarter of the machine's memory, 1-16 GiB; 0 = no limit)",
+    )
+    serve.add_argument(
+        "--inference-timeout",
+        type=float,
+        default=defaults.inference_timeout,
+        help="seconds one inference may run before it is stopped (default: 60)",
+    )
+    serve.add_argument(
+        "--unsafe-no-isolation",
+        action="store_true",
+        help="UNSAFE, for benchmarks only: run models inside the process that holds the "
+        "TLS, receipt and sealing keys, with no memory or time limit",
+    )
+    serve.add_argument(
         "--upload-key-file",
         type=Path,
         help="file with one upload key per line (or sha256:<hex> of a key)",
@@ -465,6 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder from which load-encrypted may read model files (default: disabled)",
     )
     serve.add_argument("--collateral-cache", type=Path, help="folder caching Intel collateral")
+    serve.add_argument(
+        "--simulation-evidence-lifetime",
+        type=int,
+        metavar="SECONDS",
+        help="simulation only: evidence expires after SECONDS, like hardware collateral does "
+        "(to exercise re-attestation; default: never)",
+    )
     serve.add_argument(
         "--open-upload", action="store_true", help="let anyone who attests the server upload models"
     )

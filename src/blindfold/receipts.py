@@ -209,8 +209,10 @@ class ReceiptSigner:
         self,
         private_key: ec.EllipticCurvePrivateKey,
         server_key_sha256: str,
-        evidence_sha256: str,
+        evidence_sha256: str | Callable[[], str],
     ) -> None:
+        """`evidence_sha256` is the hash of the standing evidence, or a function returning
+        the current one (the server renews its standing evidence before it expires)."""
         if not isinstance(private_key.curve, ec.SECP256R1):
             raise ConfigurationError(
                 f"receipt key: expected an ECDSA P-256 key, found curve {private_key.curve.name}"
@@ -224,7 +226,9 @@ class ReceiptSigner:
             )
         self._key = private_key
         self._server_key_sha256 = server_key_sha256
-        self._evidence_sha256 = evidence_sha256
+        self._evidence_sha256 = (
+            evidence_sha256 if callable(evidence_sha256) else (lambda: evidence_sha256)
+        )
         self._lock = threading.Lock()
         self._sequence = 0
         self._previous = ZERO_SHA256
@@ -240,11 +244,12 @@ class ReceiptSigner:
         # Hash the tensors before taking the lock: it is the slow part and needs no order.
         inputs_sha256 = tensors_digest(inputs)
         outputs_sha256 = tensors_digest(outputs)
+        evidence_sha256 = self._evidence_sha256()
         with self._lock:
             unsigned = Receipt(
                 version=RECEIPT_VERSION,
                 server_key_sha256=self._server_key_sha256,
-                evidence_sha256=self._evidence_sha256,
+                evidence_sha256=evidence_sha256,
                 model_sha256=model_sha256,
                 inputs_sha256=inputs_sha256,
                 outputs_sha256=outputs_sha256,

@@ -196,11 +196,16 @@ def _read_header(src: BinaryIO, label: bytes) -> tuple[bytes, bytes, int]:
             f"the {HEADER_SIZE}-byte header"
         )
     magic, version, base_nonce, chunk_size = _HEADER.unpack(header)
-    if magic != MAGIC or version != FORMAT_VERSION:
+    if magic != MAGIC:
+        # Not the found bytes: they may be the start of a plaintext model or any host file.
         raise SealError(
-            f"data for label {_describe(label)!r} is not in the Blindfold sealed format "
-            f"(expected magic {MAGIC!r} version {FORMAT_VERSION}, found {magic!r} version "
-            f"{version})"
+            f"data for label {_describe(label)!r} is not in the Blindfold sealed format (it "
+            f"does not start with {MAGIC!r}); encrypt model files with blindfold encrypt-model"
+        )
+    if version != FORMAT_VERSION:
+        raise SealError(
+            f"data for label {_describe(label)!r} is in sealed format version {version}; this "
+            f"server reads version {FORMAT_VERSION}"
         )
     _check_chunk_size(chunk_size, label)
     return header, base_nonce, chunk_size

@@ -83,13 +83,38 @@ def oip_to_np_dtype(name: str) -> np.dtype[Any]:
     return by_oip(name).numpy
 
 
+# numpy refuses more dimensions, and shapes whose non-zero dimensions multiply (times the
+# item size) beyond its index type, even when a zero dimension leaves the tensor empty.
+MAX_DIMENSIONS = 64
+MAX_SPAN = 2**59
+
+
 def element_count(shape: Sequence[int]) -> int:
+    if len(shape) > MAX_DIMENSIONS:
+        raise InputError(
+            f"shape has {len(shape)} dimensions; at most {MAX_DIMENSIONS} are supported"
+        )
     count = 1
+    span = 1
     for dim in shape:
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
-            raise InputError(f"shape {list(shape)} is invalid: dimensions must be integers >= 0")
+            raise InputError(
+                f"shape {_short_shape(shape)} is invalid: dimensions must be integers >= 0"
+            )
         count *= dim
+        span *= max(dim, 1)
+    # A non-empty shape this large is refused by callers' element limits (or its byte size).
+    if count == 0 and span > MAX_SPAN:
+        raise InputError(
+            f"shape {_short_shape(shape)} is too large: even with a zero dimension, the "
+            "product of its other dimensions must stay below 2**59"
+        )
     return count
+
+
+def _short_shape(shape: Sequence[Any]) -> str:
+    text = str(list(shape))
+    return text if len(text) <= 200 else text[:200] + "...]"
 
 
 # --- BYTES codec ---
@@ -177,7 +202,10 @@ def tensor_from_json(data: Any, datatype: str, shape: Sequence[int]) -> np.ndarr
             raise InputError(
                 f"BYTES tensor of shape {list(shape)} needs {count} elements, got {flat.size}"
             )
-        values = [v.encode("utf-8") if isinstance(v, str) else v for v in flat]
+        try:
+            values = [v.encode("utf-8") if isinstance(v, str) else v for v in flat]
+        except UnicodeEncodeError:  # JSON can spell lone surrogates, which UTF-8 cannot
+            raise InputError("BYTES tensor elements must be valid Unicode text") from None
         if not all(isinstance(v, bytes) for v in values):
             raise InputError("BYTES tensor elements must be strings")
         out = np.empty(count, dtype=object)
@@ -204,10 +232,13 @@ def tensor_to_json_data(array: np.ndarray) -> list[Any]:
                     values.append(item.decode("utf-8"))
                 except UnicodeDecodeError:
                     raise InputError(
-                        "BYTES output is not UTF-8; request it as binary data"
+                        "BYTES data is not UTF-8 text, which JSON cannot carry"
                     ) from None
             else:
                 values.append(str(item))
         return values
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # Bare NaN/Infinity is not JSON, and the Open Inference Protocol defines no spelling.
+        raise InputError("the data holds NaN or infinite values, which JSON cannot carry")
     flat: list[Any] = array.reshape(-1).tolist()
     return flat

@@ -13,6 +13,7 @@ import pytest
 
 from blindfold.attestation import dcap, sgx, tdx
 from blindfold.attestation.collateral import load_collateral
+from blindfold.attestation.dcap import PLATFORM_CLAIMS
 from blindfold.attestation.verdict import Verdict
 from blindfold.errors import ConfigurationError, EvidenceError
 
@@ -90,7 +91,11 @@ def test_accepted_vector_verdict(vector: dict[str, Any]) -> None:
     assert verdict.kind == vector["kind"]
     assert verdict.tcb_status == vector["expected"]["tcb_status"]
     assert verdict.advisory_ids == tuple(vector["expected"]["advisory_ids"])
-    assert verdict.measurements == _expected_measurements(vector)
+    body = {k: v for k, v in verdict.measurements.items() if k not in PLATFORM_CLAIMS}
+    assert body == _expected_measurements(vector)
+    # dcap-qvl's claims the policy can judge: every quote has an evaluation data number.
+    assert isinstance(verdict.measurements["tcb_eval_data_number"], int)
+    assert {verdict.measurements[k] for k in PLATFORM_CLAIMS[1:]} <= {True, False, None}
     assert verdict.report_data == bytes.fromhex(vector["measurements"]["report_data"])
     assert len(verdict.report_data) == 64
     assert verdict.debug is False
@@ -134,7 +139,8 @@ def test_body_parse_agrees_with_dcap_qvl(vector: dict[str, Any]) -> None:
     theirs = next(iter(json.loads(report.to_json())["report"].values()))
     verdict = vector["verify"](vector["quote"], vector["collateral"], vector["verify_at"])
     for key, value in verdict.measurements.items():
-        assert theirs[key.replace("rtmr", "rt_mr")] == value, key
+        if key not in PLATFORM_CLAIMS:
+            assert theirs[key.replace("rtmr", "rt_mr")] == value, key
     assert theirs["report_data"] == verdict.report_data.hex()
 
 
@@ -240,16 +246,25 @@ def test_quote_of_the_other_kind_is_rejected(vector: dict[str, Any]) -> None:
 # --- TCB status and collateral handling ---
 
 
-class _FakeReport:
-    status = "Revoked"
-    advisory_ids: list[str] = []
+class _RevokedVerifier:
+    """dcap-qvl answering with genuine-looking claims whose TCB status is Revoked."""
+
+    def __init__(self, root_ca_der: bytes) -> None:
+        del root_ca_der
+
+    def verify_with_policy(self, *args: Any) -> Any:
+        claims = {
+            "tcb": {"status": "Revoked", "advisory_ids": [], "eval_data_number": 17},
+            "platform": {"pck": {}},
+        }
+        return type("Claims", (), {"to_json": lambda self: json.dumps(claims)})()
 
 
 @pytest.mark.parametrize("vector", ACCEPTED, indirect=True)
 def test_revoked_status_is_rejected(
     vector: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dcap.dcap_qvl, "verify_with_root_ca", lambda *a: _FakeReport())
+    monkeypatch.setattr(dcap.dcap_qvl, "QuoteVerifier", _RevokedVerifier)
     with pytest.raises(EvidenceError, match="Revoked"):
         vector["verify"](vector["quote"], vector["collateral"], vector["verify_at"])
 

@@ -82,7 +82,7 @@ def test_wrong_measurement_names_field_expected_and_found(
     verdict = _verdict(
         vectors_dir, _vector(vector_manifest, "tdx/dcapqvl-sample-fmspc-B0C06F000000")
     )
-    policy = Policy.from_dict({"tdx": {"mr_td": ["00" * 48]}})
+    policy = _policy_pinning(verdict, mr_td=["00" * 48])
     with pytest.raises(MeasurementMismatch) as error:
         policy.verify(verdict)
     assert error.value.field == "tdx mr_td"
@@ -129,10 +129,10 @@ def test_kind_not_in_policy(vectors_dir: Path, vector_manifest: list[dict[str, A
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ("[sgx]\nmr_enclav = ['00']\n", "unknown keys"),
+        ("[sgx]\nmr_enclav = ['00']\n", "unknown key 'mr_enclav'"),
         ("[tpm]\nx = 1\n", "unknown section"),
-        ("[sgx]\nallow_debug = true\n", "pins no measurement"),
-        ("[sgx]\nmr_enclave = ['zz']\n", "not a hex string"),
+        ("[sgx]\nallow_debug = true\n", "is incomplete: set mr_enclave"),
+        ("[sgx]\nmr_enclave = ['zz']\n", "mr_enclave must be a 64-hex-digit string"),
         ("[sgx\n", "not valid TOML"),
         ("", "accepts no TEE kind"),
     ],

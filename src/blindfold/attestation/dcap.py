@@ -6,13 +6,19 @@ the JSON `dcap-qvl` consumes, the validity window of that collateral, the one ca
 `dcap-qvl` (with our bundled Intel SGX Root CA as the explicit trust anchor), and turning
 its errors into `EvidenceError`s that say what to do. `sgx.py` and `tdx.py` only read the
 report body and build the Verdict.
+
+dcap-qvl is called with its `claims_only` quote policy: it checks genuineness exactly as
+its one-shot `verify` does, and reports the claims our policy judges (TCB status, the TCB
+evaluation data number, and the PCK certificate's dynamic-platform / cached-keys / SMT
+flags). Its own acceptance options stay unused so that one place, `attestation.policy`,
+decides and explains.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import resources
@@ -70,6 +76,7 @@ class DcapResult:
     advisory_ids: tuple[str, ...]
     valid_from: int
     valid_until: int
+    platform: dict[str, Any] = field(default_factory=dict)
 
     def verdict(
         self, kind: str, measurements: dict[str, Any], report_data: bytes, debug: bool
@@ -77,7 +84,7 @@ class DcapResult:
         """The Verdict for this quote, given what the SGX or TDX body module read from it."""
         return Verdict(
             kind=kind,
-            measurements=measurements,
+            measurements={**measurements, **self.platform},
             report_data=report_data,
             debug=debug,
             tcb_status=self.tcb_status,
@@ -399,10 +406,13 @@ def verify_quote(evidence: bytes, collateral: dict[str, bytes], at: int, kind: s
         ) from None
     _check_window(at, window)
     try:
-        report = dcap_qvl.verify_with_root_ca(quote.raw, col, intel_root_ca_der(), at)
+        claims = dcap_qvl.QuoteVerifier(intel_root_ca_der()).verify_with_policy(
+            quote.raw, col, at, dcap_qvl.QuotePolicy.claims_only(at)
+        )
     except ValueError as exc:
         raise EvidenceError(explain_failure(str(exc), at)) from None
-    status = str(report.status)
+    tcb, platform = _read_claims(claims.to_json())
+    status = str(tcb["status"])
     if status not in GENUINE_TCB_STATUSES:
         raise EvidenceError(
             f"Intel reports the platform's TCB status as '{status}': the platform is revoked "
@@ -411,10 +421,37 @@ def verify_quote(evidence: bytes, collateral: dict[str, bytes], at: int, kind: s
     return DcapResult(
         quote=quote,
         tcb_status=status,
-        advisory_ids=tuple(str(a) for a in report.advisory_ids),
+        advisory_ids=tuple(str(a) for a in tcb.get("advisory_ids") or ()),
         valid_from=window[0],
         valid_until=window[1],
+        platform=platform,
     )
+
+
+# PCK certificate flags as dcap-qvl reports them; "Undefined": the platform does not say
+# (single-package platforms), which the policy cannot hold against it.
+_PCK_FLAGS = {"True": True, "False": False, "Undefined": None}
+
+
+def _read_claims(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the TCB claims, the platform claims for the Verdict) from dcap-qvl's claims JSON."""
+    try:
+        claims = json.loads(text)
+        tcb = claims["tcb"]
+        pck = claims["platform"]["pck"]
+        platform = {
+            "tcb_eval_data_number": int(tcb["eval_data_number"]),
+            **{name: _PCK_FLAGS.get(str(pck.get(name))) for name in _PCK_FLAG_NAMES},
+        }
+    except (ValueError, KeyError, TypeError) as exc:
+        # Only a dcap-qvl release with another claims layout gets here.
+        raise EvidenceError(f"dcap-qvl returned claims this client cannot read ({exc!r})") from None
+    return tcb, platform
+
+
+_PCK_FLAG_NAMES = ("dynamic_platform", "cached_keys", "smt_enabled")
+# The claims every SGX/TDX Verdict carries beside its report body's fields.
+PLATFORM_CLAIMS = ("tcb_eval_data_number", *_PCK_FLAG_NAMES)
 
 
 def explain_failure(detail: str, at: int) -> str:

@@ -5,12 +5,16 @@ Modelled on sigstore-python's `verify/policy.py`: each rule is a small object wi
 found value; rules compose with `AllOf` / `AnyOf`. `Policy` is the user-facing object: it
 loads a TOML file with one section per accepted TEE kind and turns the section for the
 verdict's kind into rules.
+
+This module owns the policy *format*: `SPECS` holds, per TEE kind, one `KindSpec` listing
+every key a section may hold (its type, its default, the rules it becomes) and what a
+section must pin to be complete. Adding a key means adding one `Key` to one spec.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -96,11 +100,72 @@ class MeasurementIn:
 class ValueEquals:
     name: str
     expected: int
+    advice: str = ""
 
     def verify(self, verdict: Verdict) -> None:
         found = verdict.measurements.get(self.name)
         if found != self.expected:
-            raise PolicyError(f"{verdict.kind} {self.name}", self.expected, found)
+            raise PolicyError(f"{verdict.kind} {self.name}", self.expected, found, self.advice)
+
+
+@dataclass(frozen=True)
+class MaskedEquals:
+    """`found & mask == value & mask` on a hex field (TDX td_attributes, xfam): pins the bits
+    the mask selects and leaves the others free."""
+
+    name: str
+    value: str
+    mask: str
+
+    def verify(self, verdict: Verdict) -> None:
+        found_hex = str(verdict.measurements.get(self.name, ""))
+        found = bytes.fromhex(found_hex) if _is_hex(found_hex) else b""
+        value, mask = bytes.fromhex(self.value), bytes.fromhex(self.mask)
+        if len(found) != len(mask) or any(
+            (f & m) != (v & m) for f, v, m in zip(found, value, mask, strict=True)
+        ):
+            raise PolicyError(
+                f"{verdict.kind} {self.name}",
+                f"{self.value} under mask {self.mask}",
+                found_hex or "<absent>",
+                _UPDATE_ADVICE.format(field=self.name),
+            )
+
+
+@dataclass(frozen=True)
+class PolicyBit:
+    """One bit of an integer claim (the SEV-SNP guest policy) must be set or clear."""
+
+    name: str
+    bit: int
+    must_be_set: bool
+    meaning: str
+    advice: str
+
+    def verify(self, verdict: Verdict) -> None:
+        found = verdict.measurements.get(self.name)
+        if not isinstance(found, int) or bool(found >> self.bit & 1) != self.must_be_set:
+            state = "set" if self.must_be_set else "clear"
+            shown = f"{found:#x}" if isinstance(found, int) else found
+            raise PolicyError(
+                f"{verdict.kind} {self.name} bit {self.bit} ({self.meaning})",
+                state,
+                shown,
+                self.advice,
+            )
+
+
+@dataclass(frozen=True)
+class ClaimNotTrue:
+    """A platform property the verifier reports (where the platform reports it at all) must
+    not be true, e.g. a DCAP dynamic platform or SMT when the policy refuses them."""
+
+    name: str
+    advice: str
+
+    def verify(self, verdict: Verdict) -> None:
+        if verdict.measurements.get(self.name) is True:
+            raise PolicyError(f"{verdict.kind} {self.name}", "false", "true", self.advice)
 
 
 @dataclass(frozen=True)
@@ -156,57 +221,438 @@ class UnsafeAcceptAnyMeasurement:
         return None
 
 
-# --- the TOML-backed policy ---
+# --- the TOML format: one spec per TEE kind ---
 
-_HEX_LIST_KEYS: dict[str, tuple[str, ...]] = {
-    "simulation": ("measurement",),
-    "sgx": ("mr_enclave", "mr_signer"),
-    "tdx": ("mr_td", "mr_seam", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id", "mr_owner"),
-    "sev-snp": ("measurement", "host_data"),
-    "nitro": tuple(f"pcr{i}" for i in range(9)),
+_ABSENT: Any = object()
+
+
+class _Invalid(ValueError):
+    """A value does not have the key's type; the message says what was found."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of a policy section: its type (`expected`, for messages), how a value is
+    checked and normalised (`parse`), and the rules it becomes. With a `default`, the rules
+    apply even when the key is absent (safe defaults)."""
+
+    name: str
+    expected: str
+    parse: Callable[[Any], Any]
+    rules: Callable[[Any], list[VerificationPolicy]]
+    default: Any = _ABSENT
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """Every key a `[kind]` section may hold, what it must pin to be complete, and the rules
+    that apply whatever the section says.
+
+    `incomplete(values)` returns None, or a sentence saying what is missing and what to add;
+    it is skipped under `unsafe_accept_any_measurement`.
+    """
+
+    kind: str
+    keys: tuple[Key, ...]
+    incomplete: Callable[[dict[str, Any]], str | None]
+    always: tuple[VerificationPolicy, ...] = ()
+
+    def key(self, name: str) -> Key | None:
+        return next((key for key in self.keys if key.name == name), None)
+
+
+def _found(value: Any) -> str:
+    shown = repr(value)
+    return f"{type(value).__name__} {shown[:60]}"
+
+
+def _is_hex(value: str) -> bool:
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_hex(nbytes: int) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or not _is_hex(value):
+            raise _Invalid(f"found {_found(value)}")
+        if len(bytes.fromhex(value)) != nbytes:
+            raise _Invalid(f"found {len(bytes.fromhex(value))} bytes")
+        return value.lower()
+
+    return parse
+
+
+def _parse_hex_list(nbytes: int) -> Callable[[Any], list[str]]:
+    one = _parse_hex(nbytes)
+
+    def parse(value: Any) -> list[str]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            raise _Invalid(f"found {_found(value)}")
+        return [one(item) for item in items]
+
+    return parse
+
+
+def _parse_int(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        # bool is an int subclass in Python: `true` must not pass as 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"found {_found(value)}")
+        if not low <= value <= high:
+            raise _Invalid(f"found {value}, outside {low}..{high}")
+        return value
+
+    return parse
+
+
+def _parse_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"found {_found(value)}")
+    return value
+
+
+def _parse_names(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise _Invalid(f"found {_found(value)}")
+    return list(value)
+
+
+def _parse_masked(nbytes: int) -> Callable[[Any], dict[str, str]]:
+    exact = _parse_hex(nbytes)
+
+    def parse(value: Any) -> dict[str, str]:
+        if isinstance(value, str):
+            return {"value": exact(value), "mask": "ff" * nbytes}
+        if not isinstance(value, dict) or set(value) != {"value", "mask"}:
+            raise _Invalid(f"found {_found(value)}")
+        return {"value": exact(value["value"]), "mask": exact(value["mask"])}
+
+    return parse
+
+
+def _parse_table(parts: tuple[str, ...], part: Callable[[Any], int]) -> Callable[[Any], Any]:
+    def parse(value: Any) -> dict[str, int]:
+        if not isinstance(value, dict) or set(value) != set(parts):
+            raise _Invalid(f"found {_found(value)}")
+        return {name: part(value[name]) for name in parts}
+
+    return parse
+
+
+def _hex_pin(name: str, nbytes: int) -> Key:
+    return Key(
+        name,
+        f"a {nbytes * 2}-hex-digit string or a non-empty list of them",
+        _parse_hex_list(nbytes),
+        lambda accepted: [MeasurementIn(name, tuple(accepted))],
+    )
+
+
+def _masked_pin(name: str, nbytes: int) -> Key:
+    return Key(
+        name,
+        f'a {nbytes * 2}-hex-digit string, or a table {{ value = "<hex>", mask = "<hex>" }}',
+        _parse_masked(nbytes),
+        lambda pin: [MaskedEquals(name, pin["value"], pin["mask"])],
+    )
+
+
+def _minimum(name: str, measured: str, high: int) -> Key:
+    return Key(
+        name, f"an integer 0..{high}", _parse_int(0, high), lambda low: [AtLeast(measured, low)]
+    )
+
+
+def _unsafe_accept_any() -> Key:
+    return Key(
+        "unsafe_accept_any_measurement",
+        "true or false",
+        _parse_bool,
+        lambda unsafe: [UnsafeAcceptAnyMeasurement()] if unsafe else [],
+    )
+
+
+def _hardware_common() -> tuple[Key, ...]:
+    """TCB status and debug: the safe defaults every hardware kind shares."""
+    return (
+        Key(
+            "allowed_tcb_status",
+            'a list of status names, e.g. ["UpToDate"]',
+            _parse_names,
+            lambda allowed: [TcbStatusIn(tuple(allowed))],
+            default=["UpToDate"],
+        ),
+        Key(
+            "allow_debug",
+            "true or false",
+            _parse_bool,
+            lambda allow: [] if allow else [NotDebug()],
+            default=False,
+        ),
+    )
+
+
+def _dcap_platform() -> tuple[Key, ...]:
+    """dcap-qvl's quote-policy options that say something about the platform (SGX, TDX).
+
+    dcap-qvl 0.7 also offers grace periods (accepting an OutOfDate TCB for a while after
+    Intel's release; `allowed_tcb_status` covers that decision), advisory deny-lists
+    (the verdict's advisory IDs are shown on every TCB failure) and accepted SGX types;
+    those are not exposed. Dynamic platform, cached keys and SMT come from the PCK
+    certificate's platform configuration, which only platforms with a platform CA carry;
+    where it is absent the verifier reports None and these rules cannot refuse.
+    """
+    return (
+        Key(
+            "min_tcb_eval_data_number",
+            "an integer >= 0",
+            _parse_int(0, 2**32 - 1),
+            lambda low: [AtLeast("tcb_eval_data_number", low)],
+        ),
+        Key(
+            "allow_dynamic_platform",
+            "true or false",
+            _parse_bool,
+            lambda allow: (
+                []
+                if allow
+                else [ClaimNotTrue("dynamic_platform", "The platform may add CPU packages.")]
+            ),
+        ),
+        Key(
+            "allow_cached_keys",
+            "true or false",
+            _parse_bool,
+            lambda allow: (
+                []
+                if allow
+                else [ClaimNotTrue("cached_keys", "The platform caches its platform keys.")]
+            ),
+        ),
+        Key(
+            "allow_smt",
+            "true or false",
+            _parse_bool,
+            lambda allow: (
+                [] if allow else [ClaimNotTrue("smt_enabled", "The platform runs with SMT on.")]
+            ),
+        ),
+    )
+
+
+def _need(values: dict[str, Any], *keys: str) -> list[str]:
+    return [key for key in keys if key not in values]
+
+
+def _simulation_incomplete(values: dict[str, Any]) -> str | None:
+    return "set measurement (from `blindfold measure`)" if "measurement" not in values else None
+
+
+def _sgx_incomplete(values: dict[str, Any]) -> str | None:
+    if "mr_enclave" in values:
+        return None
+    if "mr_signer" not in values:
+        return "set mr_enclave (the exact enclave) or mr_signer with isv_prod_id and min_isv_svn"
+    missing = _need(values, "isv_prod_id", "min_isv_svn")
+    if missing:
+        return (
+            f"mr_signer alone accepts every enclave its key ever signed, old and vulnerable "
+            f"ones included; add {' and '.join(missing)} (or pin mr_enclave)"
+        )
+    return None
+
+
+TDX_RTMRS = ("rtmr0", "rtmr1", "rtmr2", "rtmr3")
+
+
+def _tdx_incomplete(values: dict[str, Any]) -> str | None:
+    both = [r for r in TDX_RTMRS if r in values and values.get(f"unsafe_ignore_{r}")]
+    if both:
+        return f"{both[0]} is pinned and unsafe_ignore_{both[0]} = true: choose one"
+    rtmrs = [r for r in TDX_RTMRS if r not in values and not values.get(f"unsafe_ignore_{r}")]
+    if not rtmrs:
+        return "add mr_td (the TD's virtual firmware)" if "mr_td" not in values else None
+    return (
+        f"mr_td measures only the virtual firmware, the RTMRs measure the kernel, command "
+        f"line and application: add {', '.join(_need(values, 'mr_td') + rtmrs)} (`blindfold "
+        f"policy init --from-evidence` writes them all), or for a register the deployment "
+        f"does not use, set unsafe_ignore_rtmrN = true"
+    )
+
+
+def _snp_incomplete(values: dict[str, Any]) -> str | None:
+    missing = _need(values, "measurement", "min_tcb")
+    if missing:
+        return (
+            f"add {' and '.join(missing)} (min_tcb = {{ bootloader = N, tee = N, snp = N, "
+            f"microcode = N }}: the oldest firmware you accept; `blindfold policy init "
+            f"--from-evidence` writes both)"
+        )
+    return None
+
+
+def _nitro_incomplete(values: dict[str, Any]) -> str | None:
+    return "set pcr0 (the enclave image)" if "pcr0" not in values else None
+
+
+# SEV-SNP guest policy bits (AMD SEV-SNP ABI specification, "GUEST_POLICY structure").
+SNP_POLICY_SMT = 16
+SNP_POLICY_MIGRATE_MA = 18
+SNP_POLICY_SINGLE_SOCKET = 20
+SNP_TCB_PARTS = ("bootloader", "tee", "snp", "microcode")
+
+SPECS: dict[str, KindSpec] = {
+    "simulation": KindSpec(
+        "simulation", (_unsafe_accept_any(), _hex_pin("measurement", 32)), _simulation_incomplete
+    ),
+    "sgx": KindSpec(
+        "sgx",
+        (
+            _unsafe_accept_any(),
+            _hex_pin("mr_enclave", 32),
+            _hex_pin("mr_signer", 32),
+            Key(
+                "isv_prod_id",
+                "an integer 0..65535",
+                _parse_int(0, 0xFFFF),
+                lambda prod: [ValueEquals("isv_prod_id", prod)],
+            ),
+            _minimum("min_isv_svn", "isv_svn", 0xFFFF),
+            *_hardware_common(),
+            *_dcap_platform(),
+        ),
+        _sgx_incomplete,
+    ),
+    "tdx": KindSpec(
+        "tdx",
+        (
+            _unsafe_accept_any(),
+            *(
+                _hex_pin(name, 48)
+                for name in ("mr_td", *TDX_RTMRS, "mr_seam", "mr_config_id", "mr_owner")
+            ),
+            _hex_pin("mr_owner_config", 48),
+            _masked_pin("td_attributes", 8),
+            _masked_pin("xfam", 8),
+            *(
+                Key(f"unsafe_ignore_{rtmr}", "true or false", _parse_bool, lambda _: [])
+                for rtmr in TDX_RTMRS
+            ),
+            *_hardware_common(),
+            *_dcap_platform(),
+        ),
+        _tdx_incomplete,
+    ),
+    "sev-snp": KindSpec(
+        "sev-snp",
+        (
+            _unsafe_accept_any(),
+            _hex_pin("measurement", 48),
+            _hex_pin("host_data", 32),
+            _hex_pin("id_key_digest", 48),
+            _hex_pin("author_key_digest", 48),
+            _minimum("min_guest_svn", "guest_svn", 2**32 - 1),
+            Key(
+                "min_tcb",
+                "a table { bootloader = N, tee = N, snp = N, microcode = N } of integers 0..255",
+                _parse_table(SNP_TCB_PARTS, _parse_int(0, 255)),
+                lambda tcb: [AtLeast(f"reported_tcb_{part}", low) for part, low in tcb.items()],
+            ),
+            Key(
+                "vmpl",
+                "an integer 0..3",
+                _parse_int(0, 3),
+                lambda vmpl: [
+                    ValueEquals(
+                        "vmpl",
+                        vmpl,
+                        "The report was requested from another VM privilege level than the "
+                        "policy names (0: the guest kernel; higher levels sit beneath an SVSM "
+                        "or paravisor). Set vmpl in the [sev-snp] section if that is intended.",
+                    )
+                ],
+                default=0,
+            ),
+            Key(
+                "allow_smt",
+                "true or false",
+                _parse_bool,
+                lambda allow: (
+                    []
+                    if allow
+                    else [
+                        PolicyBit(
+                            "policy",
+                            SNP_POLICY_SMT,
+                            False,
+                            "SMT allowed",
+                            "The guest may run beside another thread on the same core; the "
+                            "policy says allow_smt = false.",
+                        )
+                    ]
+                ),
+                default=True,
+            ),
+            Key(
+                "require_single_socket",
+                "true or false",
+                _parse_bool,
+                lambda single: (
+                    [
+                        PolicyBit(
+                            "policy",
+                            SNP_POLICY_SINGLE_SOCKET,
+                            True,
+                            "SINGLE_SOCKET",
+                            "The guest may be spread over several sockets; the policy says "
+                            "require_single_socket = true.",
+                        )
+                    ]
+                    if single
+                    else []
+                ),
+                default=False,
+            ),
+            *_hardware_common(),
+        ),
+        _snp_incomplete,
+        always=(
+            PolicyBit(
+                "policy",
+                SNP_POLICY_MIGRATE_MA,
+                False,
+                "MIGRATE_MA",
+                "A migration agent may move the guest's memory to another host; Blindfold "
+                "does not accept guests that allow it.",
+            ),
+        ),
+    ),
+    "nitro": KindSpec(
+        "nitro",
+        (_unsafe_accept_any(), *(_hex_pin(f"pcr{i}", 48) for i in range(9)), *_hardware_common()),
+        _nitro_incomplete,
+    ),
 }
-_REQUIRED_ONE_OF: dict[str, tuple[str, ...]] = {
-    "simulation": ("measurement",),
-    "sgx": ("mr_enclave", "mr_signer"),
-    "tdx": ("mr_td",),
-    "sev-snp": ("measurement",),
-    "nitro": ("pcr0",),
-}
-_INT_EQUAL_KEYS = {"sgx": ("isv_prod_id",)}
-_INT_MIN_KEYS = {
-    "sgx": {"min_isv_svn": "isv_svn"},
-    "sev-snp": {"min_guest_svn": "guest_svn"},
-}
-_SNP_TCB_PARTS = ("bootloader", "tee", "snp", "microcode")
-_COMMON_KEYS = ("allowed_tcb_status", "allow_debug")
 
 
 @dataclass(frozen=True)
 class KindPolicy:
-    """The accepted values for one TEE kind, as read from its TOML section."""
+    """The accepted values for one TEE kind, as read (and type-checked) from its section."""
 
     kind: str
     values: dict[str, Any] = field(default_factory=dict)
 
     def rules(self) -> list[VerificationPolicy]:
-        rules: list[VerificationPolicy] = [KindIs((self.kind,))]
-        if self.values.get("unsafe_accept_any_measurement"):
-            rules.append(UnsafeAcceptAnyMeasurement())
-        for key in _HEX_LIST_KEYS[self.kind]:
-            if key in self.values:
-                rules.append(MeasurementIn(key, tuple(self.values[key])))
-        for key in _INT_EQUAL_KEYS.get(self.kind, ()):
-            if key in self.values:
-                rules.append(ValueEquals(key, self.values[key]))
-        for key, measured in _INT_MIN_KEYS.get(self.kind, {}).items():
-            if key in self.values:
-                rules.append(AtLeast(measured, self.values[key]))
-        for part, minimum in self.values.get("min_tcb", {}).items():
-            rules.append(AtLeast(f"reported_tcb_{part}", minimum))
-        if self.kind != "simulation":
-            rules.append(TcbStatusIn(tuple(self.values.get("allowed_tcb_status", ["UpToDate"]))))
-            if not self.values.get("allow_debug", False):
-                rules.append(NotDebug())
+        spec = SPECS[self.kind]
+        rules: list[VerificationPolicy] = [KindIs((self.kind,)), *spec.always]
+        for key in spec.keys:
+            value = self.values.get(key.name, key.default)
+            if value is not _ABSENT:
+                rules.extend(key.rules(value))
         return rules
 
     def verify(self, verdict: Verdict) -> None:
@@ -242,7 +688,7 @@ class Policy:
                 )
             if not isinstance(section, dict):
                 raise ConfigurationError(f"{source}: [{kind}] must be a table")
-            kinds[kind] = KindPolicy(kind, _check_section(kind, section, source))
+            kinds[kind] = KindPolicy(kind, check_section(kind, section, source))
         if not kinds:
             raise ConfigurationError(f"{source}: the policy accepts no TEE kind; add a section")
         return cls(kinds)
@@ -262,56 +708,29 @@ class Policy:
         return dump_toml({kind: kp.values for kind, kp in self.kinds.items()})
 
 
-def _check_section(kind: str, section: dict[str, Any], source: str) -> dict[str, Any]:
-    allowed = set(_HEX_LIST_KEYS[kind]) | set(_INT_EQUAL_KEYS.get(kind, ()))
-    allowed |= set(_INT_MIN_KEYS.get(kind, {})) | {"unsafe_accept_any_measurement"}
-    if kind != "simulation":
-        allowed |= set(_COMMON_KEYS)
-    if kind == "sev-snp":
-        allowed.add("min_tcb")
-    unknown = set(section) - allowed
-    if unknown:
-        raise ConfigurationError(
-            f"{source}: [{kind}] has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}"
-        )
-    values = dict(section)
-    for key in _HEX_LIST_KEYS[kind]:
-        if key in values:
-            values[key] = _hex_list(values[key], f"{source}: [{kind}] {key}")
-    for key in (*_INT_EQUAL_KEYS.get(kind, ()), *_INT_MIN_KEYS.get(kind, {})):
-        if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool)):
-            raise ConfigurationError(f"{source}: [{kind}] {key} must be an integer")
-    if "min_tcb" in values:
-        tcb = values["min_tcb"]
-        if not isinstance(tcb, dict) or set(tcb) - set(_SNP_TCB_PARTS):
+def check_section(kind: str, section: dict[str, Any], source: str = "policy") -> dict[str, Any]:
+    """Type-checks and normalises one section; raises ConfigurationError naming the key, the
+    expected type and what was found, or what a complete section must add."""
+    spec = SPECS[kind]
+    values: dict[str, Any] = {}
+    for name, value in section.items():
+        key = spec.key(name)
+        if key is None:
+            allowed = ", ".join(key.name for key in spec.keys)
             raise ConfigurationError(
-                f"{source}: [sev-snp] min_tcb must be a table with keys {_SNP_TCB_PARTS}"
+                f"{source}: [{kind}] has unknown key {name!r}; allowed: {allowed}"
             )
-    if "allowed_tcb_status" in values:
-        statuses = values["allowed_tcb_status"]
-        if not isinstance(statuses, list) or not all(isinstance(s, str) for s in statuses):
-            raise ConfigurationError(f"{source}: [{kind}] allowed_tcb_status must list names")
-    if "allow_debug" in values and not isinstance(values["allow_debug"], bool):
-        raise ConfigurationError(f"{source}: [{kind}] allow_debug must be true or false")
-    if not values.get("unsafe_accept_any_measurement") and not any(
-        key in values for key in _REQUIRED_ONE_OF[kind]
-    ):
-        raise ConfigurationError(
-            f"{source}: [{kind}] pins no measurement; set one of {_REQUIRED_ONE_OF[kind]}"
-        )
-    return values
-
-
-def _hex_list(value: Any, where: str) -> list[str]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items:
-        raise ConfigurationError(f"{where} must be a hex string or a non-empty list of them")
-    for item in items:
         try:
-            bytes.fromhex(item)
-        except (TypeError, ValueError):
-            raise ConfigurationError(f"{where}: {item!r} is not a hex string") from None
-    return [item.lower() for item in items]
+            values[name] = key.parse(value)
+        except _Invalid as exc:
+            raise ConfigurationError(
+                f"{source}: [{kind}] {name} must be {key.expected}; {exc}"
+            ) from None
+    if not values.get("unsafe_accept_any_measurement"):
+        missing = spec.incomplete(values)
+        if missing:
+            raise ConfigurationError(f"{source}: [{kind}] is incomplete: {missing}")
+    return values
 
 
 def dump_toml(sections: dict[str, dict[str, Any]], header: Iterable[str] = ()) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,28 +57,35 @@ def _signed_body(body: dict[str, Any]) -> bytes:
 class SimulationSigner:
     """The server-side half: produces simulation evidence for given report data."""
 
-    def __init__(self, measurement: str | None = None) -> None:
+    def __init__(self, measurement: str | None = None, lifetime: int | None = None) -> None:
         self.measurement = measurement or measure_package()
+        # Evidence normally never expires; a lifetime makes it behave like hardware evidence
+        # whose collateral or certificate runs out, so expiry handling runs without hardware.
+        self.lifetime = lifetime
         self._key = ec.generate_private_key(ec.SECP256R1())
         self._public_der = self._key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
     def evidence(self, report_data: bytes) -> bytes:
-        body = {
+        body: dict[str, Any] = {
             "format": FORMAT,
             "warning": WARNING,
             "measurement": self.measurement,
             "report_data": report_data.hex(),
             "signer": base64.b64encode(self._public_der).decode(),
         }
+        if self.lifetime is not None:
+            now = int(time.time())
+            body.update(valid_from=now, valid_until=now + self.lifetime)
         signature = self._key.sign(_signed_body(body), ec.ECDSA(hashes.SHA256()))
         return json.dumps({**body, "signature": base64.b64encode(signature).decode()}).encode()
 
 
 def verify(evidence: bytes, collateral: dict[str, bytes], at: int) -> Verdict:
-    """Checks the format and the self-signature (integrity only, never authenticity)."""
-    del collateral, at  # simulation evidence has neither collateral nor a validity window
+    """Checks the format, the self-signature (integrity only, never authenticity) and, when
+    the evidence carries one, its validity window."""
+    del collateral  # simulation evidence has no collateral
     try:
         document = json.loads(evidence)
         signature = base64.b64decode(document.pop("signature"), validate=True)
@@ -86,6 +94,7 @@ def verify(evidence: bytes, collateral: dict[str, bytes], at: int) -> Verdict:
         report_data = bytes.fromhex(document["report_data"])
         measurement = str(document["measurement"])
         signer = serialization.load_der_public_key(base64.b64decode(document["signer"]))
+        window = _window(document)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise EvidenceError(
             f"simulation evidence is malformed ({exc}); expected {FORMAT} JSON. "
@@ -101,8 +110,24 @@ def verify(evidence: bytes, collateral: dict[str, bytes], at: int) -> Verdict:
         ) from None
     if len(report_data) != 64:
         raise EvidenceError(f"simulation report data is {len(report_data)} bytes, expected 64")
+    if window is not None and not window[0] <= at <= window[1]:
+        raise EvidenceError(
+            f"simulation evidence expired or not yet valid at {at}: it is valid from "
+            f"{window[0]} to {window[1]}. Fetch fresh evidence from the server."
+        )
     return Verdict(
         kind="simulation",
         measurements={"measurement": measurement},
         report_data=report_data,
+        valid_from=window[0] if window else None,
+        valid_until=window[1] if window else None,
     )
+
+
+def _window(document: dict[str, Any]) -> tuple[int, int] | None:
+    if "valid_until" not in document:
+        return None
+    start, end = document["valid_from"], document["valid_until"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
+        raise ValueError("valid_from/valid_until are not integers")
+    return start, end

@@ -62,12 +62,15 @@ class Verdict:
       simulation: measurement
       sgx: mr_enclave, mr_signer, isv_prod_id, isv_svn, attributes, cpu_svn
       tdx: mr_td, rtmr0, rtmr1, rtmr2, rtmr3, mr_config_id, mr_owner, mr_owner_config,
-           tee_tcb_svn, td_attributes, xfam
+           mr_seam, tee_tcb_svn, td_attributes, xfam
+      sgx and tdx also: tcb_eval_data_number (int), dynamic_platform, cached_keys,
+           smt_enabled (True / False / None where the PCK certificate does not say)
       sev-snp: measurement, host_data, policy, reported_tcb_bootloader, reported_tcb_tee,
            reported_tcb_snp, reported_tcb_microcode, chip_id, vmpl, guest_svn, version
       nitro: pcr0 .. pcr8 (only those present), module_id
     `report_data` is the 64 bytes the TEE bound into the evidence (for Nitro: user_data).
-    `valid_from` / `valid_until` bound the validity window of the collateral (unix seconds).
+    `valid_from` / `valid_until` bound the validity window of the collateral (unix seconds);
+    a client attests again before relying on the verdict after `valid_until`.
     """
 
     kind: str

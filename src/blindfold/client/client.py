@@ -13,6 +13,7 @@ import json
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,11 @@ class Client:
         if bearer:
             send["Authorization"] = f"Bearer {bearer}"
         transport = self._transport
+        if self._attestation_expired():
+            # The verdict's collateral (or Nitro certificate) ran out: the pin is only as good
+            # as the evidence behind it, so attest again before sending anything more.
+            self._reattest(transport)
+            transport = self._transport
         try:
             response = transport.request(method, path, body, send, content_length)
         except PinnedKeyMismatch:
@@ -136,6 +142,10 @@ class Client:
                 message = response.body[:300].decode(errors="replace")
             raise server_error(response.status, message, method=method, path=path)
         return response
+
+    def _attestation_expired(self) -> bool:
+        valid_until = self.attestation.verdict.valid_until
+        return valid_until is not None and time.time() >= valid_until
 
     def _reattest(self, failed: Transport) -> None:
         with self._lock:
@@ -312,7 +322,7 @@ class Client:
             model_sha256=model_sha256,
             client_nonce=nonce,
         )
-        standing = self._standing_evidence()
+        standing = self._standing_evidence(receipt.evidence_sha256)
         if hashlib.sha256(standing.evidence).hexdigest() != receipt.evidence_sha256:
             raise ReceiptError(
                 "the receipt names evidence other than the server's standing evidence; "
@@ -320,20 +330,28 @@ class Client:
             )
         return SavedReceipt(receipt, standing, self.attestation.certificate_pem)
 
-    def _standing_evidence(self) -> Evidence:
-        """The server's nonce-less evidence (what receipts point to), verified once."""
-        if self._standing is None or self._standing[0] != self.attestation.spki_sha256:
-            document = self._json("GET", "/v2/attestation")
-            evidence = Evidence.from_json(document)
-            verify_server_evidence(
-                evidence,
-                self.attestation.certificate_der,
-                self.policy,
-                nonce=None,
-                allow_simulation=self.allow_simulation,
-            )
-            self._standing = (self.attestation.spki_sha256, evidence)
-        return self._standing[1]
+    def _standing_evidence(self, named_sha256: str) -> Evidence:
+        """The server's nonce-less evidence (what receipts point to), verified. Cached, and
+        fetched again when a receipt names other evidence: the server renews its standing
+        evidence before it expires."""
+        cached = self._standing
+        if (
+            cached is not None
+            and cached[0] == self.attestation.spki_sha256
+            and hashlib.sha256(cached[1].evidence).hexdigest() == named_sha256
+        ):
+            return cached[1]
+        document = self._json("GET", "/v2/attestation")
+        evidence = Evidence.from_json(document)
+        verify_server_evidence(
+            evidence,
+            self.attestation.certificate_der,
+            self.policy,
+            nonce=None,
+            allow_simulation=self.allow_simulation,
+        )
+        self._standing = (self.attestation.spki_sha256, evidence)
+        return evidence
 
     def load_encrypted_model(
         self,

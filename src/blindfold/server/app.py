@@ -7,13 +7,12 @@ import base64
 import binascii
 import hashlib
 import logging
+import re
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import orjson
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -38,6 +37,7 @@ JSON_SLACK = 1 << 20  # room for JSON framing around base64 model bytes
 # them they go to the codec pool, so that no request stalls the others.
 INLINE_JSON_BYTES = 64 * 1024
 INLINE_JSON_ELEMENTS = 16 * 1024
+RECEIPT_NONCE = re.compile(r"(?:[0-9a-f]{2})*")
 
 
 class ServerState:
@@ -51,11 +51,13 @@ class ServerState:
     ):
         self.identity = identity
         self.encrypted_models_dir = encrypted_models_dir
-        standing = identity.attestation(None).evidence
+        identity.standing()  # a TEE that cannot produce evidence fails at start, not later
+        # Receipts name the standing evidence current when they are signed, which the
+        # identity renews before it expires.
         self.receipts = ReceiptSigner(
             identity.private_key,
             identity.spki_sha256.hex(),
-            hashlib.sha256(standing.evidence).hexdigest(),
+            identity.standing_evidence_sha256,
         )
         self.service = service
         self.runner = runner
@@ -196,16 +198,13 @@ async def infer(request: Request) -> Response:
     )
     session = entry.session
     if _decodes_quickly(body, header_length):
-        parsed, feeds, names = _decode(body, header_length, limits, session)
+        parsed, names = _decode(body, header_length, limits, session)
     else:
-        parsed, feeds, names = await state.pools.codec.call(
-            _decode, body, header_length, limits, session
-        )
-    results = await state.runner.run(session, names, feeds)
+        parsed, names = await state.pools.codec.call(_decode, body, header_length, limits, session)
+    results = await state.runner.run(session, names, dict(parsed.inputs))
     state.inferences += 1
-    raw = dict(zip(names, results, strict=True))
-    quick = _encodes_quickly(parsed, raw)
-    outputs = _wire_outputs(raw) if quick else await state.pools.codec.call(_wire_outputs, raw)
+    outputs = dict(zip(names, results, strict=True))
+    quick = _encodes_quickly(parsed, outputs)
     parameters: dict[str, Any] = {"model_sha256": entry.sha256}
     if parsed.parameters.get("receipt"):
         parameters["receipt"] = await _receipt(state, entry, parsed, outputs)
@@ -238,18 +237,18 @@ def _decodes_quickly(body: bytearray, header_length: str | None) -> bool:
 
 def _decode(
     body: bytearray, header_length: str | None, limits: Limits, session: Session
-) -> tuple[oip.InferRequest, dict[str, Any], list[str]]:
+) -> tuple[oip.InferRequest, list[str]]:
+    """The request's tensors, checked against the model, and the outputs to return."""
     parsed = oip.parse_infer_request(body, header_length, limits)
     session.check_inputs(parsed.inputs)
-    feeds = {name: _ort_value(array) for name, array in parsed.inputs.items()}
     if parsed.outputs is None:
-        return parsed, feeds, session.output_names
+        return parsed, session.output_names
     unknown = [name for name in parsed.outputs if name not in session.output_names]
     if unknown:
         raise RequestRejected(
             400, f"unknown outputs {unknown}; the model has {session.output_names}"
         )
-    return parsed, feeds, [name for name in session.output_names if name in parsed.outputs]
+    return parsed, [name for name in session.output_names if name in parsed.outputs]
 
 
 def _encodes_quickly(parsed: oip.InferRequest, outputs: dict[str, Any]) -> bool:
@@ -260,10 +259,6 @@ def _encodes_quickly(parsed: oip.InferRequest, outputs: dict[str, Any]) -> bool:
         if not wants_binary and array.size > INLINE_JSON_ELEMENTS:
             return False
     return True
-
-
-def _wire_outputs(results: dict[str, Any]) -> dict[str, Any]:
-    return {name: _from_ort(array) for name, array in results.items()}
 
 
 def _encode(
@@ -281,8 +276,14 @@ async def _receipt(
     """A signed receipt over the model, the inputs and every output returned (hashing the
     tensors runs off the event loop, like inference)."""
     nonce = parsed.parameters.get("receipt_nonce", "")
-    if not isinstance(nonce, str) or len(nonce) > 128:
-        raise RequestRejected(400, "receipt_nonce must be a string of at most 128 characters")
+    # The receipt format signs the nonce as lowercase hex (receipts.Receipt), so anything else
+    # is refused here rather than failing while signing.
+    if not isinstance(nonce, str) or len(nonce) > 128 or not RECEIPT_NONCE.fullmatch(nonce):
+        raise RequestRejected(
+            400,
+            "receipt_nonce must be lowercase hex of at most 128 characters, e.g. "
+            "secrets.token_hex(16) or uuid.uuid4().hex",
+        )
     receipt = await state.pools.codec.call(
         state.receipts.sign,
         entry.sha256,
@@ -293,27 +294,6 @@ async def _receipt(
     )
     document: dict[str, Any] = receipt.to_json()
     return document
-
-
-def _ort_value(array: Any) -> Any:
-    # onnxruntime takes string tensors as str objects; the wire carries bytes.
-    if array.dtype == object:
-        try:
-            decoded = [item.decode("utf-8") for item in array.reshape(-1)]
-        except UnicodeDecodeError:
-            raise RequestRejected(400, "BYTES inputs must be UTF-8 text for ONNX models") from None
-        return np.array(decoded, dtype=object).reshape(array.shape)
-    return array
-
-
-def _from_ort(array: Any) -> Any:
-    if array.dtype.kind in ("U", "O"):
-        out = np.empty(array.shape, dtype=object)
-        flat = out.reshape(-1)
-        for index, item in enumerate(array.reshape(-1)):
-            flat[index] = item.encode() if isinstance(item, str) else bytes(item)
-        return out
-    return array
 
 
 # --- model repository extension ---
@@ -375,10 +355,7 @@ def _load_answer(name: str, result: LoadResult) -> Response:
 
 def _model_from_triton_load(body: bytearray) -> tuple[bytes, bool | None]:
     """Triton's load request: `{"parameters": {"config": ..., "file:<path>": base64}}`."""
-    try:
-        document = orjson.loads(body) if body else {}
-    except ValueError:
-        raise RequestRejected(400, "the load request is not valid JSON") from None
+    document = oip.parse_json(body, "the load request is not valid JSON") if body else {}
     parameters = document.get("parameters") if isinstance(document, dict) else None
     if not isinstance(parameters, dict):
         raise RequestRejected(
@@ -413,17 +390,16 @@ async def repository_load_encrypted(request: Request) -> Response:
     # upload rights can even learn whether a path exists.
     state.service.authorize_load(name, bearer_token(request))
     body = await read_body(request, state.body_budget, 1 << 16, "request", "fixed")
+    advice = (
+        'send {"path": "<file on the server>", "key": <key file JSON from blindfold encrypt-model>}'
+    )
+    document = oip.parse_json(body, advice)
     try:
-        document = orjson.loads(body)
-        path = Path(document["path"])
+        path = _path_parameter(document["path"])
         key = ModelKey.from_json(document["key"])
         public = document.get("public")
-    except (ValueError, KeyError, TypeError, ConfigurationError):
-        raise RequestRejected(
-            400,
-            'send {"path": "<file on the server>", "key": <key file JSON from '
-            "blindfold encrypt-model>}",
-        ) from None
+    except (KeyError, TypeError, ConfigurationError):
+        raise RequestRejected(400, advice) from None
     path = _encrypted_model_path(state, path)
     limit = state.service.limits.max_model_bytes
     try:
@@ -440,6 +416,20 @@ async def repository_load_encrypted(request: Request) -> Response:
         name, data, bearer_token(request), public=public if isinstance(public, bool) else None
     )
     return _load_answer(name, result)
+
+
+def _path_parameter(value: object) -> Path:
+    """A path as the operating system can take it: text without NUL, encodable as UTF-8
+    (JSON can carry lone surrogates, which no file name holds)."""
+    if not isinstance(value, str):
+        raise TypeError
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestRejected(400, "'path' is not valid UTF-8 text") from None
+    if "\0" in value:
+        raise RequestRejected(400, "'path' must not contain NUL characters")
+    return Path(value)
 
 
 def _encrypted_model_path(state: ServerState, requested: Path) -> Path:
@@ -470,12 +460,11 @@ async def repository_unload(request: Request) -> Response:
 async def set_access(request: Request) -> Response:
     state = state_of(request)
     body = await read_body(request, state.body_budget, 1 << 16, "request", "fixed")
-    try:
-        public = orjson.loads(body)["public"]
-        if not isinstance(public, bool):
-            raise TypeError
-    except (ValueError, KeyError, TypeError):
-        raise RequestRejected(400, 'send {"public": true} or {"public": false}') from None
+    advice = 'send {"public": true} or {"public": false}'
+    document = oip.parse_json(body, advice)
+    if not isinstance(document, dict) or not isinstance(document.get("public"), bool):
+        raise RequestRejected(400, advice)
+    public = document["public"]
     entry = state.service.set_public(request.path_params["name"], bearer_token(request), public)
     return JSONResponse({"name": entry.name, "public": entry.public})
 
@@ -504,7 +493,10 @@ async def rejected(request: Request, exc: Exception) -> Response:
     headers = dict(exc.headers)
     if await admission.must_close(request):
         headers["Connection"] = "close"
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+    # A message can name something the client sent (a path, a model name) that is not
+    # encodable text, e.g. a lone surrogate from JSON; the answer must still be UTF-8.
+    message = exc.message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": message}, status_code=exc.status, headers=headers)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:

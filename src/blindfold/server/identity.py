@@ -3,15 +3,20 @@ and evidence binding the certificate's public key (DESIGN.md, "The attested chan
 
 The private key only ever lives in process memory: it is handed to the TLS stack through an
 anonymous memory file (memfd), never written to disk.
+
+The standing (nonce-less) evidence, which receipts name by hash, is made again before its
+collateral or certificate expires, so clients keep accepting it and receipts keep verifying.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import os
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,15 +49,33 @@ class ServerIdentity:
         self.spki_sha256 = public_key_sha256(self.private_key.public_key())
         self._lock = threading.Lock()
         self._standing: AttestationDocument | None = None
+        self._standing_refresh_at: float | None = None
 
     def attestation(self, nonce: bytes | None = None) -> AttestationDocument:
-        """Evidence for `SHA-256(SPKI) || nonce` (or 32 zero bytes, cached)."""
+        """Evidence for `SHA-256(SPKI) || nonce`, or the standing evidence for 32 zero bytes."""
         if nonce is None:
-            with self._lock:
-                if self._standing is None:
-                    self._standing = self._document(bytes(32))
-                return self._standing
+            return self.standing()
         return self._document(nonce)
+
+    def standing(self) -> AttestationDocument:
+        """The nonce-less evidence, cached, and made again once it nears expiry."""
+        with self._lock:
+            now = time.time()
+            if self._standing is None or (
+                self._standing_refresh_at is not None and now >= self._standing_refresh_at
+            ):
+                self._standing = self._document(bytes(32))
+                # Read right after making the evidence: for Nitro it is the lifetime of the
+                # document just made (a concurrent nonce'd request may shift it by moments).
+                valid_until = self.provider.collateral_valid_until()
+                self._standing_refresh_at = (
+                    None if valid_until is None else _refresh_time(now, valid_until)
+                )
+            return self._standing
+
+    def standing_evidence_sha256(self) -> str:
+        """What receipts name: the hash of the current standing evidence."""
+        return hashlib.sha256(self.standing().evidence.evidence).hexdigest()
 
     def _document(self, freshness: bytes) -> AttestationDocument:
         evidence = self.provider.evidence(self.spki_sha256 + freshness)
@@ -74,6 +97,14 @@ class ServerIdentity:
         finally:
             os.close(descriptor)
         return context
+
+
+STANDING_REFRESH_MARGIN = 3600.0
+
+
+def _refresh_time(made: float, valid_until: float) -> float:
+    """An hour before expiry, or halfway through a lifetime shorter than two hours."""
+    return valid_until - min(STANDING_REFRESH_MARGIN, max(valid_until - made, 0) / 2)
 
 
 def _self_signed_certificate(

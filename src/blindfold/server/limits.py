@@ -1,19 +1,34 @@
-"""Every resource limit of the server, in one place; all configurable from the command line."""
+"""Every resource limit of the server, in one place; all configurable from the command line.
+
+The memory defaults are derived from the machine, so that the limits hold before the
+kernel's out-of-memory killer would step in."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GiB = 1 << 30
 MiB = 1 << 20
 
 
-def _memory_bytes() -> int:
+def machine_memory() -> int:
+    """Physical memory in bytes (4 GiB when the machine does not say)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
-        return 8 * GiB
+        return 4 * GiB
+
+
+def default_model_memory() -> int:
+    """Half the machine for loaded models; the rest is for runs and the front process."""
+    return machine_memory() // 2
+
+
+def default_inference_memory() -> int:
+    """Run-time memory one model's worker may take beyond its model: a quarter of the
+    machine, at least 1 GiB and at most 16 GiB."""
+    return min(max(machine_memory() // 4, 1 * GiB), 16 * GiB)
 
 
 @dataclass(frozen=True)
@@ -26,6 +41,10 @@ class Limits:
     max_tensor_elements: int = 64 * 1024 * 1024
     max_models: int = 64
     max_concurrent_inferences: int = 4
+    max_model_memory: int = field(default_factory=default_model_memory)
+    max_inference_memory: int = field(default_factory=default_inference_memory)  # 0: none
+    inference_timeout: float = 60.0
+    isolation: bool = True  # False only with --unsafe-no-isolation (benchmarks)
     # Bytes of request bodies being received or held at once, over all requests; 0: a
     # quarter of the machine's memory, and never less than one largest request.
     max_inflight_body_bytes: int = 0
@@ -33,7 +52,7 @@ class Limits:
     def inflight_body_bytes(self) -> int:
         if self.max_inflight_body_bytes:
             return self.max_inflight_body_bytes
-        return max(self.max_model_bytes, self.max_request_bytes, _memory_bytes() // 4)
+        return max(self.max_model_bytes, self.max_request_bytes, machine_memory() // 4)
 
 
 @dataclass(frozen=True)

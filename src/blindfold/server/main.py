@@ -3,6 +3,7 @@ and run uvicorn with a TLS context that holds the key in memory only."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import resource
@@ -45,6 +46,7 @@ class ServerConfig:
     collateral_cache: Path | None = None
     access_log: bool = False
     store: Path | None = None  # sealed persistent model store; None: models in memory only
+    simulation_evidence_lifetime: int | None = None  # None: simulation evidence never expires
 
 
 def make_provider(config: ServerConfig) -> TeeProvider:
@@ -53,11 +55,16 @@ def make_provider(config: ServerConfig) -> TeeProvider:
         from blindfold.server.tee.detect import detect_tee
 
         kind = detect_tee(config.allow_simulation_fallback)
+    if config.simulation_evidence_lifetime is not None and kind != "simulation":
+        raise ConfigurationError(
+            "--simulation-evidence-lifetime applies only to --tee simulation; hardware evidence "
+            "expires with its collateral or certificate"
+        )
     if kind == "simulation":
         from blindfold.server.tee.simulation import SimulationProvider
 
         # With a store, the (insecure) simulation sealing key file lives in the store.
-        return SimulationProvider(config.store)
+        return SimulationProvider(config.store, config.simulation_evidence_lifetime)
     from blindfold.server.tee.detect import make_hardware_provider
 
     options: dict[str, Any] = {}
@@ -117,14 +124,13 @@ def build_state(config: ServerConfig) -> ServerState:
     identity = ServerIdentity(provider, hostnames)
     upload_key_hashes = read_upload_keys(config.upload_key_file)
     store = open_store(provider, config.store) if config.store is not None else None
-    runner = InferenceRunner(config.limits.max_concurrent_inferences)
+    runner = InferenceRunner(config.limits, config.intra_op_threads)
     pools = Pools()
     service = ModelService(
         config.limits,
         runner,
         upload_key_hashes=upload_key_hashes,
         open_upload=config.open_upload,
-        intra_op_threads=config.intra_op_threads,
         store=store,
         loading=pools.loading,
     )
@@ -209,6 +215,17 @@ def banner(state: ServerState, config: ServerConfig) -> str:
         lines.insert(1, "!! SIMULATION TEE: NO HARDWARE PROTECTION. The host can read every model")
         lines.insert(2, "!! and every tensor. Clients must pass allow_simulation=True to connect.")
         lines.insert(3, "!" * 78)
+    if config.limits.isolation:
+        lines.append(
+            "  models: each in a confined worker process (memory limit "
+            f"{config.limits.max_inference_memory >> 20} MiB beyond the model, timeout "
+            f"{config.limits.inference_timeout:g} s)"
+        )
+    else:
+        lines.append(
+            "  models: UNSAFE --unsafe-no-isolation: models run next to every secret of this "
+            "process, with no memory or time limit (for benchmarks only)"
+        )
     if config.open_upload:
         lines.append("  uploads: OPEN (anyone who attests this server may upload models)")
     store = state.service.store
@@ -225,10 +242,21 @@ def banner(state: ServerState, config: ServerConfig) -> str:
     return "\n".join(lines)
 
 
+def _keep_secrets_out_of_reach() -> None:
+    """No core dumps of the front process and no ptrace or /proc/PID/mem reads of it by
+    processes of the same user (such as a model worker that lost its confinement): it holds
+    the TLS, receipt and sealing keys."""
+    ctypes.CDLL(None).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+_PR_SET_DUMPABLE = 4
+
+
 def serve(config: ServerConfig) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    _keep_secrets_out_of_reach()
     state = build_state(config)
     print(banner(state, config), file=sys.stderr, flush=True)
     app = create_app(state)

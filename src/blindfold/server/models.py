@@ -109,8 +109,17 @@ class ModelRegistry:
             return entry
 
     def _release(self, sha256: str) -> None:
+        """Closes the session (ending its worker) once no name refers to its bytes."""
         if not any(e.sha256 == sha256 for e in self._entries.values()):
-            self._sessions.pop(sha256, None)
+            session = self._sessions.pop(sha256, None)
+            if session is not None:
+                session.close()
+
+    def close_sessions(self) -> None:
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.close()
 
     def get(self, name: str) -> ModelEntry:
         with self._lock:

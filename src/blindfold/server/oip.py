@@ -3,6 +3,8 @@ Triton's binary tensor data extension. Pure functions: no I/O, no onnxruntime.""
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,27 @@ def _bad(message: str) -> RequestRejected:
     return RequestRejected(400, message)
 
 
+_LONG_NUMBER = re.compile(rb"[0-9]{20}")  # 2**64 has 20 digits
+
+
+def parse_json(data: bytes | bytearray | memoryview, error: str) -> Any:
+    """The one JSON reader for request bodies: anything it cannot read (malformed, not UTF-8,
+    nested deeper than the parser allows) is a 400 with `error`, never the parser's own
+    message, which can quote the body. orjson reads it (several times faster, and its depth
+    limit is a plain error); what orjson refuses or reads differently from `json` (lone
+    surrogates in strings; integers beyond 64 bits, which it turns into floats) is read by
+    `json`, so that such values reach the checks that name them."""
+    if _LONG_NUMBER.search(data) is None:
+        try:
+            return orjson.loads(data)
+        except ValueError:
+            pass
+    try:
+        return json.loads(bytes(data))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise _bad(error) from None
+
+
 def parse_infer_request(
     body: bytes | bytearray, header_length: str | None, limits: Limits
 ) -> InferRequest:
@@ -51,10 +74,10 @@ def parse_infer_request(
         json_length = len(view)
     if json_length > limits.max_json_bytes:
         raise json_too_large(limits)
-    try:
-        header = orjson.loads(view[:json_length])
-    except (ValueError, UnicodeDecodeError):
-        raise _bad("the request's JSON header is malformed; send an OIP v2 infer request") from None
+    header = parse_json(
+        view[:json_length],
+        "the request's JSON header is malformed; send an OIP v2 infer request",
+    )
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise _bad("the request must be a JSON object with an 'inputs' list")
     binary = view[json_length:]
@@ -103,7 +126,7 @@ def parse_infer_request(
             f"the body carries {len(binary) - offset} bytes of binary data that no input's "
             "binary_data_size accounts for"
         )
-    parameters = header.get("parameters") or {}
+    parameters = _parameters(header)
     if not isinstance(parameters, dict):
         raise _bad("'parameters' must be an object")
     request = InferRequest(
@@ -119,7 +142,10 @@ def parse_infer_request(
         for item in header["outputs"]:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise _bad("each requested output needs a 'name'")
-            wants = (item.get("parameters") or {}).get("binary_data", request.binary_default)
+            output_parameters = _parameters(item)
+            if not isinstance(output_parameters, dict):
+                raise _bad(f"output {item['name']!r}: 'parameters' must be an object")
+            wants = output_parameters.get("binary_data", request.binary_default)
             request.outputs[item["name"]] = bool(wants)
     return request
 
@@ -147,10 +173,17 @@ def _tensor_header(item: Any, index: int) -> tuple[str, str, list[int], dict[str
         )
     if not isinstance(shape, list):
         raise _bad(f"input {name!r} needs a 'shape' list")
-    parameters = item.get("parameters") or {}
+    parameters = _parameters(item)
     if not isinstance(parameters, dict):
         raise _bad(f"input {name!r}: 'parameters' must be an object")
     return name, datatype, shape, parameters
+
+
+def _parameters(item: dict[str, Any]) -> Any:
+    """The 'parameters' of an OIP object ({} when absent or null); the caller checks that it
+    is an object, so [] or "" is refused rather than read as empty."""
+    parameters = item.get("parameters")
+    return {} if parameters is None else parameters
 
 
 def _element_count(shape: list[Any], name: str) -> int:
@@ -184,7 +217,13 @@ def encode_infer_response(
             entry["parameters"] = {"binary_data_size": len(data)}
             binary_parts.append(data)
         else:
-            entry["data"] = tensors.tensor_to_json_data(array)
+            try:
+                entry["data"] = tensors.tensor_to_json_data(array)
+            except InputError as exc:
+                raise _bad(
+                    f"output {name!r}: {exc} (ask for binary outputs with "
+                    "'binary_data_output': true, or 'binary_data': true on the output)"
+                ) from None
         header_outputs.append(entry)
     document: dict[str, Any] = {
         "model_name": model_name,
@@ -195,6 +234,7 @@ def encode_infer_response(
         document["id"] = request.id
     if parameters:
         document["parameters"] = parameters
+    # tensor_to_json_data refused NaN and infinities, which orjson would write as null.
     header = orjson.dumps(document)
     if not binary_parts:
         return [header], None

@@ -1,16 +1,22 @@
 """Static checks of uploaded ONNX bytes before onnxruntime ever sees them.
 
-Refuses what would let a model read the host's files (external data), load code the server
-does not ship (unknown custom-op domains), or exhaust memory through declared shapes.
+Refuses what would let a model read the host's files (external data in any tensor anywhere
+in the protobuf), load code the server does not ship (unknown custom-op domains), hold text
+onnxruntime's Python API cannot return (strings that are not UTF-8), exchange values the Open
+Inference Protocol cannot carry (non-tensor or unsupported-dtype inputs and outputs), or
+exhaust memory through declared shapes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
+from blindfold import tensors
 from blindfold.errors import RequestRejected
 from blindfold.server.limits import Limits
 
@@ -38,8 +44,9 @@ def check_model(data: bytes, limits: Limits) -> onnx.ModelProto:
         raise _bad("the uploaded bytes are not an ONNX model (protobuf parse failed)") from None
     if not model.HasField("graph") or model.ir_version <= 0:
         raise _bad("the uploaded bytes are not an ONNX model (no graph or IR version)")
-    _check_external_data(model)
+    _check_every_message(model)
     _check_domains(model)
+    _check_io_types(model)
     _check_declared_shapes(model, limits)
     return model
 
@@ -67,26 +74,71 @@ def _all_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
                     yield from _graphs(attribute.g)
 
 
-def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
+# Where a message sits: (parent's location, field name, index in a repeated field or None).
+# Built as tuples while walking and spelled out only for an error message.
+Location = tuple[Any, str, int | None] | None
+Fields = list[tuple[FieldDescriptor, Any]]
 
 
-def _check_external_data(model: onnx.ModelProto) -> None:
-    for graph in _all_graphs(model):
-        for tensor in _tensors(graph):
-            if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+def _messages(model: onnx.ModelProto) -> Iterator[tuple[Location, Message, Fields]]:
+    """Every message inside `model`, with its location and set fields, found from the protobuf
+    descriptors, so a field added to ONNX later cannot be missed."""
+    stack: list[tuple[Location, Message]] = [(None, model)]
+    while stack:
+        location, message = stack.pop()
+        fields = message.ListFields()
+        yield location, message, fields
+        for field, value in fields:
+            if field.type != FieldDescriptor.TYPE_MESSAGE:
+                continue
+            if _is_repeated(field):
+                stack.extend(((location, field.name, i), item) for i, item in enumerate(value))
+            else:
+                stack.append(((location, field.name, None), value))
+
+
+def _spell(location: Location, field: str | None = None) -> str:
+    parts = [] if field is None else [f".{field}"]
+    while location is not None:
+        location, name, index = location
+        parts.append(f".{name}" if index is None else f".{name}[{index}]")
+    return "model" + "".join(reversed(parts))
+
+
+_REPEATED: dict[FieldDescriptor, bool] = {}
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    repeated = _REPEATED.get(field)
+    if repeated is None:
+        flag = getattr(field, "is_repeated", None)  # protobuf >= 5.29; `label` is deprecated
+        if flag is None:
+            flag = field.label == FieldDescriptor.LABEL_REPEATED
+        repeated = _REPEATED[field] = bool(flag)
+    return repeated
+
+
+def _check_every_message(model: onnx.ModelProto) -> None:
+    """External data in any tensor (initializers, sparse tensors, attributes, function
+    bodies, subgraphs at any depth, training info) and text that is not UTF-8."""
+    for location, message, fields in _messages(model):
+        if isinstance(message, onnx.TensorProto) and (
+            message.data_location == onnx.TensorProto.EXTERNAL or message.external_data
+        ):
+            raise _bad(
+                f"tensor {message.name!r} at {_spell(location)} references external data; the "
+                "server only accepts self-contained models. Re-save it with "
+                "onnx.save_model(model, path, save_as_external_data=False)"
+            )
+        for field, value in fields:
+            if field.type != FieldDescriptor.TYPE_STRING:
+                continue
+            # protobuf hands out string fields that are not UTF-8 as bytes; onnxruntime's
+            # Python API cannot return them (e.g. a symbolic dimension name) to anyone.
+            if bytes in (map(type, value) if _is_repeated(field) else (type(value),)):
                 raise _bad(
-                    f"tensor {tensor.name!r} references external data; the server only accepts "
-                    "self-contained models. Re-save it with onnx.save_model(model, path, "
-                    "save_as_external_data=False)"
+                    f"the model's {_spell(location, field.name)} is not valid UTF-8 text; "
+                    "ONNX requires names and other strings to be UTF-8"
                 )
 
 
@@ -106,6 +158,45 @@ def _check_domains(model: onnx.ModelProto) -> None:
                     f"node {node.name!r} uses operator {node.domain}::{node.op_type}, which "
                     "onnxruntime does not ship; custom operators cannot be loaded into the TEE"
                 )
+
+
+def _check_io_types(model: onnx.ModelProto) -> None:
+    """The Open Inference Protocol carries tensors of the types in blindfold.tensors only;
+    anything else (sequences, maps, optionals, bfloat16, float8, int4...) is refused here
+    rather than failing, or being mislabelled, at inference time."""
+    supported = ", ".join(tensors.SUPPORTED_DATATYPES)
+    for role, infos in (("input", model.graph.input), ("output", model.graph.output)):
+        for info in infos:
+            kind = info.type.WhichOneof("value")
+            if kind != "tensor_type":
+                what = _TYPE_KINDS.get(kind or "", "value of no declared type")
+                raise _bad(
+                    f"model {role} {info.name!r} is a {what}; the server exchanges plain "
+                    f"tensors only ({supported}). Export the model so that every graph {role} "
+                    "is a tensor"
+                )
+            element = info.type.tensor_type.elem_type
+            if tensors.by_onnx(element) is None:
+                raise _bad(
+                    f"model {role} {info.name!r} has element type {_element_name(element)}, "
+                    f"which the server does not support (it supports {supported}); add a Cast "
+                    "to a supported type, e.g. FLOAT, at that end of the graph"
+                )
+
+
+def _element_name(element: int) -> str:
+    if element in onnx.TensorProto.DataType.values():
+        return str(onnx.TensorProto.DataType.Name(element))
+    return str(element)
+
+
+_TYPE_KINDS = {
+    "sequence_type": "sequence",
+    "map_type": "map",
+    "optional_type": "optional value",
+    "sparse_tensor_type": "sparse tensor",
+    "opaque_type": "opaque value",
+}
 
 
 def _check_declared_shapes(model: onnx.ModelProto, limits: Limits) -> None:

@@ -1,24 +1,78 @@
-"""onnxruntime sessions and the thread pool that runs them off the event loop."""
+"""onnxruntime sessions as the rest of the server sees them, and the runner that admits runs.
+
+A session is one model (one SHA-256) ready to run. By default it lives in its own worker
+process (`IsolatedSession`, see `workers.py` and `worker.py`): the model never shares memory
+with the TLS key, the receipt key, token hashes or the sealing key, cannot read the
+server's files, and runs under memory and time limits. `InProcessSession` runs it inside the
+front process instead; it exists only for `--unsafe-no-isolation` benchmarks.
+
+Every session costs memory; `MemoryBudget` admits a new one only while the estimated total
+stays under `--max-model-memory`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from blindfold import tensors
 from blindfold.errors import RequestRejected
+from blindfold.server import tensor_frames as frames
+from blindfold.server.limits import Limits, MiB
+from blindfold.server.worker import WorkerSettings
+from blindfold.server.workers import ModelWorker, WorkerDied
+
+# What a worker needs besides the model: interpreter, libraries, thread stacks, arenas.
+WORKER_ADDRESS_SPACE = 1024 * MiB
+WORKER_RESIDENT = 64 * MiB
+# onnxruntime holds the bytes it was given plus the initializers it made of them, and the
+# graph optimizer briefly holds another copy while loading.
+MODEL_COPIES_LOADING = 4
+MODEL_COPIES_RESIDENT = 3
+TIMEOUT_GRACE = 5.0  # seconds the front waits past --inference-timeout before killing
+MAX_SPEC_NAME = 4096
+
+
+def memory_cost(model_size: int, isolated: bool = True) -> int:
+    """The memory a loaded model is expected to hold, for admission (an estimate)."""
+    return MODEL_COPIES_RESIDENT * model_size + (WORKER_RESIDENT if isolated else 0)
+
+
+class MemoryBudget:
+    """Admits sessions while the sum of their estimated costs stays under the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, cost: int) -> None:
+        with self._lock:
+            if self.used + cost > self.limit:
+                raise RequestRejected(
+                    507,
+                    f"loading this model needs about {cost >> 20} MiB, and the loaded models "
+                    f"already hold {self.used >> 20} of the {self.limit >> 20} MiB the server "
+                    "allows (--max-model-memory); unload a model or raise the limit",
+                )
+            self.used += cost
+
+    def release(self, cost: int) -> None:
+        with self._lock:
+            self.used = max(0, self.used - cost)
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    datatype: str  # OIP datatype
+    datatype: str  # OIP datatype, or onnxruntime's type string for types the wire lacks
     shape: tuple[int, ...]  # -1 for dynamic dimensions
 
     def metadata(self) -> dict[str, Any]:
@@ -26,40 +80,34 @@ class TensorSpec:
 
 
 class Session:
-    """One onnxruntime session for one ONNX byte string, created once."""
+    """What every session offers: its identity, its tensor specs, input checks, `run`."""
 
-    def __init__(self, data: bytes, sha256: str, intra_op_threads: int = 0) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        # FATAL only: ORT logs kernel errors with their values (e.g. "idx=<index>" for an
-        # out-of-range Gather), and tensor contents must never reach the server's log.
-        options.log_severity_level = 4
-        try:
-            self._session = ort.InferenceSession(
-                data, sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises several unrelated exception types
-            raise RequestRejected(
-                400, f"onnxruntime cannot load the model: {_short(str(exc))}"
-            ) from None
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def __init__(self, sha256: str, size: int, budget: MemoryBudget, cost: int) -> None:
         self.sha256 = sha256
-        self.size = len(data)
-        self.inputs = [_spec(arg) for arg in self._session.get_inputs()]
-        self.outputs = [_spec(arg) for arg in self._session.get_outputs()]
-        self._input_specs = {spec.name: spec for spec in self.inputs}
-        self.output_names = [spec.name for spec in self.outputs]
+        self.size = size
+        self._budget = budget
+        self._cost = cost
+        self.closed = False
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
 
     def check_inputs(self, feeds: Mapping[str, np.ndarray]) -> None:
-        missing = [name for name in self._input_specs if name not in feeds]
+        specs = {spec.name: spec for spec in self.inputs}
+        missing = [name for name in specs if name not in feeds]
         if missing:
             raise RequestRejected(
-                400, f"missing model inputs {missing}; the model expects {list(self._input_specs)}"
+                400, f"missing model inputs {missing}; the model expects {list(specs)}"
             )
         for name, array in feeds.items():
-            spec = self._input_specs.get(name)
+            spec = specs.get(name)
             if spec is None:
                 raise RequestRejected(
-                    400, f"unknown input {name!r}; the model expects {list(self._input_specs)}"
+                    400, f"unknown input {name!r}; the model expects {list(specs)}"
                 )
             datatype = tensors.np_to_oip_dtype(array.dtype)
             if datatype != spec.datatype:
@@ -76,45 +124,286 @@ class Session:
                     f"{list(spec.shape)} (-1 = any size)",
                 )
 
-    def run(self, output_names: list[str], feeds: dict[str, Any]) -> list[np.ndarray]:
-        outputs: list[np.ndarray] = self._session.run(output_names, feeds)
-        return outputs
+    async def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Runs the model; BYTES tensors are object arrays of bytes on both sides."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Frees the session (idempotent); called when no model name refers to it any more."""
+        if not self.closed:
+            self.closed = True
+            self._budget.release(self._cost)
 
 
-def _short(message: str, limit: int = 300) -> str:
-    return message if len(message) <= limit else message[:limit] + "..."
+class IsolatedSession(Session):
+    """A session whose onnxruntime lives in a confined worker process, restarted on demand
+    when it dies; the model bytes wait in a sealed memfd for the next start."""
+
+    def __init__(
+        self, data: bytes, sha256: str, limits: Limits, budget: MemoryBudget, threads: int
+    ) -> None:
+        cost = memory_cost(len(data))
+        budget.reserve(cost)
+        super().__init__(sha256, len(data), budget, cost)
+        self._limits = limits
+        self._settings = WorkerSettings(
+            directory="",
+            address_space_bytes=_address_space(limits, len(data)),
+            inference_timeout=limits.inference_timeout,
+            intra_op_threads=threads,
+            concurrency=limits.max_concurrent_inferences,
+        )
+        self._model_fd = frames.sealed_memfd(data)
+        self._start_lock = threading.Lock()
+        self._worker: ModelWorker | None = None
+        try:
+            ready = self._start()
+            self.inputs = _specs(ready.get("inputs"))
+            self.outputs = _specs(ready.get("outputs"))
+            self.confinement = str(ready.get("confinement", "unknown"))[:100]
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> dict[str, Any]:
+        """Starts a worker unless a live one exists; returns its load answer."""
+        with self._start_lock:
+            if self.closed:
+                raise RequestRejected(409, "the model was unloaded while this request waited")
+            if self._worker is not None and self._worker.alive:
+                return self._worker.ready
+            timeout = max(120.0, self._limits.inference_timeout)
+            try:
+                worker = ModelWorker(self._model_fd, self._settings, timeout)
+            except WorkerDied as exc:
+                raise RequestRejected(
+                    507 if "SIGKILL" in exc.reason else 400,
+                    f"onnxruntime could not load the model: its worker process stopped "
+                    f"({exc.reason}); a model needing more than --max-inference-memory "
+                    "while loading is refused",
+                ) from None
+            if not worker.ready.get("ok"):
+                worker.close()
+                detail = _printable(str(worker.ready.get("detail", "")))
+                raise RequestRejected(400, f"onnxruntime cannot load the model: {detail}")
+            self._worker = worker
+            return worker.ready
+
+    async def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        worker = self._worker
+        if worker is None or not worker.alive:
+            await asyncio.to_thread(self._start)
+            worker = self._worker
+            assert worker is not None
+        names = list(feeds)
+        arrays = [feeds[name] for name in names]
+        try:
+            if sum(a.nbytes for a in arrays) > frames.INLINE_LIMIT * 16:
+                future = await asyncio.to_thread(worker.submit, names, arrays, output_names)
+            else:
+                future = worker.submit(names, arrays, output_names)
+            message = await asyncio.wait_for(
+                asyncio.wrap_future(future), self._limits.inference_timeout + TIMEOUT_GRACE
+            )
+        except TimeoutError:
+            worker.kill("a run exceeded --inference-timeout")
+            raise _timeout(self._limits) from None
+        except WorkerDied as exc:
+            raise RequestRejected(
+                503,
+                f"the worker process running this model stopped during the request "
+                f"({exc.reason}); the server keeps serving and restarts the model on the next "
+                "request",
+            ) from None
+        header = message.header
+        if not header.get("ok"):
+            raise _run_error(header.get("error"), self._limits)
+        try:
+            return frames.arrays_of(message, output_names)
+        except frames.FrameError:
+            worker.kill("it answered with malformed tensors")
+            raise RequestRejected(
+                502, "the model's worker process answered with malformed tensors"
+            ) from None
+
+    def close(self) -> None:
+        with self._start_lock:
+            if self.closed:
+                return
+            super().close()
+            if self._worker is not None:
+                self._worker.close()
+            os.close(self._model_fd)
 
 
-def _spec(arg: Any) -> TensorSpec:
+class InProcessSession(Session):
+    """UNSAFE: onnxruntime inside the front process, next to every secret. Only for
+    measuring what isolation costs (`--unsafe-no-isolation`)."""
+
+    def __init__(
+        self,
+        data: bytes,
+        sha256: str,
+        budget: MemoryBudget,
+        threads: int,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        import onnxruntime as ort
+
+        cost = memory_cost(len(data), isolated=False)
+        budget.reserve(cost)
+        super().__init__(sha256, len(data), budget, cost)
+        self._executor = executor
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 4  # FATAL only: kernel errors quote tensor values
+        try:
+            self._session = ort.InferenceSession(
+                data, sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises several unrelated exception types
+            self.close()
+            raise RequestRejected(
+                400, f"onnxruntime cannot load the model: {_printable(str(exc))}"
+            ) from None
+        self.inputs = [_spec_of(arg) for arg in self._session.get_inputs()]
+        self.outputs = [_spec_of(arg) for arg in self._session.get_outputs()]
+
+    async def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._run, output_names, feeds)
+        except RequestRejected:
+            raise
+        except Exception:
+            raise _run_error("run_failed", None) from None
+
+    def _run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        ort_feeds = {name: _to_ort(array) for name, array in feeds.items()}
+        return [_from_ort(value) for value in self._session.run(output_names, ort_feeds)]
+
+
+def _to_ort(array: np.ndarray) -> np.ndarray:
+    # onnxruntime takes string tensors as str objects; the wire carries UTF-8 bytes.
+    if array.dtype == object:
+        try:
+            decoded = [item.decode("utf-8") for item in array.reshape(-1)]
+        except UnicodeDecodeError:
+            raise _run_error("bad_input", None) from None
+        return np.array(decoded, dtype=object).reshape(array.shape)
+    return array
+
+
+def _from_ort(value: Any) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise _run_error("unsupported_output", None)
+    if value.dtype.kind in ("U", "O"):
+        out = np.empty(value.shape, dtype=object)
+        flat = out.reshape(-1)
+        for index, item in enumerate(value.reshape(-1)):
+            flat[index] = item.encode() if isinstance(item, str) else bytes(item)
+        return out
+    return value
+
+
+def _run_error(kind: Any, limits: Limits | None) -> RequestRejected:
+    # Only the kind of failure is reported: onnxruntime's messages can quote input values.
+    if kind == "timeout" and limits is not None:
+        return _timeout(limits)
+    if kind == "memory":
+        limit = f" ({limits.max_inference_memory >> 20} MiB)" if limits else ""
+        return RequestRejected(
+            507,
+            f"the model needed more memory for these inputs than the server allows per "
+            f"inference{limit}, --max-inference-memory; send smaller inputs",
+        )
+    if kind == "bad_input":
+        return RequestRejected(400, "BYTES inputs must be UTF-8 text for ONNX models")
+    if kind == "unsupported_output":
+        return RequestRejected(
+            400,
+            "the model returned an output Blindfold cannot send (a sequence, a map or an "
+            "unsupported datatype)",
+        )
+    return RequestRejected(
+        400,
+        "onnxruntime could not run the model on these inputs; names, datatypes and shapes "
+        "were accepted, so check the input values' ranges",
+    )
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _timeout(limits: Limits) -> RequestRejected:
+    return RequestRejected(
+        504,
+        f"the inference took longer than the server's limit of {limits.inference_timeout:g} s "
+        "(--inference-timeout) and was stopped",
+    )
+
+
+def _address_space(limits: Limits, model_size: int) -> int:
+    if not limits.max_inference_memory:
+        return 0
+    return WORKER_ADDRESS_SPACE + MODEL_COPIES_LOADING * model_size + limits.max_inference_memory
+
+
+def _specs(raw: Any) -> list[TensorSpec]:
+    """Tensor specs as a worker described them, checked (a worker is not trusted)."""
+    if not isinstance(raw, list):
+        raise RequestRejected(502, "the model's worker process described no tensors")
+    specs = []
+    for item in raw:
+        name = item.get("name") if isinstance(item, dict) else None
+        datatype = item.get("datatype") if isinstance(item, dict) else None
+        shape = item.get("shape") if isinstance(item, dict) else None
+        if (
+            not isinstance(name, str)
+            or len(name) > MAX_SPEC_NAME
+            or not isinstance(datatype, str)
+            or len(datatype) > 64
+            or not isinstance(shape, list)
+            or len(shape) > frames.MAX_DIMS
+            or not all(type(dim) is int and dim >= -1 for dim in shape)
+        ):
+            raise RequestRejected(502, "the model's worker process described its tensors wrongly")
+        specs.append(TensorSpec(name, datatype, tuple(shape)))
+    return specs
+
+
+def _spec_of(arg: Any) -> TensorSpec:
     entry = tensors.by_ort(arg.type)
-    datatype = entry.oip if entry else arg.type
     shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in arg.shape or [])
-    return TensorSpec(arg.name, datatype, shape)
+    return TensorSpec(arg.name, entry.oip if entry else arg.type, shape)
 
 
 class InferenceRunner:
-    """Runs sessions on a bounded thread pool, so at most `workers` inferences run at once
-    and the event loop keeps serving other requests meanwhile."""
+    """Admits at most `max_concurrent_inferences` runs at once, makes sessions of the kind
+    the server was started with, and runs other blocking work off the event loop."""
 
-    def __init__(self, workers: int) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
+    def __init__(self, limits: Limits, intra_op_threads: int = 0) -> None:
+        self.limits = limits
+        self.budget = MemoryBudget(limits.max_model_memory)
+        self._threads = intra_op_threads
+        self._slots = asyncio.Semaphore(limits.max_concurrent_inferences)
+        self._executor = ThreadPoolExecutor(
+            max_workers=limits.max_concurrent_inferences, thread_name_prefix="infer"
+        )
+
+    def new_session(self, data: bytes, sha256: str) -> Session:
+        """A ready session for `data` (blocking: loads the model)."""
+        if self.limits.isolation:
+            return IsolatedSession(data, sha256, self.limits, self.budget, self._threads)
+        return InProcessSession(data, sha256, self.budget, self._threads, self._executor)
 
     async def run(
-        self, session: Session, output_names: list[str], feeds: dict[str, Any]
+        self, session: Session, output_names: list[str], feeds: dict[str, np.ndarray]
     ) -> list[np.ndarray]:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, session.run, output_names, feeds)
-        except RequestRejected:
-            raise
-        except Exception as exc:
-            # onnxruntime's messages can quote input values (e.g. an out-of-range index), and
-            # tensor contents must never reach an error message: only the error's kind is kept.
-            raise RequestRejected(
-                400,
-                f"onnxruntime could not run the model on these inputs ({type(exc).__name__}); "
-                "names, datatypes and shapes were accepted, so check the input values' ranges",
-            ) from None
+        async with self._slots:
+            return await session.run(output_names, feeds)
 
     async def call(self, function: Any, *args: Any) -> Any:
         """Runs other blocking work (model parsing, session creation) on the same pool."""

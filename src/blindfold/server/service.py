@@ -110,7 +110,6 @@ class ModelService:
         *,
         upload_key_hashes: frozenset[str] = frozenset(),
         open_upload: bool = False,
-        intra_op_threads: int = 0,
         store: ModelStore | None = None,
         loading: Pool | None = None,
     ) -> None:
@@ -119,16 +118,18 @@ class ModelService:
         self.store = store
         self._runner = runner
         # Checking a model and creating its session must not queue behind inferences.
-        self._loading = loading
+        self._load_pool = loading
         self._upload_key_hashes = upload_key_hashes
         self._open_upload = open_upload
-        self._intra_op_threads = intra_op_threads
+        # Uploads of the same bytes that arrive together wait for one session.
+        self._loading: dict[str, asyncio.Future[Session]] = {}
         # Serializes every change of the store and the registry together, so memory never
         # shows what the disk does not hold.
         self._lock = threading.Lock()
         self._records: dict[str, StoredModel] = {}
 
     def close(self) -> None:
+        self.registry.close_sessions()
         if self.store is not None:
             self.store.close()
 
@@ -299,12 +300,7 @@ class ModelService:
             raise _too_large(len(data), self.limits.max_model_bytes)
         if sha256 is None:
             sha256 = hashlib.sha256(data).hexdigest()
-        session = self.registry.session_for(sha256)
-        if session is None:
-            if self._loading is not None:
-                session = await self._loading.call(self._new_session, data, sha256)
-            else:
-                session = await self._runner.call(self._new_session, data, sha256)
+        session = await self._session_for(data, sha256)
         # A stored model whose metadata did not authenticate is taken over as a new one:
         # fresh owner token, default access, no run keys.
         takeover = isinstance(existing, UnavailableModel) and not existing.metadata_trusted
@@ -322,10 +318,15 @@ class ModelService:
             run_keys=_run_keys(inherit),
         )
         entry = _entry(record, session)
-        if self.store is None:
-            self._commit_load(existing, record, entry, data)
-        else:
-            await asyncio.to_thread(self._commit_load, existing, record, entry, data)
+        try:
+            if self.store is None:
+                self._commit_load(existing, record, entry, data)
+            else:
+                await asyncio.to_thread(self._commit_load, existing, record, entry, data)
+        except BaseException:
+            if self.registry.session_for(sha256) is not session:
+                session.close()  # made for this upload only: end its worker
+            raise
         logger.info("model %r version %d loaded (sha256 %s)", name, entry.version, sha256)
         return LoadResult(entry, owner_token, existing is not None)
 
@@ -363,6 +364,12 @@ class ModelService:
                         "upload again",
                     )
                 self.registry.check_capacity(record.name)
+                if entry.session.closed:
+                    raise RequestRejected(
+                        409,
+                        f"model {record.name!r} changed while this upload was in progress; "
+                        "upload again",
+                    )
                 if store is not None:
                     if staged is None and not store.has_blob(record.sha256):
                         staged = store.stage_blob(record.sha256, data)  # removed meanwhile
@@ -390,9 +397,34 @@ class ModelService:
             self._records[broken.name] = broken.record
             logger.info("stored model %r is available again", broken.name)
 
+    async def _session_for(self, data: bytes, sha256: str) -> Session:
+        """The live session for these bytes, or a new one; concurrent uploads of identical
+        bytes share the one being made."""
+        session = self.registry.session_for(sha256)
+        if session is not None and not session.closed:
+            return session
+        pending = self._loading.get(sha256)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        pending = asyncio.get_running_loop().create_future()
+        self._loading[sha256] = pending
+        try:
+            if self._load_pool is not None:
+                session = await self._load_pool.call(self._new_session, data, sha256)
+            else:
+                session = await self._runner.call(self._new_session, data, sha256)
+            pending.set_result(session)
+            return session
+        except BaseException as exc:
+            pending.set_exception(exc)
+            pending.exception()  # retrieved: waiters re-raise it, nobody else must log it
+            raise
+        finally:
+            del self._loading[sha256]
+
     def _new_session(self, data: bytes, sha256: str) -> Session:
         check_model(data, self.limits)
-        return Session(data, sha256, self._intra_op_threads)
+        return self._runner.new_session(data, sha256)
 
     def unload(self, name: str, token: str | None) -> ModelEntry | UnavailableModel:
         with self._lock:

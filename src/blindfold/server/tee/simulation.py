@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 from pathlib import Path
 
 from blindfold.attestation.simulation import WARNING, SimulationSigner
@@ -20,8 +21,8 @@ SEALING_KEY_FILE = "INSECURE-simulation-sealing.key"
 class SimulationProvider:
     kind = "simulation"
 
-    def __init__(self, state_dir: Path | None = None) -> None:
-        self._signer = SimulationSigner()
+    def __init__(self, state_dir: Path | None = None, evidence_lifetime: int | None = None) -> None:
+        self._signer = SimulationSigner(lifetime=evidence_lifetime)
         self._state_dir = state_dir
         self.measurement = self._signer.measurement
         logger.warning("%s", WARNING)
@@ -30,7 +31,10 @@ class SimulationProvider:
         return Evidence("simulation", self._signer.evidence(report_data))
 
     def collateral_valid_until(self) -> int | None:
-        return None
+        # Evidence made now expires `lifetime` from now: what a fresh standing document gets.
+        if self._signer.lifetime is None:
+            return None
+        return int(time.time()) + self._signer.lifetime
 
     def sealing_key(self) -> bytes | None:
         """A key kept in a plain file next to the store: anyone with the disk can read it."""

@@ -1,0 +1,205 @@
+"""The model worker process: holds one onnxruntime session for one uploaded model and runs
+it for the front process, which sends inputs and receives outputs over one socket.
+
+An uploaded model is untrusted input to a large C++ runtime, so the worker is built to be
+worth nothing to an attacker who takes it over: it is forked from a clean fork server (it
+never held the TLS key, the receipt key, token hashes or the sealing key), and before it
+reads the model it moves into an empty directory (chroot inside a new user and mount
+namespace where the kernel allows, else a plain chdir), gives up the right to gain
+privileges, and takes an address-space limit and no core dumps. Each run has a time limit
+(onnxruntime's `RunOptions.terminate`); the front kills the worker if that is not enough.
+
+Everything this module imports is imported before confinement: after chroot there is no
+file system to import from.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from blindfold import tensors
+from blindfold.server import tensor_frames as frames
+
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWNS = 0x00020000
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
+_M_ARENA_MAX = -8
+MAX_NAME_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    directory: str  # an empty directory made for this worker by the front process
+    address_space_bytes: int  # RLIMIT_AS; 0: no limit
+    inference_timeout: float  # seconds per run before RunOptions.terminate is set
+    intra_op_threads: int  # 0: onnxruntime's default
+    concurrency: int  # runs served at once
+
+
+def main(sock: socket.socket, settings: WorkerSettings) -> None:
+    """The worker's entry point (the target of its `multiprocessing.Process`)."""
+    confinement = _confine(settings)
+    try:
+        message = frames.receive(sock)
+        if message is None:
+            return
+        session = _load(bytes(message.data), settings)
+        message.data.release()
+        del message
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types
+        # The text goes back to the uploader: it names operators and types, and at this point
+        # the worker has seen nothing but the uploader's own model.
+        _send(sock, threading.Lock(), {"ok": False, "error": "load_failed", "detail": str(exc)})
+        return
+    lock = threading.Lock()
+    _send(
+        sock,
+        lock,
+        {
+            "ok": True,
+            "confinement": confinement,
+            "inputs": [_spec(arg) for arg in session.get_inputs()],
+            "outputs": [_spec(arg) for arg in session.get_outputs()],
+        },
+    )
+    with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="run") as pool:
+        while True:
+            message = frames.receive(sock)
+            if message is None:  # the front closed the socket: nothing more to do
+                os._exit(0)
+            pool.submit(_serve_run, sock, lock, session, message, settings.inference_timeout)
+
+
+def _confine(settings: WorkerSettings) -> str:
+    """Cuts the worker off from the server's files and privileges; returns what it got."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    os.environ.clear()
+    os.chdir(settings.directory)
+    confinement = "empty working directory"
+    # A new user namespace gives the right to chroot without real root, and takes away
+    # every capability in the server's own namespace (no ptrace of the front process).
+    if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS) == 0:
+        try:
+            os.chroot(".")
+            os.chdir("/")
+            confinement = "chroot into an empty directory"
+        except OSError:
+            pass
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    libc.mallopt(_M_ARENA_MAX, 2)  # glibc reserves 64 MiB of address space per arena
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a core dump would hold tensors
+    if settings.address_space_bytes:
+        limit = settings.address_space_bytes
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return confinement
+
+
+def _load(data: bytes, settings: WorkerSettings) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    # FATAL only: ORT logs kernel errors with their values, and tensor contents must never
+    # reach a log.
+    options.log_severity_level = 4
+    return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _spec(arg: Any) -> dict[str, Any]:
+    entry = tensors.by_ort(arg.type)
+    shape = [dim if isinstance(dim, int) and dim >= 0 else -1 for dim in arg.shape or []]
+    return {
+        "name": arg.name,
+        "datatype": entry.oip if entry else str(arg.type),
+        "shape": shape,
+    }
+
+
+def _serve_run(
+    sock: socket.socket,
+    lock: threading.Lock,
+    session: ort.InferenceSession,
+    message: frames.Message,
+    timeout: float,
+) -> None:
+    header = message.header
+    request_id = header.get("id")
+    try:
+        arrays = frames.arrays_of(message)
+        feeds = {name: _ort_value(a) for name, a in zip(header["inputs"], arrays, strict=True)}
+    except (frames.FrameError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        _send(
+            sock, lock, {"id": request_id, "ok": False, "error": "bad_input", "detail": _kind(exc)}
+        )
+        return
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    timer = threading.Timer(timeout, _terminate, (options,))
+    timer.start()
+    try:
+        results = session.run(header["outputs"], feeds, options)
+        outputs = [_checked_output(value) for value in results]
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types
+        error = "timeout" if options.terminate else _error_kind(exc)
+        _send(sock, lock, {"id": request_id, "ok": False, "error": error, "detail": _kind(exc)})
+        return
+    finally:
+        timer.cancel()
+        message.data.release()
+    with lock:
+        frames.send(sock, {"id": request_id, "ok": True}, outputs)
+
+
+def _terminate(options: ort.RunOptions) -> None:
+    options.terminate = True
+
+
+def _ort_value(array: np.ndarray) -> np.ndarray:
+    # onnxruntime takes string tensors as str objects; the wire carries UTF-8 bytes.
+    if array.dtype == object:
+        decoded = [item.decode("utf-8") for item in array.reshape(-1)]
+        return np.array(decoded, dtype=object).reshape(array.shape)
+    return array
+
+
+class UnsupportedOutput(Exception):
+    """The model produced a sequence, a map or a dtype the wire cannot carry."""
+
+
+def _checked_output(value: Any) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise UnsupportedOutput(type(value).__name__)
+    tensors.np_to_oip_dtype(value.dtype)  # raises for dtypes the wire cannot carry
+    return value
+
+
+def _error_kind(exc: Exception) -> str:
+    if isinstance(exc, MemoryError):
+        return "memory"
+    if isinstance(exc, (UnsupportedOutput, tensors.InputError)):
+        return "unsupported_output"
+    text = str(exc)
+    if "bad_alloc" in text or "Failed to allocate" in text or "failed to allocate" in text:
+        return "memory"
+    return "run_failed"
+
+
+def _kind(exc: BaseException) -> str:
+    # Only the exception's type travels: its text can quote tensor values.
+    return type(exc).__name__[:MAX_NAME_LENGTH]
+
+
+def _send(sock: socket.socket, lock: threading.Lock, header: dict[str, Any]) -> None:
+    with lock:
+        frames.send(sock, header)
