@@ -99,6 +99,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             access_log=args.access_log,
             store=args.store,
             simulation_evidence_lifetime=args.simulation_evidence_lifetime,
+            epoch_file=args.epoch_file,
+            unsafe_reset_store_epoch=args.unsafe_reset_store_epoch,
+            admin_key_file=args.admin_key_file,
         )
     )
     return 0
@@ -541,6 +544,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="keep models across restarts in DIR, sealed under the TEE's measurement-bound "
         "key (SGX, SEV-SNP; simulation uses an insecure key file). Default: memory only",
+    )
+    serve.add_argument(
+        "--epoch-file",
+        type=Path,
+        metavar="PATH",
+        help="keep the store's epoch (rollback detection) in PATH, ideally on another medium "
+        "than the store. Default: DIR/epoch.sealed",
+    )
+    serve.add_argument(
+        "--unsafe-reset-store-epoch",
+        action="store_true",
+        help="UNSAFE: accept the store as the newest state even if it is older than the epoch "
+        "file says, or the epoch file is missing (after restoring a backup on purpose)",
+    )
+    serve.add_argument(
+        "--admin-key-file",
+        type=Path,
+        help="operator keys (one per line, or sha256:<hex>) that may replace or delete a "
+        "stored model whose row the store refused",
     )
     serve.set_defaults(handler=cmd_serve)
 

@@ -47,6 +47,9 @@ class ServerConfig:
     access_log: bool = False
     store: Path | None = None  # sealed persistent model store; None: models in memory only
     simulation_evidence_lifetime: int | None = None  # None: simulation evidence never expires
+    epoch_file: Path | None = None  # where the store's epoch is kept; None: inside the store
+    unsafe_reset_store_epoch: bool = False  # accept the store as it is, without rollback check
+    admin_key_file: Path | None = None  # operator keys that may take over refused rows
 
 
 def make_provider(config: ServerConfig) -> TeeProvider:
@@ -76,16 +79,16 @@ def make_provider(config: ServerConfig) -> TeeProvider:
     return make_hardware_provider(kind, **options)
 
 
-def read_upload_keys(path: Path | None) -> frozenset[str]:
+def read_upload_keys(path: Path | None, what: str = "upload key file") -> frozenset[str]:
     if path is None:
         return frozenset()
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
-        raise ConfigurationError(f"cannot read upload key file {path}: {exc.strerror}") from None
+        raise ConfigurationError(f"cannot read {what} {path}: {exc.strerror}") from None
     keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     if not keys:
-        raise ConfigurationError(f"upload key file {path} holds no key (one per line)")
+        raise ConfigurationError(f"{what} {path} holds no key (one per line)")
     return frozenset(_upload_key_hash(key, path) for key in keys)
 
 
@@ -123,13 +126,22 @@ def build_state(config: ServerConfig) -> ServerState:
     hostnames = sorted({config.host, "localhost", "127.0.0.1", *config.hostnames})
     identity = ServerIdentity(provider, hostnames)
     upload_key_hashes = read_upload_keys(config.upload_key_file)
-    store = open_store(provider, config.store) if config.store is not None else None
+    admin_key_hashes = read_upload_keys(config.admin_key_file, "admin key file")
+    store = None
+    if config.store is not None:
+        store = open_store(
+            provider,
+            config.store,
+            epoch_file=config.epoch_file,
+            unsafe_reset_epoch=config.unsafe_reset_store_epoch,
+        )
     runner = InferenceRunner(config.limits, config.intra_op_threads)
     pools = Pools()
     service = ModelService(
         config.limits,
         runner,
         upload_key_hashes=upload_key_hashes,
+        admin_key_hashes=admin_key_hashes,
         open_upload=config.open_upload,
         store=store,
         loading=pools.loading,
@@ -186,8 +198,16 @@ _NO_SEALING_KEY = {
 }
 
 
-def open_store(provider: TeeProvider, directory: Path) -> ModelStore:
-    """The sealed store in `directory`, under the provider's measurement-bound sealing key."""
+def open_store(
+    provider: TeeProvider,
+    directory: Path,
+    *,
+    epoch_file: Path | None = None,
+    unsafe_reset_epoch: bool = False,
+) -> ModelStore:
+    """The sealed store in `directory`, under the provider's measurement-bound sealing key.
+    A deployment with a monotonic counter the host cannot rewind passes it here as
+    `ModelStore(..., external_counter=...)` (see `blindfold.server.store.EpochCounter`)."""
     key = provider.sealing_key()
     if key is None:
         reason = _NO_SEALING_KEY.get(
@@ -198,7 +218,12 @@ def open_store(provider: TeeProvider, directory: Path) -> ModelStore:
             "integration yet; run without --store (models are then kept in memory only and "
             "must be uploaded again after a restart)"
         )
-    return ModelStore(directory, key)
+    return ModelStore(
+        directory,
+        key,
+        epoch_file=epoch_file,
+        unsafe_reset_epoch=unsafe_reset_epoch,
+    )
 
 
 def banner(state: ServerState, config: ServerConfig) -> str:
@@ -236,8 +261,8 @@ def banner(state: ServerState, config: ServerConfig) -> str:
         unavailable = len(state.service.registry.unavailable)
         note = " -- INSECURE simulation sealing key file" if kind == "simulation" else ""
         lines.append(
-            f"  model store: {store.directory} (sealed; {ready} models restored, "
-            f"{unavailable} unavailable){note}"
+            f"  model store: {store.directory} (sealed; epoch {store.epoch}; {ready} models "
+            f"restored, {unavailable} unavailable){note}"
         )
     return "\n".join(lines)
 

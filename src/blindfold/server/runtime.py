@@ -217,6 +217,8 @@ class IsolatedSession(Session):
             ) from None
         header = message.header
         if not header.get("ok"):
+            if header.get("error") == "memory":
+                worker.retire()
             raise _run_error(header.get("error"), self._limits)
         try:
             return frames.arrays_of(message, output_names)

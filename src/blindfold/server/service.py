@@ -4,6 +4,8 @@ replacement, unload, access rules and run keys. Tokens are compared by hash only
 With a `ModelStore` (`blindfold serve --store DIR`) every change is made durable before it
 becomes visible in memory, and `restore()` brings the stored models back at start; a stored
 model that cannot be served (blob or metadata refused) is kept as UNAVAILABLE with its reason.
+One whose row is damaged can be replaced or deleted only by the owner the store's manifest
+still names, or by an operator admin key (`--admin-key-file`): never by a plain upload key.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ class UnavailableModel:
 
     record: StoredModel
     reason: str
-    metadata_trusted: bool  # False: its owner token hash and rules cannot be believed
+    # False: its row's access rules cannot be believed; `record` then holds only what the
+    # store's manifest authenticates, with an empty owner hash when nothing names an owner.
+    metadata_trusted: bool
 
     @property
     def name(self) -> str:
@@ -67,8 +71,8 @@ class UnavailableModel:
 
     def is_owner(self, token: str | None) -> bool:
         return (
-            self.metadata_trusted
-            and token is not None
+            token is not None
+            and self.record.owner_token_sha256 != ""
             and hmac.compare_digest(token_hash(token), self.record.owner_token_sha256)
         )
 
@@ -109,6 +113,7 @@ class ModelService:
         runner: InferenceRunner,
         *,
         upload_key_hashes: frozenset[str] = frozenset(),
+        admin_key_hashes: frozenset[str] = frozenset(),
         open_upload: bool = False,
         store: ModelStore | None = None,
         loading: Pool | None = None,
@@ -120,6 +125,7 @@ class ModelService:
         # Checking a model and creating its session must not queue behind inferences.
         self._load_pool = loading
         self._upload_key_hashes = upload_key_hashes
+        self._admin_key_hashes = admin_key_hashes
         self._open_upload = open_upload
         # Uploads of the same bytes that arrive together wait for one session.
         self._loading: dict[str, asyncio.Future[Session]] = {}
@@ -185,8 +191,7 @@ class ModelService:
         """New names need an upload key; existing ones need their owner token."""
         existing = self._current(name)
         if isinstance(existing, UnavailableModel) and not existing.metadata_trusted:
-            # Its owner token hash may be the host's: only the deployment may take it over.
-            self._require_upload_key(token)
+            self._require_owner_or_admin(existing, token, "replace")
             return existing
         if existing is not None:
             self.require_owner(existing, token, "replace")
@@ -206,6 +211,28 @@ class ModelService:
         digest = token_hash(token)
         if not any(hmac.compare_digest(digest, known) for known in self._upload_key_hashes):
             raise RequestRejected(403, "the token sent is not an upload key of this server")
+
+    def _require_owner_or_admin(
+        self, model: UnavailableModel, token: str | None, action: str
+    ) -> None:
+        """For a model whose row the store refused: neither an upload key nor open upload may
+        take its name, or the host could hand any uploader a model by damaging its row."""
+        if token is None:
+            raise RequestRejected(
+                401,
+                f"model {model.name!r} is unavailable ({model.reason}); to {action} it send its "
+                "owner token or an operator admin key as 'Authorization: Bearer <token>'",
+            )
+        digest = token_hash(token)
+        if model.is_owner(token) or any(
+            hmac.compare_digest(digest, known) for known in self._admin_key_hashes
+        ):
+            return
+        raise RequestRejected(
+            403,
+            f"model {model.name!r} is unavailable because its row in the store was refused; "
+            f"only its owner token or an operator admin key (--admin-key-file) may {action} it",
+        )
 
     @staticmethod
     def require_owner(entry: ModelEntry | UnavailableModel, token: str | None, action: str) -> None:
@@ -301,18 +328,20 @@ class ModelService:
         if sha256 is None:
             sha256 = hashlib.sha256(data).hexdigest()
         session = await self._session_for(data, sha256)
-        # A stored model whose metadata did not authenticate is taken over as a new one:
-        # fresh owner token, default access, no run keys.
+        # A stored model whose row was refused keeps only its owner (when the manifest names
+        # it and the owner is the one replacing it): default access, no run keys. Taken over
+        # by an admin key it gets a fresh owner token.
         takeover = isinstance(existing, UnavailableModel) and not existing.metadata_trusted
         inherit = None if takeover else existing
-        owner_token = None if inherit else new_token("bfo")
+        keeps_owner = inherit is not None or (existing is not None and existing.is_owner(token))
+        owner_token = None if keeps_owner else new_token("bfo")
         record = StoredModel(
             name=name,
             version=existing.version + 1 if existing else 1,
             sha256=sha256,
             size=len(data),
-            owner_token_sha256=inherit.owner_token_sha256
-            if inherit
+            owner_token_sha256=existing.owner_token_sha256
+            if existing is not None and keeps_owner
             else token_hash(owner_token or ""),
             public=(inherit.public if inherit else True) if public is None else public,
             run_keys=_run_keys(inherit),
@@ -434,7 +463,7 @@ class ModelService:
                     404, f"unknown model {name!r}; list models with POST /v2/repository/index"
                 )
             if isinstance(current, UnavailableModel) and not current.metadata_trusted:
-                self._require_upload_key(token)
+                self._require_owner_or_admin(current, token, "delete")
             else:
                 self.require_owner(current, token, "unload")
             if self.store is not None:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import resource
 import signal
 import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,12 +74,41 @@ def main(sock: socket.socket, settings: WorkerSettings) -> None:
             "outputs": [_spec(arg) for arg in session.get_outputs()],
         },
     )
-    with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="run") as pool:
+    # The run threads start now, while memory is plentiful: a thread started after a model
+    # exhausted the address space could not get its stack.
+    runs: queue.SimpleQueue[frames.Message] = queue.SimpleQueue()
+    for index in range(settings.concurrency):
+        threading.Thread(
+            target=_run_loop,
+            args=(runs, sock, lock, session, settings.inference_timeout),
+            name=f"run-{index}",
+            daemon=True,
+        ).start()
+    try:
         while True:
             message = frames.receive(sock)
             if message is None:  # the front closed the socket: nothing more to do
-                os._exit(0)
-            pool.submit(_serve_run, sock, lock, session, message, settings.inference_timeout)
+                break
+            runs.put(message)
+    finally:
+        os._exit(0)
+
+
+def _run_loop(
+    runs: queue.SimpleQueue[frames.Message],
+    sock: socket.socket,
+    lock: threading.Lock,
+    session: ort.InferenceSession,
+    timeout: float,
+) -> None:
+    while True:
+        message = runs.get()
+        try:
+            _serve_run(sock, lock, session, message, timeout)
+        except BaseException:
+            # Even the error answer failed (say, no memory for it): the front sees the worker
+            # end and fails the request, rather than waiting for an answer that never comes.
+            os._exit(70)
 
 
 def _confine(settings: WorkerSettings) -> str:

@@ -32,6 +32,9 @@ _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(["blindfold.server.worker"])
 
 
+_RETIRED = "it ran out of memory; a fresh worker serves the model"
+
+
 class WorkerDied(Exception):
     """The worker process ended (or was killed) before it answered."""
 
@@ -62,6 +65,7 @@ class ModelWorker:
         self._pending: dict[int, Future[frames.Message]] = {}
         self._ids = itertools.count(1)
         self._death: str | None = None
+        self._retiring = False
         self._killed_because: str | None = None
         try:
             self._process.start()
@@ -76,7 +80,18 @@ class ModelWorker:
 
     @property
     def alive(self) -> bool:
-        return self._death is None
+        """True while the worker takes new runs."""
+        return self._death is None and not self._retiring
+
+    def retire(self) -> None:
+        """Takes no new runs and ends once those in flight are answered: after onnxruntime
+        ran out of memory its arena still holds the memory, and new threads or buffers in
+        that process could fail anywhere."""
+        with self._lock:
+            self._retiring = True
+            idle = not self._pending
+        if idle:
+            self.kill(_RETIRED)
 
     def _load(self, model_fd: int, timeout: float) -> dict[str, Any]:
         """Sends the model and waits for the worker's description of it (or its failure)."""
@@ -139,10 +154,14 @@ class ModelWorker:
                 break
             with self._lock:
                 future = self._pending.pop(message.header.get("id"), None)  # type: ignore[arg-type]
+                drained = self._retiring and not self._pending
             if future is None:
                 self.kill("it answered a request that was never sent")
                 break
-            future.set_result(message)
+            if not future.cancelled():  # cancelled: the front gave up waiting (time limit)
+                future.set_result(message)
+            if drained:
+                self.kill(_RETIRED)
         if self._killed_because is None:
             self._process.join(timeout=2)
             if self._process.exitcode is None:  # closed its socket yet lives on
@@ -152,9 +171,10 @@ class ModelWorker:
             self._death = reason
             pending, self._pending = self._pending, {}
         for future in pending.values():
-            future.set_exception(WorkerDied(reason))
+            if not future.cancelled():
+                future.set_exception(WorkerDied(reason))
         self._cleanup()
-        if self._killed_because != "the model was unloaded":
+        if self._killed_because not in ("the model was unloaded", _RETIRED):
             logger.warning("model worker %s stopped: %s", self._process.pid, reason)
 
     def _exit_reason(self) -> str:
