@@ -199,12 +199,9 @@ class IsolatedSession(Session):
         names = list(feeds)
         arrays = [feeds[name] for name in names]
         try:
-            if _heavy(arrays):
-                future = await asyncio.to_thread(worker.submit, names, arrays, output_names)
-            else:
-                future = worker.submit(names, arrays, output_names)
             message = await asyncio.wait_for(
-                asyncio.wrap_future(future), self._limits.inference_timeout + TIMEOUT_GRACE
+                worker.run(names, arrays, output_names, send_off_loop=_heavy(arrays)),
+                self._limits.inference_timeout + TIMEOUT_GRACE,
             )
         except TimeoutError:
             worker.kill("a run exceeded --inference-timeout")

@@ -12,6 +12,7 @@ they were checked.
 
 from __future__ import annotations
 
+import array
 import fcntl
 import json
 import mmap
@@ -84,9 +85,10 @@ def send(sock: socket.socket, header: dict[str, Any], arrays: Sequence[np.ndarra
         os.close(fd)
 
 
-def receive(sock: socket.socket) -> Message | None:
-    """The next message, or None when the peer closed the socket."""
-    raw, fds, _flags, _address = socket.recv_fds(sock, MAX_MESSAGE, 1)
+def receive(sock: socket.socket, *, nonblocking: bool = False) -> Message | None:
+    """The next message, or None when the peer closed the socket. With `nonblocking`, raises
+    BlockingIOError when no message is waiting."""
+    raw, fds = _receive_with_fds(sock, socket.MSG_DONTWAIT if nonblocking else 0)
     if not raw:
         for fd in fds:
             os.close(fd)
@@ -112,6 +114,16 @@ def receive(sock: socket.socket) -> Message | None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _receive_with_fds(sock: socket.socket, flags: int) -> tuple[bytes, list[int]]:
+    # By hand: Python 3.11's socket.recv_fds accepts `flags` but never passes them on.
+    raw, ancillary, _flags, _address = sock.recvmsg(MAX_MESSAGE, socket.CMSG_LEN(4), flags)
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return raw, list(fds)
 
 
 def sealed_memfd(data: bytes | memoryview, name: str = "blindfold-model") -> int:

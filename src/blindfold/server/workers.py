@@ -8,6 +8,7 @@ TLS and sealing keys into every worker). Answers are read as data, never unpickl
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import multiprocessing
@@ -16,7 +17,6 @@ import signal
 import socket
 import tempfile
 import threading
-from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
@@ -48,8 +48,12 @@ class WorkerMisbehaved(Exception):
 
 
 class ModelWorker:
-    """One worker process serving one model. Thread-safe; `submit` may be called from any
-    thread, answers arrive as `concurrent.futures.Future`s."""
+    """One worker process serving one model.
+
+    Starting it (and loading the model) blocks; call it off the event loop. Runs are made on
+    the event loop: answers are read there as they arrive (`loop.add_reader`), so a run costs
+    no thread hand-off in the front process. `kill` and `close` may be called from any
+    thread."""
 
     def __init__(self, model_fd: int, settings: WorkerSettings, load_timeout: float) -> None:
         self._directory = tempfile.mkdtemp(prefix="blindfold-worker-")
@@ -61,18 +65,20 @@ class ModelWorker:
             name="blindfold-model-worker",
             daemon=True,
         )
-        self._lock = threading.Lock()
-        self._pending: dict[int, Future[frames.Message]] = {}
+        self._pending: dict[int, asyncio.Future[frames.Message]] = {}
         self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ended = False  # its socket closed: no new runs, whatever the reason
+        self._reader_removed = False
         self._death: str | None = None
         self._retiring = False
         self._killed_because: str | None = None
+        self._cleaned = threading.Lock()
         try:
             self._process.start()
         finally:
             theirs.close()
         self.ready = self._load(model_fd, load_timeout)
-        threading.Thread(target=self._watch, name="worker-watch", daemon=True).start()
 
     @property
     def pid(self) -> int | None:
@@ -81,17 +87,7 @@ class ModelWorker:
     @property
     def alive(self) -> bool:
         """True while the worker takes new runs."""
-        return self._death is None and not self._retiring
-
-    def retire(self) -> None:
-        """Takes no new runs and ends once those in flight are answered: after onnxruntime
-        ran out of memory its arena still holds the memory, and new threads or buffers in
-        that process could fail anywhere."""
-        with self._lock:
-            self._retiring = True
-            idle = not self._pending
-        if idle:
-            self.kill(_RETIRED)
+        return not self._ended and self._killed_because is None and not self._retiring
 
     def _load(self, model_fd: int, timeout: float) -> dict[str, Any]:
         """Sends the model and waits for the worker's description of it (or its failure)."""
@@ -101,34 +97,60 @@ class ModelWorker:
             message = frames.receive(self._socket)
         except TimeoutError:
             self.kill("it took longer than the load timeout")
-            raise WorkerDied(f"loading took longer than {timeout:.0f} s") from None
+            self._death = f"loading took longer than {timeout:.0f} s"
+            self._finish()
+            raise WorkerDied(self._death) from None
         except (OSError, frames.FrameError):
             message = None
         finally:
-            self._socket.settimeout(None)
+            if self._socket.fileno() != -1:
+                self._socket.settimeout(None)
         if message is None:
+            self._ended = True
             self._death = self._exit_reason()
-            self._cleanup()
+            self._finish()
             raise WorkerDied(self._death)
         return message.header
 
-    def submit(
-        self, input_names: list[str], arrays: list[np.ndarray], output_names: list[str]
-    ) -> Future[frames.Message]:
-        future: Future[frames.Message] = Future()
-        with self._lock:
-            if self._death is not None:
-                raise WorkerDied(self._death)
-            request_id = next(self._ids)
-            self._pending[request_id] = future
+    async def run(
+        self,
+        input_names: list[str],
+        arrays: list[np.ndarray],
+        output_names: list[str],
+        *,
+        send_off_loop: bool = False,
+    ) -> frames.Message:
+        """Sends one run and waits for its answer (cancel the wait to give up on it)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+            loop.add_reader(self._socket.fileno(), self._readable)
+        if not self.alive:
+            raise WorkerDied(self._death or "it is being replaced")
+        request_id = next(self._ids)
+        answer: asyncio.Future[frames.Message] = loop.create_future()
+        self._pending[request_id] = answer
         header = {"id": request_id, "inputs": input_names, "outputs": output_names}
         try:
-            frames.send(self._socket, header, arrays)
+            if send_off_loop:  # large or BYTES tensors: their copy would hold the loop
+                await asyncio.to_thread(frames.send, self._socket, header, arrays)
+            else:
+                frames.send(self._socket, header, arrays)
         except OSError:
-            with self._lock:
-                self._pending.pop(request_id, None)
+            self._pending.pop(request_id, None)
             raise WorkerDied(self._death or "its socket closed") from None
-        return future
+        try:
+            return await answer
+        finally:
+            self._pending.pop(request_id, None)
+
+    def retire(self) -> None:
+        """Takes no new runs and ends once those in flight are answered: after onnxruntime
+        ran out of memory its arena still holds the memory, and new threads or buffers in
+        that process could fail anywhere. Called on the event loop."""
+        self._retiring = True
+        if not self._pending:
+            self.kill(_RETIRED)
 
     def kill(self, because: str) -> None:
         """Ends the worker now; its pending runs fail with `because`."""
@@ -137,45 +159,75 @@ class ModelWorker:
         if self._process.pid is not None and self._process.exitcode is None:
             self._process.kill()
         try:
-            self._socket.shutdown(socket.SHUT_RDWR)  # wakes the watcher thread
+            self._socket.shutdown(socket.SHUT_RDWR)  # the reader sees the end at once
         except OSError:
             pass
+        if self._death is None and (self._loop is None or not self._loop.is_running()):
+            # No event loop reads its socket (it never ran, or the server is stopping): no
+            # reader will see the end, so tidy up here.
+            self._ended = True
+            threading.Thread(target=self._finish_unattached, daemon=True).start()
 
     def close(self) -> None:
         self.kill("the model was unloaded")
 
-    def _watch(self) -> None:
+    def _readable(self) -> None:
+        """Reads every answer waiting on the socket (the event loop calls it)."""
         while True:
             try:
-                message = frames.receive(self._socket)
+                message = frames.receive(self._socket, nonblocking=True)
+            except BlockingIOError:
+                return
             except (OSError, frames.FrameError):
                 message = None
             if message is None:
-                break
-            with self._lock:
-                future = self._pending.pop(message.header.get("id"), None)  # type: ignore[arg-type]
-                drained = self._retiring and not self._pending
-            if future is None:
+                self._end()
+                return
+            answer = self._pending.pop(message.header.get("id"), None)  # type: ignore[arg-type]
+            if answer is None:
                 self.kill("it answered a request that was never sent")
-                break
-            if not future.cancelled():  # cancelled: the front gave up waiting (time limit)
-                future.set_result(message)
-            if drained:
+                self._end()
+                return
+            if not answer.done():  # done: the front gave up waiting (time limit)
+                answer.set_result(message)
+            if self._retiring and not self._pending:
                 self.kill(_RETIRED)
-        if self._killed_because is None:
-            self._process.join(timeout=2)
-            if self._process.exitcode is None:  # closed its socket yet lives on
-                self._process.kill()
-        reason = self._exit_reason()
-        with self._lock:
-            self._death = reason
-            pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.cancelled():
-                future.set_exception(WorkerDied(reason))
-        self._cleanup()
+
+    def _end(self) -> None:
+        """The socket closed: stop reading, learn why off the loop, then fail what waits."""
+        loop = self._loop
+        if loop is None or self._reader_removed:
+            return
+        self._reader_removed = True
+        self._ended = True
+        loop.remove_reader(self._socket.fileno())
+
+        def learn_why() -> None:
+            if self._killed_because is None:
+                self._process.join(timeout=2)
+                if self._process.exitcode is None:  # closed its socket yet lives on
+                    self._process.kill()
+            reason = self._exit_reason()
+            try:
+                loop.call_soon_threadsafe(self._fail_pending, reason)
+            except RuntimeError:  # the loop closed meanwhile (server shutdown)
+                self._death = reason
+            self._finish()
+
+        threading.Thread(target=learn_why, name="worker-end", daemon=True).start()
+
+    def _fail_pending(self, reason: str) -> None:
+        self._death = reason
+        pending, self._pending = self._pending, {}
+        for answer in pending.values():
+            if not answer.done():
+                answer.set_exception(WorkerDied(reason))
         if self._killed_because not in ("the model was unloaded", _RETIRED):
             logger.warning("model worker %s stopped: %s", self._process.pid, reason)
+
+    def _finish_unattached(self) -> None:
+        self._death = self._exit_reason()
+        self._finish()
 
     def _exit_reason(self) -> str:
         self._process.join(timeout=5)
@@ -189,6 +241,7 @@ class ModelWorker:
             return f"it was killed by {name}"
         return f"it exited with status {code}"
 
-    def _cleanup(self) -> None:
-        self._socket.close()
-        shutil.rmtree(self._directory, ignore_errors=True)
+    def _finish(self) -> None:
+        if self._cleaned.acquire(blocking=False):
+            self._socket.close()
+            shutil.rmtree(self._directory, ignore_errors=True)
