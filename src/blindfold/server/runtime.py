@@ -264,14 +264,15 @@ def _report_confinement(confinement: str) -> None:
             "model workers are confined: chroot into an empty directory inside their own "
             "user and mount namespace, no new privileges, memory and time limits"
         )
-    else:
+    elif confinement == CONFINED_CHDIR:
         logger.warning(
-            "model workers are confined only to an empty working directory (%s): the system "
-            "refused them a user namespace (unshare), so a model that takes over its worker "
-            "could read every file this server's user can read. Allow unprivileged user "
-            "namespaces (in a container: a seccomp profile that permits unshare) to get chroot",
-            confinement,
+            "model workers are confined only to an empty working directory: the system refused "
+            "them a user namespace (unshare), so a model that takes over its worker could read "
+            "every file this server's user can read. Allow user namespaces (in a container: a "
+            "seccomp profile that permits unshare) to get chroot"
         )
+    else:
+        logger.warning("a model worker reported no known confinement")
 
 
 class InProcessSession(Session):
