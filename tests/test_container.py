@@ -256,9 +256,11 @@ class Container:
         return result.stdout + result.stderr
 
 
-def _start(podman: Podman, image: str, *options: str) -> Container:
+def _start(
+    podman: Podman, image: str, *options: str, server_args: tuple[str, ...] = ()
+) -> Container:
     """Runs the image on host networking, on a free loopback port, and waits until its own
-    health check reports healthy."""
+    health check reports healthy. `options` go to podman run, `server_args` to the server."""
     name = f"blindfold-test-{secrets.token_hex(4)}"
     port = free_port()
     podman.ok(
@@ -277,6 +279,7 @@ def _start(podman: Podman, image: str, *options: str) -> Container:
         "--tee",
         "simulation",
         "--open-upload",
+        *server_args,
     )
     container = Container(podman, name, port)
     deadline = time.monotonic() + 120
@@ -310,7 +313,13 @@ def test_image_is_a_small_non_root_blindfold_serve_with_a_health_check(
 def test_the_sdk_attests_the_server_in_the_container_and_runs_a_model(
     podman: Podman, image: str
 ) -> None:
-    container = _start(podman, image)
+    """On a named volume for the store, as an operator runs it; the model survives a new
+    container on the same volume."""
+    volume = f"blindfold-test-store-{secrets.token_hex(4)}"
+    options = ("--volume", f"{volume}:/var/lib/blindfold/store")
+    store = ("--store", "/var/lib/blindfold/store")
+    x = np.array([1.0, 2.0, 3.0], np.float32)
+    container = _start(podman, image, *options, server_args=store)
     try:
         pid = podman.ok("inspect", "--format", "{{.State.Pid}}", container.name).strip()
         status = Path(f"/proc/{pid}/status").read_text()
@@ -318,12 +327,12 @@ def test_the_sdk_attests_the_server_in_the_container_and_runs_a_model(
         # The default policy expects this checkout's own measurement.
         with _connect(container.url) as client:
             assert client.attestation.verdict.kind == "simulation"
-            model = client.upload_model(identity_model(TensorProto.FLOAT, [3]), name="boxed")
-            x = np.array([1.0, 2.0, 3.0], np.float32)
+            model = client.upload_model(
+                identity_model(TensorProto.FLOAT, [3]), name="boxed", public=True
+            )
             np.testing.assert_array_equal(client.run_model("boxed", x)["y"], x)
-            client.delete_model(model.name, token=model.owner_token)
         log = container.log()
-        assert "Blindfold serving on https://127.0.0.1" in log
+        assert "model store: /var/lib/blindfold/store (sealed" in log
         confinement = [line for line in log.splitlines() if "model workers are confined" in line]
         assert len(confinement) == 1, log
         print(f"\nworker confinement in the container: {confinement[0]}")
@@ -333,6 +342,14 @@ def test_the_sdk_attests_the_server_in_the_container_and_runs_a_model(
         assert exit_code.strip() == "0", container.log()
     finally:
         podman("rm", "--force", container.name)
+    again = _start(podman, image, *options, server_args=store)
+    try:
+        with _connect(again.url) as client:
+            np.testing.assert_array_equal(client.run_model("boxed", x)["y"], x)
+            client.delete_model("boxed", token=model.owner_token)
+    finally:
+        podman("rm", "--force", again.name)
+        podman("volume", "rm", "--force", volume)
 
 
 def test_where_the_runtime_refuses_user_namespaces_workers_say_they_lost_chroot(
