@@ -39,6 +39,7 @@ WORKER_RESIDENT = 64 * MiB
 # graph optimizer briefly holds another copy while loading.
 MODEL_COPIES_LOADING = 4
 MODEL_COPIES_RESIDENT = 3
+LARGE_INPUTS = 1 << 20  # bytes of inputs copied to the worker off the event loop
 TIMEOUT_GRACE = 5.0  # seconds the front waits past --inference-timeout before killing
 MAX_SPEC_NAME = 4096
 
@@ -202,7 +203,7 @@ class IsolatedSession(Session):
         names = list(feeds)
         arrays = [feeds[name] for name in names]
         try:
-            if sum(a.nbytes for a in arrays) > frames.INLINE_LIMIT * 16:
+            if sum(a.nbytes for a in arrays) > LARGE_INPUTS:
                 future = await asyncio.to_thread(worker.submit, names, arrays, output_names)
             else:
                 future = worker.submit(names, arrays, output_names)
