@@ -209,10 +209,14 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
     tarball = _base_tarball(folder)
     runner = _podman_in(folder)
     try:
-        runner.ok("import", str(tarball), "localhost/blindfold-base:test", timeout=600)
-        probe = runner("run", "--rm", "localhost/blindfold-base:test", "python3", "-c", "1")
-        if probe.returncode != 0:
-            pytest.skip(f"podman cannot run containers here: {probe.stderr.strip()[-800:]}")
+        for probe in (
+            ("import", str(tarball), "localhost/blindfold-base:test"),
+            ("run", "--rm", "localhost/blindfold-base:test", "python3", "-c", "1"),
+        ):
+            result = runner(*probe, timeout=600)
+            if result.returncode != 0:
+                reason = result.stderr.strip()[-800:]
+                pytest.skip(f"podman cannot {probe[0]} here: {reason}")
         yield runner
     finally:
         runner("rm", "--all", "--force", timeout=120)
