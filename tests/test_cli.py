@@ -370,3 +370,46 @@ def test_token_from_environment(url: str, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "deleted cli-env" in result.stdout
+
+
+def test_serve_listens_where_the_environment_says(tmp_path: Path) -> None:
+    """BLINDFOLD_HOST and BLINDFOLD_PORT (what the container image sets) replace the
+    defaults of --host and --port."""
+    import os
+    import ssl
+    import time
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "BLINDFOLD_HOST": "127.0.0.1", "BLINDFOLD_PORT": str(port)}
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "blindfold", "serve", "--open-upload"],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        deadline = time.monotonic() + 60
+        while "Blindfold serving on" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert f"serving on https://127.0.0.1:{port} " in log.read_text()
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            try:
+                url = f"https://127.0.0.1:{port}/v2/health/ready"
+                with urllib.request.urlopen(url, context=context, timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                time.sleep(0.1)
+    finally:
+        process.terminate()
+        process.wait(15)

@@ -126,6 +126,26 @@ def test_models_run_in_confined_workers_not_in_the_front(limited: ServerProcess)
         client.delete_model(model.name, token=model.owner_token)
 
 
+def test_the_log_says_once_what_confinement_the_workers_got(limited: ServerProcess) -> None:
+    """The host decides whether workers get chroot (a user namespace) or only an empty
+    working directory; the operator reads which in the log, once, matching what they got."""
+    with connect(limited) as client:
+        models = [
+            client.upload_model(identity_model(TensorProto.FLOAT, [n]), name=f"confinement-{n}")
+            for n in (3, 4)
+        ]
+        roots = {os.readlink(f"/proc/{pid}/root") for pid in worker_pids(limited)}
+        assert roots, "no model worker process found below the server"
+        for model in models:
+            client.delete_model(model.name, token=model.owner_token)
+    lines = [line for line in limited.log().splitlines() if "model workers are confined" in line]
+    assert len(lines) == 1, lines
+    if roots - {"/"}:
+        assert "chroot into an empty directory" in lines[0]
+    else:
+        assert "only to an empty working directory" in lines[0] and "WARNING" in lines[0]
+
+
 # --- memory bombs ---
 
 

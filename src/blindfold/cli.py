@@ -484,8 +484,19 @@ def build_parser() -> argparse.ArgumentParser:
     slow = ConnectionLimits()
 
     serve = commands.add_parser("serve", help="run the attested inference server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8443)
+    # The environment variables set these in the container image, whose health check reads
+    # BLINDFOLD_PORT too.
+    serve.add_argument(
+        "--host",
+        default=os.environ.get("BLINDFOLD_HOST", "127.0.0.1"),
+        help="address to listen on (default: $BLINDFOLD_HOST or 127.0.0.1)",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=os.environ.get("BLINDFOLD_PORT", "8443"),
+        help="port to listen on (default: $BLINDFOLD_PORT or 8443)",
+    )
     serve.add_argument(
         "--hostname",
         action="append",

@@ -13,6 +13,7 @@ stays under `--max-model-memory`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from collections.abc import Mapping
@@ -26,8 +27,10 @@ from blindfold import tensors
 from blindfold.errors import RequestRejected
 from blindfold.server import tensor_frames as frames
 from blindfold.server.limits import Limits, MiB
-from blindfold.server.worker import WorkerSettings
+from blindfold.server.worker import CONFINED_CHDIR, CONFINED_CHROOT, WorkerSettings
 from blindfold.server.workers import ModelWorker, WorkerDied
+
+logger = logging.getLogger("blindfold.server")
 
 # What a worker needs besides the model: interpreter, libraries, thread stacks, arenas.
 WORKER_ADDRESS_SPACE = 1024 * MiB
@@ -161,7 +164,7 @@ class IsolatedSession(Session):
             ready = self._start()
             self.inputs = _specs(ready.get("inputs"))
             self.outputs = _specs(ready.get("outputs"))
-            self.confinement = str(ready.get("confinement", "unknown"))[:100]
+            self.confinement = _confinement(ready)
         except BaseException:
             self.close()
             raise
@@ -188,6 +191,7 @@ class IsolatedSession(Session):
                 detail = _printable(str(worker.ready.get("detail", "")))
                 raise RequestRejected(400, f"onnxruntime cannot load the model: {detail}")
             self._worker = worker
+            _report_confinement(_confinement(worker.ready))
             return worker.ready
 
     async def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -236,6 +240,39 @@ class IsolatedSession(Session):
             if self._worker is not None:
                 self._worker.close()
             os.close(self._model_fd)
+
+
+def _confinement(ready: Mapping[str, Any]) -> str:
+    # The answer comes from a process that has run an untrusted model: only known values pass.
+    value = ready.get("confinement")
+    return value if value in (CONFINED_CHROOT, CONFINED_CHDIR) else "unknown"
+
+
+_reported_confinements: set[str] = set()
+_report_lock = threading.Lock()
+
+
+def _report_confinement(confinement: str) -> None:
+    """Logs what confinement model workers got, once per kind: it depends on what the host
+    (or container runtime) allows, which the operator must know."""
+    with _report_lock:
+        if confinement in _reported_confinements:
+            return
+        _reported_confinements.add(confinement)
+    if confinement == CONFINED_CHROOT:
+        logger.info(
+            "model workers are confined: chroot into an empty directory inside their own "
+            "user and mount namespace, no new privileges, memory and time limits"
+        )
+    elif confinement == CONFINED_CHDIR:
+        logger.warning(
+            "model workers are confined only to an empty working directory: the system refused "
+            "them a user namespace (unshare), so a model that takes over its worker could read "
+            "every file this server's user can read. Allow user namespaces (in a container: a "
+            "seccomp profile that permits unshare) to get chroot"
+        )
+    else:
+        logger.warning("a model worker reported no known confinement")
 
 
 class InProcessSession(Session):

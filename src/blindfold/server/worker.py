@@ -37,6 +37,9 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 _M_ARENA_MAX = -8
 MAX_NAME_LENGTH = 256
+# What `_confine` achieved, as the worker reports it to the front process.
+CONFINED_CHROOT = "chroot into an empty directory"
+CONFINED_CHDIR = "empty working directory"
 
 
 @dataclass(frozen=True)
@@ -109,14 +112,14 @@ def _confine(settings: WorkerSettings) -> str:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     os.environ.clear()
     os.chdir(settings.directory)
-    confinement = "empty working directory"
+    confinement = CONFINED_CHDIR
     # A new user namespace gives the right to chroot without real root, and takes away
     # every capability in the server's own namespace (no ptrace of the front process).
     if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS) == 0:
         try:
             os.chroot(".")
             os.chdir("/")
-            confinement = "chroot into an empty directory"
+            confinement = CONFINED_CHROOT
         except OSError:
             pass
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
