@@ -479,3 +479,30 @@ def test_identical_bytes_uploaded_concurrently_share_one_worker(tmp_path: Path) 
         assert len(worker_pids(server)) == 1
     finally:
         server.stop()
+
+
+def test_many_concurrent_runs_queue_for_a_busy_worker(limited: ServerProcess) -> None:
+    """More runs than the worker has threads, with inputs that fill the socket to it: each
+    waits its turn and succeeds (the sender must wait for room, not fail)."""
+    with connect(limited) as client:
+        model = client.upload_model(
+            identity_model(TensorProto.FLOAT, ["N"]), name="queued", public=True
+        )
+        errors: list[Exception] = []
+
+        def run(seed: int) -> None:
+            try:
+                with connect(limited) as own:
+                    for round_ in range(5):
+                        x = np.full(40_000, seed * 10 + round_, np.float32)  # ~156 KiB inline
+                        assert np.array_equal(own.run_model(model.name, x)["y"], x)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors[:3]
+        client.delete_model(model.name)

@@ -70,6 +70,7 @@ class ModelWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ended = False  # its socket closed: no new runs, whatever the reason
         self._reader_removed = False
+        self._send_room: asyncio.Future[None] | None = None
         self._death: str | None = None
         self._retiring = False
         self._killed_because: str | None = None
@@ -131,18 +132,39 @@ class ModelWorker:
         answer: asyncio.Future[frames.Message] = loop.create_future()
         self._pending[request_id] = answer
         header = {"id": request_id, "inputs": input_names, "outputs": output_names}
-        try:
-            if send_off_loop:  # large or BYTES tensors: their copy would hold the loop
-                await asyncio.to_thread(frames.send, self._socket, header, arrays)
-            else:
-                frames.send(self._socket, header, arrays)
-        except OSError:
-            self._pending.pop(request_id, None)
-            raise WorkerDied(self._death or "its socket closed") from None
+        while True:
+            try:
+                if send_off_loop:  # large or BYTES tensors: their copy would hold the loop
+                    await asyncio.to_thread(frames.send, self._socket, header, arrays)
+                else:
+                    frames.send(self._socket, header, arrays)
+                break
+            except BlockingIOError:
+                # The event loop made the socket non-blocking and the worker has not read
+                # what waits: every run thread is busy. Wait until it takes more.
+                await self._writable(loop)
+            except OSError:
+                self._pending.pop(request_id, None)
+                raise WorkerDied(self._death or "its socket closed") from None
         try:
             return await answer
         finally:
             self._pending.pop(request_id, None)
+
+    def _writable(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """One future for everyone waiting to send (a loop keeps one writer per socket)."""
+        if self._send_room is None or self._send_room.done():
+            room: asyncio.Future[None] = loop.create_future()
+            descriptor = self._socket.fileno()
+
+            def ready() -> None:
+                loop.remove_writer(descriptor)
+                if not room.done():
+                    room.set_result(None)
+
+            loop.add_writer(descriptor, ready)
+            self._send_room = room
+        return self._send_room
 
     def retire(self) -> None:
         """Takes no new runs and ends once those in flight are answered: after onnxruntime
@@ -201,6 +223,9 @@ class ModelWorker:
         self._reader_removed = True
         self._ended = True
         loop.remove_reader(self._socket.fileno())
+        if self._send_room is not None and not self._send_room.done():
+            loop.remove_writer(self._socket.fileno())
+            self._send_room.set_result(None)  # the retry then fails: the worker is gone
 
         def learn_why() -> None:
             if self._killed_because is None:
