@@ -10,7 +10,8 @@ privileges, and takes an address-space limit and no core dumps. Each run has a t
 (onnxruntime's `RunOptions.terminate`); the front kills the worker if that is not enough.
 
 Everything this module imports is imported before confinement: after chroot there is no
-file system to import from.
+file system to import from. For the same reason the one custom-operator library the server
+allows (onnxruntime-extensions, when enabled) is registered, and so loaded, before it.
 """
 
 from __future__ import annotations
