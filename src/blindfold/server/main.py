@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import resource
 import ssl
 import sys
 from dataclasses import dataclass, field
@@ -17,9 +18,11 @@ import uvicorn
 from blindfold.attestation.deployment import load_operator_public_key, operator_key_id
 from blindfold.errors import ConfigurationError
 from blindfold.server.app import ServerState, create_app
+from blindfold.server.connections import GuardedProtocol, GuardedServer
 from blindfold.server.identity import ServerIdentity
-from blindfold.server.limits import Limits
+from blindfold.server.limits import ConnectionLimits, Limits
 from blindfold.server.models import new_token, token_hash
+from blindfold.server.pools import Pools
 from blindfold.server.runtime import InferenceRunner
 from blindfold.server.service import ModelService
 from blindfold.server.store import ModelStore
@@ -37,6 +40,7 @@ class ServerConfig:
     tee: str = "simulation"
     allow_simulation_fallback: bool = False
     limits: Limits = field(default_factory=Limits)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     upload_key_file: Path | None = None
     open_upload: bool = False
     open_upload_if_simulation: bool = False  # else a generated upload key (bin/serve default)
@@ -211,6 +215,7 @@ class _AttestedConfig(uvicorn.Config):
 def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
     if not (config.open_upload or config.open_upload_if_simulation or config.upload_key_file):
         raise ConfigurationError(CHOOSE_UPLOAD)  # before probing any TEE
+    check_limits(config.limits)
     provider = make_provider(config)
     access = decide_upload_access(config, provider.kind)
     hostnames = sorted({config.host, "localhost", "127.0.0.1", *config.hostnames})
@@ -235,6 +240,7 @@ def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
             "then confined only by the upload checks"
         )
     runner = InferenceRunner(config.limits, config.intra_op_threads)
+    pools = Pools()
     service = ModelService(
         config.limits,
         runner,
@@ -242,14 +248,46 @@ def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
         admin_key_hashes=admin_key_hashes,
         open_upload=access.open_upload,
         store=store,
+        loading=pools.loading,
     )
     try:
         service.restore()
-        return ServerState(identity, service, runner, config.encrypted_models_dir), access
+        state = ServerState(identity, service, runner, config.encrypted_models_dir, pools)
+        return state, access
     except BaseException:
         service.close()
         runner.shutdown()
+        pools.shutdown()
         raise
+
+
+def check_limits(limits: Limits) -> None:
+    budget = limits.inflight_body_bytes()
+    for flag, value in (
+        ("--max-model-bytes", limits.max_model_bytes),
+        ("--max-request-bytes", limits.max_request_bytes),
+    ):
+        if value > budget:
+            raise ConfigurationError(
+                f"--max-inflight-body-bytes {budget} is smaller than {flag} {value}: such a "
+                "request could never be admitted; raise the budget or lower the limit"
+            )
+
+
+def _raise_open_files_limit(connections: ConnectionLimits) -> None:
+    """Lets the process hold --max-connections sockets plus its own files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections.max_connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < wanted:
+            logger.warning(
+                "the open-files limit (%d) is below --max-connections %d plus the server's "
+                "own files; connections beyond it will be refused by the kernel",
+                target,
+                connections.max_connections,
+            )
 
 
 _NO_SEALING_KEY = {
@@ -379,6 +417,8 @@ def serve(config: ServerConfig) -> None:
     state, access = build_state(config)
     print(banner(state, config, access), file=sys.stderr, flush=True)
     app = create_app(state)
+    connections = config.connections
+    _raise_open_files_limit(connections)
     uvicorn_config = _AttestedConfig(
         app,
         state.identity.ssl_context(),
@@ -386,12 +426,13 @@ def serve(config: ServerConfig) -> None:
         port=config.port,
         access_log=config.access_log,
         log_level="info",
-        http="httptools",
+        http=GuardedProtocol.with_limits(connections),
         loop="uvloop",
-        timeout_keep_alive=75,
+        timeout_keep_alive=connections.keep_alive_timeout,  # type: ignore[arg-type]
     )
     try:
-        uvicorn.Server(uvicorn_config).run()
+        GuardedServer(uvicorn_config, connections.tls_handshake_timeout).run()
     finally:
         state.runner.shutdown()
+        state.pools.shutdown()
         state.service.close()
