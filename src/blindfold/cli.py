@@ -73,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_inference_memory=args.max_inference_memory,
         inference_timeout=args.inference_timeout,
         isolation=not args.unsafe_no_isolation,
+        ort_extensions=_ort_extensions_wanted(args.ort_extensions),
         max_inflight_body_bytes=args.max_inflight_body_bytes,
     )
     connections = ConnectionLimits(
@@ -113,6 +114,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _ort_extensions_wanted(flag: bool | None) -> bool:
+    from blindfold.server import ort_extensions
+
+    if flag is None:  # neither flag given: on exactly when the package is installed
+        return ort_extensions.installed()
+    if flag and not ort_extensions.installed():
+        raise BlindfoldError(
+            "--enable-ort-extensions needs the onnxruntime-extensions package: "
+            "pip install onnxruntime-extensions (or drop the flag)"
+        )
+    return flag
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
@@ -595,6 +609,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="UNSAFE, for benchmarks only: run models inside the process that holds the "
         "TLS, receipt and sealing keys, with no memory or time limit",
+    )
+    extensions = serve.add_mutually_exclusive_group()
+    extensions.add_argument(
+        "--enable-ort-extensions",
+        dest="ort_extensions",
+        action="store_true",
+        default=None,
+        help="accept models that use onnxruntime-extensions' custom operators (domain "
+        "ai.onnx.contrib: tokenizers, string and audio pre/post-processing); the default when "
+        "the onnxruntime-extensions package is installed",
+    )
+    extensions.add_argument(
+        "--no-ort-extensions",
+        dest="ort_extensions",
+        action="store_false",
+        help="refuse every custom-operator domain, even when onnxruntime-extensions is installed",
     )
     serve.add_argument(
         "--upload-key-file",

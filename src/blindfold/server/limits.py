@@ -45,6 +45,9 @@ class Limits:
     max_inference_memory: int = field(default_factory=default_inference_memory)  # 0: none
     inference_timeout: float = 60.0
     isolation: bool = True  # False only with --unsafe-no-isolation (benchmarks)
+    # Accept the `ai.onnx.contrib` custom operators of onnxruntime-extensions (--enable-ort-
+    # extensions); off here, on by default in `blindfold serve` when the package is installed.
+    ort_extensions: bool = False
     # Bytes of request bodies being received or held at once, over all requests; 0: a
     # quarter of the machine's memory, and never less than one largest request.
     max_inflight_body_bytes: int = 0

@@ -371,6 +371,11 @@ def banner(state: ServerState, config: ServerConfig, access: UploadAccess) -> st
             "  models: UNSAFE --unsafe-no-isolation: models run next to every secret of this "
             "process, with no memory or time limit (for benchmarks only)"
         )
+    if config.limits.ort_extensions:
+        lines.append(
+            "  custom operators: onnxruntime-extensions (domain ai.onnx.contrib) "
+            "(--no-ort-extensions to refuse them)"
+        )
     if access.open_upload:
         lines.append("  uploads: OPEN (anyone who attests this server may upload models)")
     if access.generated_key is not None:

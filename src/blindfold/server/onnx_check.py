@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError, Message
 
 from blindfold import tensors
 from blindfold.errors import RequestRejected
+from blindfold.server import ort_extensions
 from blindfold.server.limits import Limits
 
 # Operator domains implemented by the onnxruntime wheel itself (CPU execution provider).
@@ -45,7 +46,7 @@ def check_model(data: bytes, limits: Limits) -> onnx.ModelProto:
     if not model.HasField("graph") or model.ir_version <= 0:
         raise _bad("the uploaded bytes are not an ONNX model (no graph or IR version)")
     _check_every_message(model)
-    _check_domains(model)
+    _check_domains(model, limits.ort_extensions)
     _check_io_types(model)
     _check_declared_shapes(model, limits)
     return model
@@ -142,14 +143,17 @@ def _check_every_message(model: onnx.ModelProto) -> None:
                 )
 
 
-def _check_domains(model: onnx.ModelProto) -> None:
+def _check_domains(model: onnx.ModelProto, extensions: bool) -> None:
     local = {function.domain for function in model.functions}
     known = ONNXRUNTIME_DOMAINS | local
+    if extensions:
+        known |= {ort_extensions.DOMAIN}
     for opset in model.opset_import:
         if opset.domain not in known:
             raise _bad(
                 f"the model imports operator domain {opset.domain!r}, which onnxruntime does "
                 "not ship; custom operators cannot be loaded into the TEE"
+                + _extensions_hint(opset.domain, extensions)
             )
     for graph in _all_graphs(model):
         for node in graph.node:
@@ -157,7 +161,17 @@ def _check_domains(model: onnx.ModelProto) -> None:
                 raise _bad(
                     f"node {node.name!r} uses operator {node.domain}::{node.op_type}, which "
                     "onnxruntime does not ship; custom operators cannot be loaded into the TEE"
+                    + _extensions_hint(node.domain, extensions)
                 )
+
+
+def _extensions_hint(domain: str, extensions: bool) -> str:
+    if domain == ort_extensions.DOMAIN and not extensions:
+        return (
+            " (this server does not enable onnxruntime-extensions; its operator can start it "
+            "with --enable-ort-extensions)"
+        )
+    return " (other than onnxruntime-extensions' ai.onnx.contrib)" if extensions else ""
 
 
 def _check_io_types(model: onnx.ModelProto) -> None:

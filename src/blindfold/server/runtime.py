@@ -25,9 +25,15 @@ import numpy as np
 
 from blindfold import tensors
 from blindfold.errors import RequestRejected
+from blindfold.server import ort_extensions
 from blindfold.server import tensor_frames as frames
 from blindfold.server.limits import Limits, MiB
-from blindfold.server.worker import CONFINED_CHDIR, CONFINED_CHROOT, WorkerSettings
+from blindfold.server.worker import (
+    CONFINED_CHDIR,
+    CONFINED_CHROOT,
+    WorkerSettings,
+    session_options,
+)
 from blindfold.server.workers import ModelWorker, WorkerDied
 
 logger = logging.getLogger("blindfold.server")
@@ -144,7 +150,13 @@ class IsolatedSession(Session):
     when it dies; the model bytes wait in a sealed memfd for the next start."""
 
     def __init__(
-        self, data: bytes, sha256: str, limits: Limits, budget: MemoryBudget, threads: int
+        self,
+        data: bytes,
+        sha256: str,
+        limits: Limits,
+        budget: MemoryBudget,
+        threads: int,
+        custom_ops_library: str = "",
     ) -> None:
         cost = memory_cost(len(data))
         budget.reserve(cost)
@@ -156,6 +168,7 @@ class IsolatedSession(Session):
             inference_timeout=limits.inference_timeout,
             intra_op_threads=threads,
             concurrency=limits.max_concurrent_inferences,
+            custom_ops_library=custom_ops_library,
         )
         self._model_fd = frames.sealed_memfd(data)
         self._start_lock = threading.Lock()
@@ -286,6 +299,7 @@ class InProcessSession(Session):
         budget: MemoryBudget,
         threads: int,
         executor: ThreadPoolExecutor,
+        custom_ops_library: str = "",
     ) -> None:
         import onnxruntime as ort
 
@@ -293,9 +307,7 @@ class InProcessSession(Session):
         budget.reserve(cost)
         super().__init__(sha256, len(data), budget, cost)
         self._executor = executor
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 4  # FATAL only: kernel errors quote tensor values
+        options = session_options(threads, custom_ops_library)
         try:
             self._session = ort.InferenceSession(
                 data, sess_options=options, providers=["CPUExecutionProvider"]
@@ -439,6 +451,7 @@ class InferenceRunner:
         self.limits = limits
         self.budget = MemoryBudget(limits.max_model_memory)
         self._threads = intra_op_threads
+        self._custom_ops = ort_extensions.library_path() if limits.ort_extensions else ""
         self._slots = asyncio.Semaphore(limits.max_concurrent_inferences)
         self._executor = ThreadPoolExecutor(
             max_workers=limits.max_concurrent_inferences, thread_name_prefix="infer"
@@ -447,8 +460,12 @@ class InferenceRunner:
     def new_session(self, data: bytes, sha256: str) -> Session:
         """A ready session for `data` (blocking: loads the model)."""
         if self.limits.isolation:
-            return IsolatedSession(data, sha256, self.limits, self.budget, self._threads)
-        return InProcessSession(data, sha256, self.budget, self._threads, self._executor)
+            return IsolatedSession(
+                data, sha256, self.limits, self.budget, self._threads, self._custom_ops
+            )
+        return InProcessSession(
+            data, sha256, self.budget, self._threads, self._executor, self._custom_ops
+        )
 
     async def run(
         self, session: Session, output_names: list[str], feeds: dict[str, np.ndarray]

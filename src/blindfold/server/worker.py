@@ -10,7 +10,8 @@ privileges, and takes an address-space limit and no core dumps. Each run has a t
 (onnxruntime's `RunOptions.terminate`); the front kills the worker if that is not enough.
 
 Everything this module imports is imported before confinement: after chroot there is no
-file system to import from.
+file system to import from. For the same reason the one custom-operator library the server
+allows (onnxruntime-extensions, when enabled) is registered, and so loaded, before it.
 """
 
 from __future__ import annotations
@@ -49,16 +50,20 @@ class WorkerSettings:
     inference_timeout: float  # seconds per run before RunOptions.terminate is set
     intra_op_threads: int  # 0: onnxruntime's default
     concurrency: int  # runs served at once
+    # onnxruntime-extensions' shared library ("" when not enabled); registered before
+    # confinement, because after chroot its file is out of reach.
+    custom_ops_library: str = ""
 
 
 def main(sock: socket.socket, settings: WorkerSettings) -> None:
     """The worker's entry point (the target of its `multiprocessing.Process`)."""
+    options = session_options(settings.intra_op_threads, settings.custom_ops_library)
     confinement = _confine(settings)
     try:
         message = frames.receive(sock)
         if message is None:
             return
-        session = _load(bytes(message.data), settings)
+        session = _load(bytes(message.data), options)
         message.data.release()
         del message
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types
@@ -131,12 +136,19 @@ def _confine(settings: WorkerSettings) -> str:
     return confinement
 
 
-def _load(data: bytes, settings: WorkerSettings) -> ort.InferenceSession:
+def session_options(threads: int, custom_ops_library: str) -> ort.SessionOptions:
+    """Options for a model's session; registering the custom-op library loads it now."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads
+    options.intra_op_num_threads = threads
     # FATAL only: ORT logs kernel errors with their values, and tensor contents must never
     # reach a log.
     options.log_severity_level = 4
+    if custom_ops_library:
+        options.register_custom_ops_library(custom_ops_library)
+    return options
+
+
+def _load(data: bytes, options: ort.SessionOptions) -> ort.InferenceSession:
     return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
 
 
