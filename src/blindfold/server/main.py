@@ -3,11 +3,15 @@ and run uvicorn with a TLS context that holds the key in memory only."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import logging
 import os
+import socket
 import ssl
 import sys
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,9 @@ import uvicorn
 
 from blindfold.attestation.deployment import load_operator_public_key, operator_key_id
 from blindfold.errors import ConfigurationError
+from blindfold.server import blindai_compat
 from blindfold.server.app import ServerState, create_app
+from blindfold.server.blindai_compat import DEFAULT_PORTS as DEFAULT_BLINDAI_PORTS
 from blindfold.server.identity import ServerIdentity
 from blindfold.server.limits import Limits
 from blindfold.server.models import new_token, token_hash
@@ -54,6 +60,9 @@ class ServerConfig:
     store_journal: str = "auto"  # "wal", "delete", or "auto": delete under Gramine SGX
     deployment_id: str = ""  # simulation only: stands in for SNP host_data / TDX mr_config_id
     deployment_operator_keys: list[Path] = field(default_factory=list)  # PEM public keys
+    blindai_compat: bool = False  # also listen as BlindAI 0.6 did (blindai_compat.py)
+    blindai_ports: tuple[int, int, int] = DEFAULT_BLINDAI_PORTS  # unattested, run, management
+    unsafe_blindai_upload_without_key: bool = False  # BlindAI uploads despite an upload key
 
 
 def make_provider(config: ServerConfig) -> TeeProvider:
@@ -211,9 +220,13 @@ class _AttestedConfig(uvicorn.Config):
 def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
     if not (config.open_upload or config.open_upload_if_simulation or config.upload_key_file):
         raise ConfigurationError(CHOOSE_UPLOAD)  # before probing any TEE
+    if config.unsafe_blindai_upload_without_key and not config.blindai_compat:
+        raise ConfigurationError("--unsafe-blindai-upload-without-key needs --blindai-compat")
     provider = make_provider(config)
     access = decide_upload_access(config, provider.kind)
     hostnames = sorted({config.host, "localhost", "127.0.0.1", *config.hostnames})
+    if config.blindai_compat:
+        hostnames.append(blindai_compat.CERTIFICATE_NAME)
     identity = ServerIdentity(
         provider, hostnames, read_operator_keys(config.deployment_operator_keys)
     )
@@ -335,6 +348,20 @@ def banner(state: ServerState, config: ServerConfig, access: UploadAccess) -> st
         )
     if access.open_upload:
         lines.append("  uploads: OPEN (anyone who attests this server may upload models)")
+    if config.blindai_compat:
+        unattested, attested, management = config.blindai_ports
+        uploads = (
+            "open"
+            if access.open_upload
+            else "UNSAFE: open despite the upload key (--unsafe-blindai-upload-without-key)"
+            if config.unsafe_blindai_upload_without_key
+            else "refused (this server needs an upload key)"
+        )
+        lines.append(
+            f"  BlindAI 0.6 compatibility (no tokens, for migration): certificate on "
+            f"http://{config.host}:{unattested}, /run on port {attested}, /upload and /delete "
+            f"on port {management} ({uploads})"
+        )
     if access.generated_key is not None:
         lines.append(
             f"  upload key (generated for this run, shown only now): {access.generated_key}\n"
@@ -372,6 +399,12 @@ def serve(config: ServerConfig) -> None:
     )
     _keep_secrets_out_of_reach()
     state, access = build_state(config)
+    try:
+        companions = _blindai_servers(state, config, access) if config.blindai_compat else []
+    except BaseException:
+        state.runner.shutdown()
+        state.service.close()
+        raise
     print(banner(state, config, access), file=sys.stderr, flush=True)
     app = create_app(state)
     uvicorn_config = _AttestedConfig(
@@ -379,14 +412,117 @@ def serve(config: ServerConfig) -> None:
         state.identity.ssl_context(),
         host=config.host,
         port=config.port,
+        **_UVICORN_OPTIONS,
         access_log=config.access_log,
-        log_level="info",
-        http="httptools",
-        loop="uvloop",
-        timeout_keep_alive=75,
     )
     try:
-        uvicorn.Server(uvicorn_config).run()
+        _ServerWithCompanions(uvicorn_config, companions).run()
     finally:
         state.runner.shutdown()
         state.service.close()
+
+
+_UVICORN_OPTIONS: dict[str, Any] = {
+    "log_level": "info",
+    "http": "httptools",
+    "loop": "uvloop",
+    "timeout_keep_alive": 75,
+}
+
+
+class _CompanionServer(uvicorn.Server):
+    """A server on another port of the same process, started and stopped by the main one,
+    which alone handles the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    def install_signal_handlers(self) -> None:  # the same, for uvicorn before 0.29
+        pass
+
+
+class _ServerWithCompanions(uvicorn.Server):
+    """The main server, running its companions in the same event loop: they stop when it
+    stops, and it stops if one of them ends."""
+
+    def __init__(self, config: uvicorn.Config, companions: list[_Companion]) -> None:
+        super().__init__(config)
+        self.companions = companions
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # Their sockets already listen (bound at start), so nothing that connects early is lost.
+        for companion in self.companions:
+            task = asyncio.create_task(companion.server.serve(sockets=[companion.socket]))
+            task.add_done_callback(self._companion_ended)
+            self._tasks.append(task)
+
+    def _companion_ended(self, task: asyncio.Task[None]) -> None:
+        if not self.should_exit:
+            logger.error("a BlindAI compatibility port stopped serving; the server stops")
+            self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for companion in self.companions:
+            companion.server.should_exit = True
+        await super().shutdown(sockets)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@dataclass
+class _Companion:
+    server: _CompanionServer
+    socket: socket.socket
+
+
+def _blindai_servers(
+    state: ServerState, config: ServerConfig, access: UploadAccess
+) -> list[_Companion]:
+    """The three BlindAI 0.6 ports, bound now so that a port in use fails the start."""
+    management = access.open_upload or config.unsafe_blindai_upload_without_key
+    apps = blindai_compat.create_apps(state, management)
+    flags = ("--blindai-unattested-port", "--blindai-attested-port", "--blindai-management-port")
+    companions = []
+    try:
+        for app, port, flag, tls in zip(
+            (apps.unattested, apps.attested, apps.management),
+            config.blindai_ports,
+            flags,
+            (False, True, True),
+            strict=True,
+        ):
+            options: dict[str, Any] = {
+                **_UVICORN_OPTIONS,
+                "access_log": config.access_log,
+                "server_header": False,  # the app sets BlindAI's
+            }
+            uvicorn_config = (
+                _AttestedConfig(app, state.identity.ssl_context(), **options)
+                if tls
+                else uvicorn.Config(app, **options)
+            )
+            sock = _listening_socket(config.host, port, flag)
+            companions.append(_Companion(_CompanionServer(uvicorn_config), sock))
+    except BaseException:
+        for companion in companions:
+            companion.socket.close()
+        raise
+    return companions
+
+
+def _listening_socket(host: str, port: int, flag: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(
+            f"cannot listen on {host}:{port} for BlindAI compatibility: {exc.strerror}; "
+            f"choose another port with {flag}"
+        ) from None
+    return sock
