@@ -516,7 +516,9 @@ class ModelService:
             current = self._current(name)
             trusted = not isinstance(current, UnavailableModel) or current.metadata_trusted
             if current is None or current.owner_token_sha256 != "" or not trusted:
-                raise RequestRejected(404, f"no model uploaded through BlindAI has id {name!r}")
+                raise RequestRejected(
+                    404, f"no model uploaded through BlindAI has model_id {name!r}"
+                )
             self._remove(current)
         logger.info("model %r (no owner) unloaded", name)
         return current
