@@ -440,6 +440,30 @@ def test_upload_errors(wire: BlindAIWire) -> None:
     _still_serving(wire)
 
 
+def test_blindai_models_persist_in_the_store(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    model = add_mul_model().SerializeToString()
+    server = start_server(tmp_path, "--open-upload", "--store", str(store), *_ports())
+    try:
+        model_id = ok(BlindAIWire(compat_ports(server), tmp_path).upload(model))["model_id"]
+    finally:
+        server.stop()
+    server = start_server(tmp_path, "--open-upload", "--store", str(store), *_ports())
+    try:
+        wire = BlindAIWire(compat_ports(server), tmp_path)
+        answer = ok(wire.run([tensor(A), tensor(B)], model_id=model_id))
+        assert len(answer["outputs"]) == 2
+        ok(wire.delete(model_id))
+    finally:
+        server.stop()
+    server = start_server(tmp_path, "--open-upload", "--store", str(store), *_ports())
+    try:
+        wire = BlindAIWire(compat_ports(server), tmp_path)
+        assert "no public model" in refused(wire.run([tensor(A), tensor(B)], model_id=model_id))
+    finally:
+        server.stop()
+
+
 # --- the upload policy ---
 
 
