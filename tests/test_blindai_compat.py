@@ -512,6 +512,20 @@ def test_the_unsafe_flag_needs_blindai_compat(tmp_path: Path) -> None:
         start_server(tmp_path, "--open-upload", "--unsafe-blindai-upload-without-key")
 
 
+def test_ports_in_use_fail_the_start_clearly(tmp_path: Path) -> None:
+    ports = _ports()
+    taken = int(ports[ports.index("--blindai-attested-port") + 1])
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", taken))
+        holder.listen()
+        with pytest.raises(RuntimeError, match="--blindai-attested-port") as failed:
+            start_server(tmp_path, "--open-upload", *ports)
+    assert "Traceback" not in str(failed.value)
+    same = ["--blindai-compat", "--blindai-management-port", "9999"]
+    with pytest.raises(RuntimeError, match="four different ports"):
+        start_server(tmp_path, "--open-upload", *same, port=9999)
+
+
 # --- the bulk decoder of BlindAI's model arrays ---
 
 

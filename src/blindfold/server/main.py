@@ -481,9 +481,14 @@ def _blindai_servers(
     state: ServerState, config: ServerConfig, access: UploadAccess
 ) -> list[_Companion]:
     """The three BlindAI 0.6 ports, bound now so that a port in use fails the start."""
+    flags = ("--blindai-unattested-port", "--blindai-attested-port", "--blindai-management-port")
+    if len({config.port, *config.blindai_ports}) != 4:
+        raise ConfigurationError(
+            f"the BlindAI ports {list(config.blindai_ports)} and --port {config.port} must be "
+            f"four different ports; choose them with {', '.join(flags)}"
+        )
     management = access.open_upload or config.unsafe_blindai_upload_without_key
     apps = blindai_compat.create_apps(state, management)
-    flags = ("--blindai-unattested-port", "--blindai-attested-port", "--blindai-management-port")
     companions = []
     try:
         for app, port, flag, tls in zip(
