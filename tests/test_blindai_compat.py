@@ -353,6 +353,15 @@ def test_malformed_bodies_are_refused(wire: BlindAIWire, route: str) -> None:
     _still_serving(wire)
 
 
+def test_bodies_of_many_small_items_are_refused_before_decoding(wire: BlindAIWire) -> None:
+    # 4 MiB of empty arrays would become 4 million Python lists (about 256 MiB) if decoded.
+    count = 1 << 22
+    entries = [cbor2.dumps(item) for item in ("model_id", "x", "inputs", [], "padding")]
+    bomb = b"\xa3" + b"".join(entries) + b"\x9a" + count.to_bytes(4, "big") + b"\x80" * count
+    assert "more than 65536 items" in refused(wire.post(f"{wire.attested_url}/run", bomb))
+    _still_serving(wire)
+
+
 def _still_serving(wire: BlindAIWire) -> None:
     model = add_mul_model().SerializeToString()
     model_id = ok(wire.upload(model))["model_id"]

@@ -343,16 +343,13 @@ def _resolve(state: ServerState, document: dict[str, Any]) -> ModelEntry:
         reference, what = f"sha256:{digest}", f"model_hash {digest}"
     else:
         reference, what = model_id, f"model_id {model_id[:MAX_ID]!r}"
-    try:
-        if len(reference) > MAX_ID:
-            raise RequestRejected(404, "")
-        return state.service.registry.get_for_run(reference, None, None)
-    except RequestRejected as exc:
-        if exc.status != 404:
-            raise
-        raise RequestRejected(
-            404, f"no public model has {what}; it may have been deleted"
-        ) from None
+    if len(reference) <= MAX_ID:
+        try:
+            return state.service.registry.get_for_run(reference, None, None)
+        except RequestRejected as exc:
+            if exc.status != 404:
+                raise
+    raise RequestRejected(404, f"no public model has {what}; it may have been deleted")
 
 
 async def run(request: Request) -> Response:
