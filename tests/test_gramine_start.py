@@ -111,7 +111,7 @@ def test_server_without_memfd_and_with_delete_journal_serves_and_keeps_models(
             with client:
                 if attempt == 0:
                     model = identity_model(TensorProto.FLOAT, name="gramine")
-                    client.upload_model(model, name="gramine")
+                    client.upload_model(model, name="gramine", public=True)
                 np.testing.assert_array_equal(client.run_model("gramine", x)["y"], x)
         finally:
             server.stop()

@@ -332,7 +332,7 @@ def test_a_run_past_the_time_limit_is_stopped_and_others_keep_running(
     limited: ServerProcess,
 ) -> None:
     with connect(limited) as client:
-        slow = client.upload_model(slow_loop_model(), name="slow")
+        slow = client.upload_model(slow_loop_model(), name="slow", public=True)
         fast = client.upload_model(identity_model(TensorProto.FLOAT, [2]), name="fast")
         outcome: dict[str, object] = {}
 
@@ -368,7 +368,7 @@ def test_a_worker_that_dies_fails_only_its_request_and_is_restarted(
     limited: ServerProcess,
 ) -> None:
     with connect(limited) as client:
-        slow = client.upload_model(slow_loop_model(), name="victim")
+        slow = client.upload_model(slow_loop_model(), name="victim", public=True)
         other = client.upload_model(matmul_model(8), name="bystander")
         before = set(worker_pids(limited))
         outcome: dict[str, object] = {}

@@ -59,12 +59,13 @@ def _progress_bar(label: str) -> Callable[[int, int], None]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from blindfold.server.limits import Limits
+    from blindfold.server.limits import ConnectionLimits, Limits
     from blindfold.server.main import ServerConfig, serve
 
     limits = Limits(
         max_model_bytes=args.max_model_bytes,
         max_request_bytes=args.max_request_bytes,
+        max_json_bytes=args.max_json_bytes,
         max_tensor_elements=args.max_tensor_elements,
         max_models=args.max_models,
         max_concurrent_inferences=args.max_concurrent_inferences,
@@ -72,6 +73,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_inference_memory=args.max_inference_memory,
         inference_timeout=args.inference_timeout,
         isolation=not args.unsafe_no_isolation,
+        max_inflight_body_bytes=args.max_inflight_body_bytes,
+    )
+    connections = ConnectionLimits(
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        max_header_bytes=args.max_header_bytes,
+        body_timeout=args.body_timeout,
+        min_body_rate=args.min_body_rate,
+        keep_alive_timeout=args.keep_alive_timeout,
+        tls_handshake_timeout=args.tls_handshake_timeout,
     )
     serve(
         ServerConfig(
@@ -81,6 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tee=args.tee,
             allow_simulation_fallback=args.allow_simulation_fallback,
             limits=limits,
+            connections=connections,
             upload_key_file=args.upload_key_file,
             open_upload=args.open_upload,
             open_upload_if_simulation=args.open_upload_if_simulation,
@@ -477,12 +489,13 @@ def _client_options(parser: argparse.ArgumentParser, url_required: bool = True) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from blindfold.server.limits import Limits
+    from blindfold.server.limits import ConnectionLimits, Limits
     from blindfold.server.tee.kds import AMD_KDS_URL
 
     parser = argparse.ArgumentParser(prog="blindfold", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = Limits()
+    slow = ConnectionLimits()
 
     serve = commands.add_parser("serve", help="run the attested inference server")
     serve.add_argument("--host", default="127.0.0.1")
@@ -505,6 +518,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-model-bytes", type=int, default=defaults.max_model_bytes)
     serve.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes)
+    serve.add_argument(
+        "--max-json-bytes",
+        type=int,
+        default=defaults.max_json_bytes,
+        help="limit for JSON tensor data and BYTES tensors (large tensors go as binary data)",
+    )
+    serve.add_argument(
+        "--max-inflight-body-bytes",
+        type=int,
+        default=defaults.max_inflight_body_bytes,
+        help="bytes of request bodies held at once over all requests; over it: 503 with "
+        "Retry-After (default 0: a quarter of the machine's memory)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=slow.max_connections,
+        help="connections served at once; when full, the longest-waiting idle one is closed",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=slow.header_timeout,
+        help="seconds for a request's headers to arrive (else 408)",
+    )
+    serve.add_argument("--max-header-bytes", type=int, default=slow.max_header_bytes)
+    serve.add_argument(
+        "--body-timeout",
+        type=float,
+        default=slow.body_timeout,
+        help="seconds per window in which a body must arrive at --min-body-rate",
+    )
+    serve.add_argument(
+        "--min-body-rate",
+        type=int,
+        default=slow.min_body_rate,
+        help="bytes per second a request body must keep up (else 408)",
+    )
+    serve.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=slow.keep_alive_timeout,
+        help="seconds an idle connection stays open between requests",
+    )
+    serve.add_argument(
+        "--tls-handshake-timeout",
+        type=float,
+        default=slow.tls_handshake_timeout,
+        help="seconds for a client to finish the TLS handshake",
+    )
     serve.add_argument("--max-tensor-elements", type=int, default=defaults.max_tensor_elements)
     serve.add_argument("--max-models", type=int, default=defaults.max_models)
     serve.add_argument(

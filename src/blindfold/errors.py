@@ -125,7 +125,8 @@ class RequestRejected(BlindfoldError):
     """Server side: the server refuses a request; rendered as `{"error": message}` with
     `status`. The SDK turns the answer back into a ServerError."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         self.status = status
         self.message = message
+        self.headers = headers or {}  # e.g. Retry-After with a 503
         super().__init__(message)

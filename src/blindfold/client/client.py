@@ -203,6 +203,10 @@ class Client:
             failed.close()
 
     def _check_same_deployment(self, previous: AttestedServer, current: AttestedServer) -> None:
+        if current.spki_sha256 == previous.spki_sha256:
+            # The same TLS key, whose private half never leaves that TEE: the same server
+            # (re-attested because its evidence expired), not a deployment change.
+            return
         change = deployment_change(
             self.policy.deployment,
             previous.deployment,
@@ -327,9 +331,15 @@ class Client:
         self._metadata.pop(name, None)
         self._forget(name)
 
-    def list_models(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self._json("POST", "/v2/repository/index", {})
-        return result
+    def list_models(self, *, token: str | None = None) -> list[dict[str, Any]]:
+        """The models this client may run: public ones, and those its token, `token`, or the
+        owner tokens it remembers grant (the server lists what one token grants per call)."""
+        tokens = dict.fromkeys([token or self.token, *self._owner_tokens.values()])
+        rows: dict[str, dict[str, Any]] = {}
+        for each in tokens:
+            for row in self._json("POST", "/v2/repository/index", {}, token=each):
+                rows[row["name"]] = row
+        return [rows[name] for name in sorted(rows)]
 
     def model_metadata(
         self, model: str, *, version: str | None = None, token: str | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
 import re
 import time
@@ -22,14 +23,21 @@ from blindfold.attestation.deployment import Endorsement
 from blindfold.errors import ConfigurationError, EvidenceError, RequestRejected, SealError
 from blindfold.receipts import ReceiptSigner
 from blindfold.sealing import ModelKey, decrypt_model_file
-from blindfold.server import oip
+from blindfold.server import admission, oip
+from blindfold.server.admission import BodyBudget, read_body
 from blindfold.server.identity import ServerIdentity
+from blindfold.server.limits import Limits
 from blindfold.server.models import ModelEntry
-from blindfold.server.runtime import InferenceRunner
+from blindfold.server.pools import Pools
+from blindfold.server.runtime import InferenceRunner, Session
 from blindfold.server.service import LoadResult, ModelService
 
 logger = logging.getLogger("blindfold.server")
 JSON_SLACK = 1 << 20  # room for JSON framing around base64 model bytes
+# Below these sizes decoding and encoding take microseconds and run on the event loop; above
+# them they go to the codec pool, so that no request stalls the others.
+INLINE_JSON_BYTES = 64 * 1024
+INLINE_JSON_ELEMENTS = 16 * 1024
 RECEIPT_NONCE = re.compile(r"(?:[0-9a-f]{2})*")
 
 
@@ -40,6 +48,7 @@ class ServerState:
         service: ModelService,
         runner: InferenceRunner,
         encrypted_models_dir: Path | None = None,
+        pools: Pools | None = None,
     ):
         self.identity = identity
         self.encrypted_models_dir = encrypted_models_dir
@@ -53,6 +62,8 @@ class ServerState:
         )
         self.service = service
         self.runner = runner
+        self.pools = pools or Pools()
+        self.body_budget = BodyBudget(service.limits.inflight_body_bytes())
         self.started = time.time()
         self.inferences = 0
         self.rejected_requests = 0
@@ -66,28 +77,6 @@ def bearer_token(request: Request) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         raise RequestRejected(401, "the Authorization header must be 'Bearer <token>'")
     return token.strip()
-
-
-async def read_body(request: Request, limit: int, what: str, flag: str) -> bytes:
-    """Reads the body, refusing it before buffering when it exceeds `limit`."""
-    declared = request.headers.get("content-length")
-    too_large = RequestRejected(
-        413, f"the {what} is larger than the server's limit of {limit} bytes ({flag})"
-    )
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise too_large
-        except ValueError:
-            raise RequestRejected(400, "Content-Length is not an integer") from None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def state_of(request: Request) -> ServerState:
@@ -162,7 +151,8 @@ async def attestation(request: Request) -> Response:
             nonce = b""
         if len(nonce) != 32:
             raise RequestRejected(400, "nonce must be 64 hex characters (32 bytes)")
-    document = await state.runner.call(state.identity.attestation, nonce)
+    # Its own pool: a client attests even while every inference slot is busy.
+    document = await state.pools.attestation.call(state.identity.attestation, nonce)
     return JSONResponse(document.to_json())
 
 
@@ -170,7 +160,7 @@ async def endorse_deployment(request: Request) -> Response:
     """The operator's endorsement of this server's key (`blindfold deployment endorse`); it
     authenticates itself, so the route needs no token."""
     state = state_of(request)
-    body = await read_body(request, 1 << 16, "request", "fixed")
+    body = await read_body(request, state.body_budget, 1 << 16, "request", "fixed")
     document = oip.parse_json(body, "send an endorsement made by `blindfold deployment endorse`")
     try:
         endorsement = Endorsement.from_json(document)
@@ -221,36 +211,85 @@ async def infer(request: Request) -> Response:
     state = state_of(request)
     entry = _resolve(request)
     limits = state.service.limits
-    body = await read_body(request, limits.max_request_bytes, "request", "--max-request-bytes")
-    parsed = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH), limits)
+    header_length = request.headers.get(oip.HEADER_LENGTH)
+    admission.refuse_if_larger(request, limits.max_request_bytes, "request", "--max-request-bytes")
+    if header_length is None and (admission.declared_length(request) or 0) > limits.max_json_bytes:
+        raise oip.json_too_large(limits)  # refused from the headers, like every limit
+    body = await read_body(
+        request, state.body_budget, limits.max_request_bytes, "request", "--max-request-bytes"
+    )
     session = entry.session
-    session.check_inputs(parsed.inputs)
-    if parsed.outputs is None:
-        names = session.output_names
+    if _decodes_quickly(body, header_length):
+        parsed, names = _decode(body, header_length, limits, session)
     else:
-        unknown = [name for name in parsed.outputs if name not in session.output_names]
-        if unknown:
-            raise RequestRejected(
-                400, f"unknown outputs {unknown}; the model has {session.output_names}"
-            )
-        names = [name for name in session.output_names if name in parsed.outputs]
+        parsed, names = await state.pools.codec.call(_decode, body, header_length, limits, session)
     results = await state.runner.run(session, names, dict(parsed.inputs))
-    outputs = dict(zip(names, results, strict=True))
     state.inferences += 1
+    outputs = dict(zip(names, results, strict=True))
+    quick = _encodes_quickly(parsed, outputs)
     parameters: dict[str, Any] = {"model_sha256": entry.sha256}
     if parsed.parameters.get("receipt"):
         parameters["receipt"] = await _receipt(state, entry, parsed, outputs)
-    parts, header_length = oip.encode_infer_response(
-        entry.name, str(entry.version), parsed, outputs, parameters
-    )
+    if quick:
+        parts, header_out = _encode(entry, parsed, outputs, parameters)
+    else:
+        parts, header_out = await state.pools.codec.call(
+            _encode, entry, parsed, outputs, parameters
+        )
     body_out = b"".join(parts)
-    if header_length is None:
+    if header_out is None:
         return Response(body_out, media_type="application/json")
     return Response(
         body_out,
         media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(header_length)},
+        headers={"Inference-Header-Content-Length": str(header_out)},
     )
+
+
+def _decodes_quickly(body: bytearray, header_length: str | None) -> bool:
+    """Small JSON without BYTES tensors decodes in microseconds (binary tensors are views)."""
+    try:
+        json_length = len(body) if header_length is None else int(header_length)
+    except ValueError:
+        return True  # refused at once by the parser
+    if json_length > INLINE_JSON_BYTES:
+        return False
+    return b'"BYTES"' not in body[:json_length]
+
+
+def _decode(
+    body: bytearray, header_length: str | None, limits: Limits, session: Session
+) -> tuple[oip.InferRequest, list[str]]:
+    """The request's tensors, checked against the model, and the outputs to return."""
+    parsed = oip.parse_infer_request(body, header_length, limits)
+    session.check_inputs(parsed.inputs)
+    if parsed.outputs is None:
+        return parsed, session.output_names
+    unknown = [name for name in parsed.outputs if name not in session.output_names]
+    if unknown:
+        raise RequestRejected(
+            400, f"unknown outputs {unknown}; the model has {session.output_names}"
+        )
+    return parsed, [name for name in session.output_names if name in parsed.outputs]
+
+
+def _encodes_quickly(parsed: oip.InferRequest, outputs: dict[str, Any]) -> bool:
+    for name, array in outputs.items():
+        if array.dtype.kind in ("U", "O"):
+            return False
+        wants_binary = parsed.binary_default if parsed.outputs is None else parsed.outputs[name]
+        if not wants_binary and array.size > INLINE_JSON_ELEMENTS:
+            return False
+    return True
+
+
+def _encode(
+    entry: ModelEntry,
+    parsed: oip.InferRequest,
+    outputs: dict[str, Any],
+    parameters: dict[str, Any],
+) -> tuple[list[bytes | memoryview], int | None]:
+    return oip.encode_infer_response(entry.name, str(entry.version), parsed, outputs, parameters)
 
 
 async def _receipt(
@@ -267,7 +306,7 @@ async def _receipt(
             "receipt_nonce must be lowercase hex of at most 128 characters, e.g. "
             "secrets.token_hex(16) or uuid.uuid4().hex",
         )
-    receipt = await state.runner.call(
+    receipt = await state.pools.codec.call(
         state.receipts.sign,
         entry.sha256,
         parsed.inputs,
@@ -293,20 +332,37 @@ async def repository_load(request: Request) -> Response:
     name = request.path_params["name"]
     token = bearer_token(request)
     limits = state.service.limits
+    # Authorized from the headers: a body the server would refuse is never read.
+    state.service.authorize_load(name, token)
+    state.service.registry.check_capacity(name)
     # New models are restricted unless the owner opts in: `?public=true` (any client, also
     # tritonclient's load_model(query_params=...)) or Triton's load parameter "public".
     public = None
     if "public" in request.query_params:
         public = request.query_params["public"].lower() in ("1", "true", "yes")
+    hasher = hashlib.sha256()
     if request.headers.get("content-type", "").startswith("application/octet-stream"):
-        # Blindfold's raw upload: the body is the ONNX file, no base64 blow-up.
-        data = await read_body(request, limits.max_model_bytes, "model", "--max-model-bytes")
+        # Blindfold's raw upload: the body is the ONNX file, no base64 blow-up, hashed as
+        # it arrives.
+        buffer = await read_body(
+            request,
+            state.body_budget,
+            limits.max_model_bytes,
+            "model",
+            "--max-model-bytes",
+            hasher,
+        )
+        # onnx and onnxruntime take bytes: one copy (off the event loop), then one again.
+        data = await state.pools.loading.call(bytes, buffer)
+        del buffer
     else:
         limit = limits.max_model_bytes * 4 // 3 + JSON_SLACK
-        body = await read_body(request, limit, "model", "--max-model-bytes")
-        data, parameter = _model_from_triton_load(body)
+        body = await read_body(request, state.body_budget, limit, "model", "--max-model-bytes")
+        data, parameter = await state.pools.loading.call(_model_from_triton_load, body)
         public = public if parameter is None else parameter
-    result = await state.service.load(name, data, token, public=public)
+        del body
+        hasher = await state.pools.loading.call(hashlib.sha256, data)
+    result = await state.service.load(name, data, token, public=public, sha256=hasher.hexdigest())
     return _load_answer(name, result)
 
 
@@ -323,7 +379,7 @@ def _load_answer(name: str, result: LoadResult) -> Response:
     return JSONResponse(answer)
 
 
-def _model_from_triton_load(body: bytes) -> tuple[bytes, bool | None]:
+def _model_from_triton_load(body: bytearray) -> tuple[bytes, bool | None]:
     """Triton's load request: `{"parameters": {"config": ..., "file:<path>": base64}}`."""
     document = oip.parse_json(body, "the load request is not valid JSON") if body else {}
     parameters = document.get("parameters") if isinstance(document, dict) else None
@@ -356,7 +412,10 @@ async def repository_load_encrypted(request: Request) -> Response:
     the attested channel); the server decrypts inside the TEE and checks the SHA-256."""
     state = state_of(request)
     name = request.path_params["name"]
-    body = await read_body(request, 1 << 16, "request", "fixed")
+    # Authorized before reading the body or touching the host's disk, so no one without
+    # upload rights can even learn whether a path exists.
+    state.service.authorize_load(name, bearer_token(request))
+    body = await read_body(request, state.body_budget, 1 << 16, "request", "fixed")
     advice = (
         'send {"path": "<file on the server>", "key": <key file JSON from blindfold encrypt-model>}'
     )
@@ -367,13 +426,10 @@ async def repository_load_encrypted(request: Request) -> Response:
         public = document.get("public")
     except (KeyError, TypeError, ConfigurationError):
         raise RequestRejected(400, advice) from None
-    # Authorize before touching the host's disk, so no one without upload rights can even
-    # learn whether a path exists.
-    state.service.authorize_load(name, bearer_token(request))
     path = _encrypted_model_path(state, path)
     limit = state.service.limits.max_model_bytes
     try:
-        data = await state.runner.call(lambda: decrypt_model_file(path, key, max_bytes=limit))
+        data = await state.pools.loading.call(decrypt_model_file, path, key, max_bytes=limit)
     except FileNotFoundError:
         raise RequestRejected(
             404, f"no encrypted model file at {str(path)!r} on the server"
@@ -429,7 +485,7 @@ async def repository_unload(request: Request) -> Response:
 
 async def set_access(request: Request) -> Response:
     state = state_of(request)
-    body = await read_body(request, 1 << 16, "request", "fixed")
+    body = await read_body(request, state.body_budget, 1 << 16, "request", "fixed")
     advice = 'send {"public": true} or {"public": false}'
     document = oip.parse_json(body, advice)
     if not isinstance(document, dict) or not isinstance(document.get("public"), bool):
@@ -460,10 +516,13 @@ async def revoke_run_key(request: Request) -> Response:
 async def rejected(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestRejected)
     state_of(request).rejected_requests += 1
+    headers = dict(exc.headers)
+    if await admission.must_close(request):
+        headers["Connection"] = "close"
     # A message can name something the client sent (a path, a model name) that is not
     # encodable text, e.g. a lone surrogate from JSON; the answer must still be UTF-8.
     message = exc.message.encode("utf-8", "backslashreplace").decode("utf-8")
-    return JSONResponse({"error": message}, status_code=exc.status)
+    return JSONResponse({"error": message}, status_code=exc.status, headers=headers)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
@@ -490,15 +549,19 @@ def _guarded(route: Route) -> Route:
     async def endpoint(request: Request) -> Response:
         try:
             response: Response = await handler(request)
+            if await admission.must_close(request):
+                response.headers["Connection"] = "close"
             return response
         except RequestRejected as exc:
             return await rejected(request, exc)
         except ClientDisconnect:
-            # Nothing went wrong on the server: the client went away before its body arrived.
+            # The client left (or was cut for sending too slowly): nobody reads an answer.
             logger.info("client disconnected during %s %s", request.method, request.url.path)
-            return Response(status_code=400)
+            return Response(status_code=400, headers={"Connection": "close"})
         except Exception as exc:
             return await internal_error(request, exc)
+        finally:
+            admission.release(request)
 
     return Route(route.path, endpoint, methods=list(route.methods or ()) or None)
 

@@ -26,6 +26,7 @@ builds it, refusing bodies with more items than any BlindAI request holds.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -41,7 +42,9 @@ from starlette.routing import Route
 
 from blindfold import __version__, tensors
 from blindfold.errors import InputError, RequestRejected
-from blindfold.server.app import ServerState, read_body
+from blindfold.server import admission
+from blindfold.server.admission import read_body
+from blindfold.server.app import ServerState
 from blindfold.server.limits import Limits
 from blindfold.server.models import ModelEntry
 from blindfold.server.runtime import Session
@@ -69,7 +72,7 @@ class CborReader:
     body can make the decoder allocate much more than its own size), hands bounded parts to
     cbor2, and decodes arrays of byte values in bulk."""
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes | bytearray) -> None:
         self.body = body
         self.items = 0
 
@@ -162,7 +165,7 @@ class CborReader:
         return bytes(out), position
 
 
-def read_upload(body: bytes, max_model_bytes: int) -> tuple[bytes, dict[str, Any]]:
+def read_upload(body: bytes | bytearray, max_model_bytes: int) -> tuple[bytes, dict[str, Any]]:
     """The model bytes of an `/upload` body (an array of byte values, or a byte string) and
     its other fields."""
     reader = CborReader(body)
@@ -200,7 +203,7 @@ def _model_too_large(size: int, limit: int) -> RequestRejected:
     )
 
 
-def read_map(body: bytes) -> dict[str, Any]:
+def read_map(body: bytes | bytearray) -> dict[str, Any]:
     document = CborReader(body).value()
     if not isinstance(document, dict):
         raise _bad("the body must be a CBOR map")
@@ -313,8 +316,10 @@ async def upload(request: Request) -> Response:
     state = compat.server
     limit = state.service.limits.max_model_bytes
     # At most two CBOR bytes per model byte in BlindAI's array of integers.
-    body = await read_body(request, 2 * limit + UPLOAD_SLACK, "upload", "--max-model-bytes")
-    model, fields = await state.runner.call(read_upload, body, limit)
+    body = await read_body(
+        request, state.body_budget, 2 * limit + UPLOAD_SLACK, "upload", "--max-model-bytes"
+    )
+    model, fields = await state.pools.loading.call(read_upload, body, limit)
     del body
     length = fields.get("length")
     if length is not None and length != len(model):
@@ -322,7 +327,8 @@ async def upload(request: Request) -> Response:
     if not isinstance(fields.get("model_name", ""), str):
         raise _bad("'model_name' must be text")
     model_id = str(uuid.uuid4())
-    result = await state.service.load_unowned(model_id, model)
+    digest = (await state.pools.loading.call(hashlib.sha256, model)).hexdigest()
+    result = await state.service.load_unowned(model_id, model, digest)
     logger.info(
         "BlindAI upload: model_id %s, sha256 %s (public, no owner)", model_id, result.entry.sha256
     )
@@ -355,8 +361,10 @@ def _resolve(state: ServerState, document: dict[str, Any]) -> ModelEntry:
 async def run(request: Request) -> Response:
     state = _compat(request).server
     limits = state.service.limits
-    body = await read_body(request, limits.max_request_bytes, "request", "--max-request-bytes")
-    document = await state.runner.call(read_map, body)
+    body = await read_body(
+        request, state.body_budget, limits.max_request_bytes, "request", "--max-request-bytes"
+    )
+    document = await state.pools.codec.call(read_map, body)
     del body
     entry = _resolve(state, document)
     session = entry.session
@@ -370,7 +378,7 @@ async def run(request: Request) -> Response:
 async def delete(request: Request) -> Response:
     compat = _compat(request)
     _require_management(compat)
-    body = await read_body(request, SMALL_BODY, "request", "fixed")
+    body = await read_body(request, compat.server.body_budget, SMALL_BODY, "request", "fixed")
     model_id = read_map(body).get("model_id")
     if not isinstance(model_id, str) or not model_id or len(model_id) > MAX_ID:
         raise _bad("send {model_id: <the id /upload answered>}")
@@ -387,13 +395,14 @@ def _cbor_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[
 
     async def endpoint(request: Request) -> Response:
         try:
-            return await handler(request)
+            response = await handler(request)
         except RequestRejected as exc:
             _compat(request).server.rejected_requests += 1
-            return _cbor(exc.message.encode("utf-8", "backslashreplace").decode(), 500)
+            response = _cbor(exc.message.encode("utf-8", "backslashreplace").decode(), 500)
         except ClientDisconnect:
             logger.info("client disconnected during %s %s", request.method, request.url.path)
-            return Response(status_code=400)
+            admission.release(request)
+            return Response(status_code=400, headers={"Connection": "close"})
         except Exception as exc:
             incident = uuid.uuid4().hex[:12]
             logger.error(
@@ -403,7 +412,16 @@ def _cbor_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[
                 request.url.path,
                 type(exc).__name__,
             )
-            return _cbor(f"internal server error (incident {incident})", 500)
+            response = _cbor(f"internal server error (incident {incident})", 500)
+        try:
+            # A body left unread (a refusal before reading it) closes the connection.
+            if await admission.must_close(request):
+                response.headers["Connection"] = "close"
+        except Exception:
+            response.headers["Connection"] = "close"
+        finally:
+            admission.release(request)
+        return response
 
     return endpoint
 

@@ -35,6 +35,9 @@ def default_inference_memory() -> int:
 class Limits:
     max_model_bytes: int = 1 * GiB
     max_request_bytes: int = 256 * MiB
+    # JSON documents and BYTES tensors become one Python object per element, which costs
+    # far more time and memory per byte than binary tensors: they get a much smaller limit.
+    max_json_bytes: int = 1 * MiB
     max_tensor_elements: int = 64 * 1024 * 1024
     max_models: int = 64
     max_concurrent_inferences: int = 4
@@ -42,3 +45,24 @@ class Limits:
     max_inference_memory: int = field(default_factory=default_inference_memory)  # 0: none
     inference_timeout: float = 60.0
     isolation: bool = True  # False only with --unsafe-no-isolation (benchmarks)
+    # Bytes of request bodies being received or held at once, over all requests; 0: a
+    # quarter of the machine's memory, and never less than one largest request.
+    max_inflight_body_bytes: int = 0
+
+    def inflight_body_bytes(self) -> int:
+        if self.max_inflight_body_bytes:
+            return self.max_inflight_body_bytes
+        return max(self.max_model_bytes, self.max_request_bytes, machine_memory() // 4)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What slow or idle clients may hold (all times in seconds)."""
+
+    max_connections: int = 1000
+    header_timeout: float = 10.0  # from a request's first byte (or the connection's start)
+    max_header_bytes: int = 64 * 1024
+    body_timeout: float = 10.0  # a window in which a body must make progress...
+    min_body_rate: int = 1024  # ...of at least this many bytes per second
+    keep_alive_timeout: float = 15.0  # idle between requests
+    tls_handshake_timeout: float = 10.0

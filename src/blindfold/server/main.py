@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import resource
 import socket
 import ssl
 import sys
@@ -23,9 +24,11 @@ from blindfold.errors import ConfigurationError
 from blindfold.server import blindai_compat
 from blindfold.server.app import ServerState, create_app
 from blindfold.server.blindai_compat import DEFAULT_PORTS as DEFAULT_BLINDAI_PORTS
+from blindfold.server.connections import GuardedProtocol, GuardedServer
 from blindfold.server.identity import ServerIdentity
-from blindfold.server.limits import Limits
+from blindfold.server.limits import ConnectionLimits, Limits
 from blindfold.server.models import new_token, token_hash
+from blindfold.server.pools import Pools
 from blindfold.server.runtime import InferenceRunner
 from blindfold.server.service import ModelService
 from blindfold.server.store import ModelStore
@@ -43,6 +46,7 @@ class ServerConfig:
     tee: str = "simulation"
     allow_simulation_fallback: bool = False
     limits: Limits = field(default_factory=Limits)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     upload_key_file: Path | None = None
     open_upload: bool = False
     open_upload_if_simulation: bool = False  # else a generated upload key (bin/serve default)
@@ -220,6 +224,7 @@ class _AttestedConfig(uvicorn.Config):
 def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
     if not (config.open_upload or config.open_upload_if_simulation or config.upload_key_file):
         raise ConfigurationError(CHOOSE_UPLOAD)  # before probing any TEE
+    check_limits(config.limits)
     if config.unsafe_blindai_upload_without_key and not config.blindai_compat:
         raise ConfigurationError("--unsafe-blindai-upload-without-key needs --blindai-compat")
     provider = make_provider(config)
@@ -248,6 +253,7 @@ def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
             "then confined only by the upload checks"
         )
     runner = InferenceRunner(config.limits, config.intra_op_threads)
+    pools = Pools()
     service = ModelService(
         config.limits,
         runner,
@@ -255,14 +261,46 @@ def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
         admin_key_hashes=admin_key_hashes,
         open_upload=access.open_upload,
         store=store,
+        loading=pools.loading,
     )
     try:
         service.restore()
-        return ServerState(identity, service, runner, config.encrypted_models_dir), access
+        state = ServerState(identity, service, runner, config.encrypted_models_dir, pools)
+        return state, access
     except BaseException:
         service.close()
         runner.shutdown()
+        pools.shutdown()
         raise
+
+
+def check_limits(limits: Limits) -> None:
+    budget = limits.inflight_body_bytes()
+    for flag, value in (
+        ("--max-model-bytes", limits.max_model_bytes),
+        ("--max-request-bytes", limits.max_request_bytes),
+    ):
+        if value > budget:
+            raise ConfigurationError(
+                f"--max-inflight-body-bytes {budget} is smaller than {flag} {value}: such a "
+                "request could never be admitted; raise the budget or lower the limit"
+            )
+
+
+def _raise_open_files_limit(connections: ConnectionLimits) -> None:
+    """Lets the process hold --max-connections sockets plus its own files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections.max_connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < wanted:
+            logger.warning(
+                "the open-files limit (%d) is below --max-connections %d plus the server's "
+                "own files; connections beyond it will be refused by the kernel",
+                target,
+                connections.max_connections,
+            )
 
 
 _NO_SEALING_KEY = {
@@ -407,32 +445,37 @@ def serve(config: ServerConfig) -> None:
         raise
     print(banner(state, config, access), file=sys.stderr, flush=True)
     app = create_app(state)
+    connections = config.connections
+    _raise_open_files_limit(connections)
     uvicorn_config = _AttestedConfig(
         app,
         state.identity.ssl_context(),
         host=config.host,
         port=config.port,
-        **_UVICORN_OPTIONS,
-        access_log=config.access_log,
+        **_uvicorn_options(config),
     )
     try:
-        _ServerWithCompanions(uvicorn_config, companions).run()
+        _ServerWithCompanions(uvicorn_config, connections.tls_handshake_timeout, companions).run()
     finally:
         state.runner.shutdown()
+        state.pools.shutdown()
         state.service.close()
 
 
-_UVICORN_OPTIONS: dict[str, Any] = {
-    "log_level": "info",
-    "http": "httptools",
-    "loop": "uvloop",
-    "timeout_keep_alive": 75,
-}
+def _uvicorn_options(config: ServerConfig) -> dict[str, Any]:
+    """What every listening port of the server shares: the guarded protocol and its limits."""
+    return {
+        "access_log": config.access_log,
+        "log_level": "info",
+        "http": GuardedProtocol.with_limits(config.connections),
+        "loop": "uvloop",
+        "timeout_keep_alive": config.connections.keep_alive_timeout,
+    }
 
 
-class _CompanionServer(uvicorn.Server):
-    """A server on another port of the same process, started and stopped by the main one,
-    which alone handles the signals."""
+class _LeavesSignals:
+    """For a server on another port of the same process, started and stopped by the main
+    one, which alone handles the signals."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -442,26 +485,43 @@ class _CompanionServer(uvicorn.Server):
         pass
 
 
-class _ServerWithCompanions(uvicorn.Server):
+class _CompanionServer(_LeavesSignals, GuardedServer):
+    """A TLS port beside the main one."""
+
+
+class _PlainCompanionServer(_LeavesSignals, uvicorn.Server):
+    """The plain HTTP port (asyncio allows no TLS handshake deadline without TLS)."""
+
+
+class _ServerWithCompanions(GuardedServer):
     """The main server, running its companions in the same event loop: they stop when it
     stops, and it stops if one of them ends."""
 
-    def __init__(self, config: uvicorn.Config, companions: list[_Companion]) -> None:
-        super().__init__(config)
+    def __init__(
+        self, config: uvicorn.Config, tls_handshake_timeout: float, companions: list[_Companion]
+    ) -> None:
+        super().__init__(config, tls_handshake_timeout)
         self.companions = companions
         self._tasks: list[asyncio.Task[None]] = []
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         # Their sockets already listen (bound at start), so nothing that connects early is lost.
+        # One at a time: GuardedServer's startup briefly patches the shared event loop.
         for companion in self.companions:
             task = asyncio.create_task(companion.server.serve(sockets=[companion.socket]))
             task.add_done_callback(self._companion_ended)
             self._tasks.append(task)
+            while not (companion.server.started or task.done()):
+                await asyncio.sleep(0.01)
 
     def _companion_ended(self, task: asyncio.Task[None]) -> None:
         if not self.should_exit:
-            logger.error("a BlindAI compatibility port stopped serving; the server stops")
+            failure = None if task.cancelled() else task.exception()
+            logger.error(
+                "a BlindAI compatibility port stopped serving (%s); the server stops",
+                type(failure).__name__ if failure else "it ended",
+            )
             self.should_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -473,7 +533,7 @@ class _ServerWithCompanions(uvicorn.Server):
 
 @dataclass
 class _Companion:
-    server: _CompanionServer
+    server: uvicorn.Server
     socket: socket.socket
 
 
@@ -498,18 +558,19 @@ def _blindai_servers(
             (False, True, True),
             strict=True,
         ):
-            options: dict[str, Any] = {
-                **_UVICORN_OPTIONS,
-                "access_log": config.access_log,
-                "server_header": False,  # the app sets BlindAI's
-            }
+            options = {**_uvicorn_options(config), "server_header": False}  # the app sets it
             uvicorn_config = (
                 _AttestedConfig(app, state.identity.ssl_context(), **options)
                 if tls
                 else uvicorn.Config(app, **options)
             )
             sock = _listening_socket(config.host, port, flag)
-            companions.append(_Companion(_CompanionServer(uvicorn_config), sock))
+            server = (
+                _CompanionServer(uvicorn_config, config.connections.tls_handshake_timeout)
+                if tls
+                else _PlainCompanionServer(uvicorn_config)
+            )
+            companions.append(_Companion(server, sock))
     except BaseException:
         for companion in companions:
             companion.socket.close()

@@ -36,6 +36,7 @@ WORKER_RESIDENT = 64 * MiB
 # graph optimizer briefly holds another copy while loading.
 MODEL_COPIES_LOADING = 4
 MODEL_COPIES_RESIDENT = 3
+LARGE_INPUTS = 1 << 20  # bytes of inputs copied to the worker off the event loop
 TIMEOUT_GRACE = 5.0  # seconds the front waits past --inference-timeout before killing
 MAX_SPEC_NAME = 4096
 
@@ -198,7 +199,7 @@ class IsolatedSession(Session):
         names = list(feeds)
         arrays = [feeds[name] for name in names]
         try:
-            if sum(a.nbytes for a in arrays) > frames.INLINE_LIMIT * 16:
+            if _heavy(arrays):
                 future = await asyncio.to_thread(worker.submit, names, arrays, output_names)
             else:
                 future = worker.submit(names, arrays, output_names)
@@ -221,6 +222,8 @@ class IsolatedSession(Session):
                 worker.retire()
             raise _run_error(header.get("error"), self._limits)
         try:
+            if len(message.data) > LARGE_INPUTS or _has_bytes_tensors(header):
+                return await asyncio.to_thread(frames.arrays_of, message, output_names)
             return frames.arrays_of(message, output_names)
         except frames.FrameError:
             worker.kill("it answered with malformed tensors")
@@ -283,6 +286,18 @@ class InProcessSession(Session):
     def _run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         ort_feeds = {name: _to_ort(array) for name, array in feeds.items()}
         return [_from_ort(value) for value in self._session.run(output_names, ort_feeds)]
+
+
+def _heavy(arrays: list[np.ndarray]) -> bool:
+    """Inputs whose copy or BYTES encoding would hold the event loop for too long."""
+    return any(a.dtype == object for a in arrays) or sum(a.nbytes for a in arrays) > LARGE_INPUTS
+
+
+def _has_bytes_tensors(header: dict[str, Any]) -> bool:
+    described = header.get("tensors")
+    return isinstance(described, list) and any(
+        isinstance(t, dict) and t.get("datatype") == "BYTES" for t in described
+    )
 
 
 def _to_ort(array: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ from blindfold.server.models import (
     token_hash,
 )
 from blindfold.server.onnx_check import check_model
+from blindfold.server.pools import Pool
 from blindfold.server.runtime import InferenceRunner, Session
 from blindfold.server.store import ModelStore, ModelUnavailable, StoredModel, StoreError
 
@@ -130,11 +131,14 @@ class ModelService:
         admin_key_hashes: frozenset[str] = frozenset(),
         open_upload: bool = False,
         store: ModelStore | None = None,
+        loading: Pool | None = None,
     ) -> None:
         self.limits = limits
         self.registry = ServiceRegistry(limits.max_models, self._is_uploader)
         self.store = store
         self._runner = runner
+        # Checking a model and creating its session must not queue behind inferences.
+        self._load_pool = loading
         self._upload_key_hashes = upload_key_hashes
         self._admin_key_hashes = admin_key_hashes
         self._open_upload = open_upload
@@ -339,20 +343,28 @@ class ModelService:
     # --- lifecycle ---
 
     async def load(
-        self, name: str, data: bytes, token: str | None, *, public: bool | None = None
+        self,
+        name: str,
+        data: bytes,
+        token: str | None,
+        *,
+        public: bool | None = None,
+        sha256: str | None = None,
     ) -> LoadResult:
+        """Loads `data` as model `name`; `sha256` is its hash when the caller computed it
+        while the bytes arrived (hashing a large model here would stall the event loop)."""
         check_name(name)
         existing = self._check_upload_right(name, token)
-        return await self._load(name, data, existing, token, public)
+        return await self._load(name, data, existing, token, public, sha256)
 
-    async def load_unowned(self, name: str, data: bytes) -> LoadResult:
+    async def load_unowned(self, name: str, data: bytes, sha256: str | None = None) -> LoadResult:
         """A public model no token owns: BlindAI 0.6's uploads, which carry no credential
         (`blindai_compat`). The caller decides whether such uploads are allowed; the name must
         be new. Only `unload_unowned` removes it: no Blindfold token can replace or unload it."""
         check_name(name)
         if self._current(name) is not None:
             raise RequestRejected(409, f"model {name!r} already exists")
-        return await self._load(name, data, None, None, True, owned=False)
+        return await self._load(name, data, None, None, True, sha256, owned=False)
 
     async def _load(
         self,
@@ -361,13 +373,15 @@ class ModelService:
         existing: ModelEntry | UnavailableModel | None,
         token: str | None,
         public: bool | None,
+        sha256: str | None,
         *,
         owned: bool = True,
     ) -> LoadResult:
         self.registry.check_capacity(name)
         if len(data) > self.limits.max_model_bytes:
             raise _too_large(len(data), self.limits.max_model_bytes)
-        sha256 = hashlib.sha256(data).hexdigest()
+        if sha256 is None:
+            sha256 = hashlib.sha256(data).hexdigest()
         session = await self._session_for(data, sha256)
         # A stored model whose row was refused keeps only its owner (when the manifest names
         # it and the owner is the one replacing it): default access, no run keys. Taken over
@@ -480,7 +494,10 @@ class ModelService:
         pending = asyncio.get_running_loop().create_future()
         self._loading[sha256] = pending
         try:
-            session = await self._runner.call(self._new_session, data, sha256)
+            if self._load_pool is not None:
+                session = await self._load_pool.call(self._new_session, data, sha256)
+            else:
+                session = await self._runner.call(self._new_session, data, sha256)
             pending.set_result(session)
             return session
         except BaseException as exc:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import queue
 import resource
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,41 +74,33 @@ def main(sock: socket.socket, settings: WorkerSettings) -> None:
             "outputs": [_spec(arg) for arg in session.get_outputs()],
         },
     )
+    _WATCHDOG.start()
     # The run threads start now, while memory is plentiful: a thread started after a model
-    # exhausted the address space could not get its stack.
-    runs: queue.SimpleQueue[frames.Message] = queue.SimpleQueue()
+    # exhausted the address space could not get its stack. Each reads the socket itself (a
+    # SOCK_SEQPACKET read takes one whole message), so no run waits for a hand-off.
     for index in range(settings.concurrency):
         threading.Thread(
             target=_run_loop,
-            args=(runs, sock, lock, session, settings.inference_timeout),
+            args=(sock, lock, session, settings.inference_timeout),
             name=f"run-{index}",
             daemon=True,
         ).start()
+    threading.Event().wait()  # the run threads end the process
+
+
+def _run_loop(
+    sock: socket.socket, lock: threading.Lock, session: ort.InferenceSession, timeout: float
+) -> None:
     try:
         while True:
             message = frames.receive(sock)
             if message is None:  # the front closed the socket: nothing more to do
-                break
-            runs.put(message)
-    finally:
-        os._exit(0)
-
-
-def _run_loop(
-    runs: queue.SimpleQueue[frames.Message],
-    sock: socket.socket,
-    lock: threading.Lock,
-    session: ort.InferenceSession,
-    timeout: float,
-) -> None:
-    while True:
-        message = runs.get()
-        try:
+                os._exit(0)
             _serve_run(sock, lock, session, message, timeout)
-        except BaseException:
-            # Even the error answer failed (say, no memory for it): the front sees the worker
-            # end and fails the request, rather than waiting for an answer that never comes.
-            os._exit(70)
+    except BaseException:
+        # Even the error answer failed (say, no memory for it), or the socket broke: the front
+        # sees the worker end and fails the request, rather than wait for an answer.
+        os._exit(70)
 
 
 def _confine(settings: WorkerSettings) -> str:
@@ -174,8 +166,7 @@ def _serve_run(
         return
     options = ort.RunOptions()
     options.log_severity_level = 4
-    timer = threading.Timer(timeout, _terminate, (options,))
-    timer.start()
+    _WATCHDOG.watch(options, timeout)
     try:
         results = session.run(header["outputs"], feeds, options)
         outputs = [_checked_output(value) for value in results]
@@ -184,14 +175,45 @@ def _serve_run(
         _send(sock, lock, {"id": request_id, "ok": False, "error": error, "detail": _kind(exc)})
         return
     finally:
-        timer.cancel()
+        _WATCHDOG.forget(options)
         message.data.release()
     with lock:
         frames.send(sock, {"id": request_id, "ok": True}, outputs)
 
 
-def _terminate(options: ort.RunOptions) -> None:
-    options.terminate = True
+class _Watchdog:
+    """Sets `terminate` on runs past their deadline. One thread for all runs, started with
+    the run threads: a timer thread per run would cost a thread start on every inference."""
+
+    def __init__(self) -> None:
+        self._deadlines: dict[ort.RunOptions, float] = {}
+        self._changed = threading.Condition()
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name="watchdog", daemon=True).start()
+
+    def watch(self, options: ort.RunOptions, timeout: float) -> None:
+        with self._changed:
+            self._deadlines[options] = time.monotonic() + timeout
+            self._changed.notify()
+
+    def forget(self, options: ort.RunOptions) -> None:
+        with self._changed:
+            self._deadlines.pop(options, None)
+
+    def _loop(self) -> None:
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                for options, deadline in list(self._deadlines.items()):
+                    if deadline <= now:
+                        options.terminate = True
+                        del self._deadlines[options]
+                nearest = min(self._deadlines.values(), default=now + 3600)
+                self._changed.wait(timeout=max(nearest - now, 0.001))
+
+
+_WATCHDOG = _Watchdog()
 
 
 def _ort_value(array: np.ndarray) -> np.ndarray:

@@ -1,0 +1,117 @@
+"""The front process reads what a model worker sends as hostile data: a worker taken over by
+a malicious model must not crash the front, make it read outside a buffer, or change bytes
+after they were checked. Real sockets and memfds, no mocks."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import mmap
+import os
+import socket
+import struct
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from blindfold.server import tensor_frames as frames
+
+
+@pytest.fixture()
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def raw_send(sock: socket.socket, header: dict[str, object], data: bytes = b"") -> None:
+    encoded = json.dumps(header).encode()
+    sock.send(struct.pack("<I", len(encoded)) + encoded + data)
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        [np.arange(12, dtype=np.float32).reshape(3, 4)],
+        [np.ones((600, 600), np.float64), np.array([b"a", b"", "\u00e9".encode()], dtype=object)],
+        [np.zeros((0, 5), np.int64), np.array(True)],
+    ],
+    ids=["inline", "memfd", "empty-and-scalar"],
+)
+def test_round_trip(pair: tuple[socket.socket, socket.socket], arrays: list[np.ndarray]) -> None:
+    ours, theirs = pair
+    frames.send(theirs, {"id": 7}, arrays)
+    message = frames.receive(ours)
+    assert message is not None and message.header["id"] == 7
+    received = frames.arrays_of(message, ["a"] * len(arrays))
+    for got, want in zip(received, arrays, strict=True):
+        assert got.shape == want.shape
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "descriptor",
+    [
+        {"datatype": "FP32", "shape": [4], "offset": 0, "nbytes": 64},  # past the data
+        {"datatype": "FP32", "shape": [4], "offset": -16, "nbytes": 16},
+        {"datatype": "FP32", "shape": [5], "offset": 0, "nbytes": 16},  # size mismatch
+        {"datatype": "EVIL", "shape": [4], "offset": 0, "nbytes": 16},
+        {"datatype": "FP32", "shape": [-4], "offset": 0, "nbytes": 16},
+        {"datatype": "FP32", "shape": [1] * 65, "offset": 0, "nbytes": 4},
+        {"datatype": "FP32", "shape": "4", "offset": 0, "nbytes": 16},
+        {"datatype": "BYTES", "shape": [1], "offset": 0, "nbytes": 16},  # length prefix lies
+        "not an object",
+    ],
+)
+def test_descriptors_that_do_not_fit_the_data_are_refused(
+    pair: tuple[socket.socket, socket.socket], descriptor: object
+) -> None:
+    ours, theirs = pair
+    data = struct.pack("<I", 1 << 30) + bytes(12)
+    raw_send(theirs, {"id": 1, "tensors": [descriptor]}, data)
+    message = frames.receive(ours)
+    assert message is not None
+    with pytest.raises(frames.FrameError):
+        frames.arrays_of(message)
+
+
+def test_headers_that_are_not_json_objects_are_refused(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = pair
+    for body in (b"\x05\x00\x00\x00[1,2]", b"\xff\xff\xff\x00{}", b"\x02\x00\x00\x00{x", b"ab"):
+        theirs.send(body)
+        with pytest.raises(frames.FrameError):
+            frames.receive(ours)
+
+
+def test_a_memfd_that_could_still_shrink_or_change_is_refused(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Shrinking a mapped file makes the reader's next access SIGBUS; writing after the check
+    changes checked bytes. A worker's memfd is mapped only once sealed against both."""
+    ours, theirs = pair
+    fd = os.memfd_create("hostile", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4096)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)  # sealed, but not enough
+    header = json.dumps({"id": 1, "tensors": []}).encode()
+    socket.send_fds(theirs, [struct.pack("<I", len(header)) + header], [fd])
+    with pytest.raises(frames.FrameError, match="sealed"):
+        frames.receive(ours)
+    os.close(fd)
+
+
+def test_a_sealed_memfd_is_read_only_for_everyone(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = pair
+    frames.send(theirs, {"id": 1}, [np.ones(100_000, np.float32)])
+    raw, fds, _flags, _address = socket.recv_fds(ours, frames.MAX_MESSAGE, 1)
+    (fd,) = fds
+    with pytest.raises(PermissionError):
+        mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    with pytest.raises(PermissionError):
+        os.ftruncate(fd, 0)
+    os.close(fd)
