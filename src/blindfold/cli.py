@@ -111,6 +111,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             store_journal=args.store_journal,
             deployment_id=args.deployment_id,
             deployment_operator_keys=args.deployment_operator_key,
+            blindai_compat=args.blindai_compat,
+            blindai_ports=_blindai_ports(args),
+            unsafe_blindai_upload_without_key=args.unsafe_blindai_upload_without_key,
         )
     )
     return 0
@@ -127,6 +130,17 @@ def _ort_extensions_wanted(flag: bool | None) -> bool:
             "pip install onnxruntime-extensions (or drop the flag)"
         )
     return flag
+
+
+def _blindai_ports(args: argparse.Namespace) -> tuple[int, int, int]:
+    from blindfold.server.blindai_compat import DEFAULT_PORTS
+
+    given = (args.blindai_unattested_port, args.blindai_attested_port, args.blindai_management_port)
+    unattested, attested, management = (
+        default if port is None else port
+        for port, default in zip(given, DEFAULT_PORTS, strict=True)
+    )
+    return unattested, attested, management
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
@@ -719,6 +733,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PUBKEY",
         help="PEM public key of an operator who may endorse this server (repeatable; "
         "default: the first operator to endorse it)",
+    )
+    serve.add_argument(
+        "--blindai-compat",
+        action="store_true",
+        help="also serve BlindAI 0.6 clients on its three ports (no tokens, no attestation "
+        "the BlindAI client can check outside simulation mode: for migration only)",
+    )
+    for port_name, what in (
+        ("unattested", "plain HTTP, the certificate; default 9923"),
+        ("attested", "TLS, /run; default 9924"),
+        ("management", "TLS, /upload and /delete; default 9925"),
+    ):
+        serve.add_argument(
+            f"--blindai-{port_name}-port",
+            type=int,
+            help=f"with --blindai-compat: BlindAI's {port_name} port ({what})",
+        )
+    serve.add_argument(
+        "--unsafe-blindai-upload-without-key",
+        action="store_true",
+        help="UNSAFE: with --blindai-compat on a server that needs an upload key, still let "
+        "anyone who reaches the BlindAI management port upload models and delete them",
     )
     serve.set_defaults(handler=cmd_serve)
 

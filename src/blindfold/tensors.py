@@ -24,27 +24,34 @@ class DataType:
     numpy: np.dtype[Any]  # little-endian numpy dtype (object for BYTES)
     onnx: int  # onnx.TensorProto element type
     ort: str  # onnxruntime type string, e.g. "tensor(float)"
+    # BlindAI 0.6's ModelDatumType (its integer code and name), for its wire-compatible ports;
+    # None where BlindAI has no such type.
+    blindai: tuple[int, str] | None = None
 
 
 # Values of onnx.TensorProto.DataType, written out so the SDK does not need to import onnx.
 _TABLE = [
-    DataType("BOOL", np.dtype("bool"), 9, "tensor(bool)"),
-    DataType("UINT8", np.dtype("<u1"), 2, "tensor(uint8)"),
-    DataType("UINT16", np.dtype("<u2"), 4, "tensor(uint16)"),
-    DataType("UINT32", np.dtype("<u4"), 12, "tensor(uint32)"),
-    DataType("UINT64", np.dtype("<u8"), 13, "tensor(uint64)"),
-    DataType("INT8", np.dtype("<i1"), 3, "tensor(int8)"),
-    DataType("INT16", np.dtype("<i2"), 5, "tensor(int16)"),
-    DataType("INT32", np.dtype("<i4"), 6, "tensor(int32)"),
-    DataType("INT64", np.dtype("<i8"), 7, "tensor(int64)"),
+    DataType("BOOL", np.dtype("bool"), 9, "tensor(bool)", (10, "Bool")),
+    DataType("UINT8", np.dtype("<u1"), 2, "tensor(uint8)", (6, "U8")),
+    DataType("UINT16", np.dtype("<u2"), 4, "tensor(uint16)", (7, "U16")),
+    DataType("UINT32", np.dtype("<u4"), 12, "tensor(uint32)", (4, "U32")),
+    DataType("UINT64", np.dtype("<u8"), 13, "tensor(uint64)", (5, "U64")),
+    DataType("INT8", np.dtype("<i1"), 3, "tensor(int8)", (8, "I8")),
+    DataType("INT16", np.dtype("<i2"), 5, "tensor(int16)", (9, "I16")),
+    DataType("INT32", np.dtype("<i4"), 6, "tensor(int32)", (2, "I32")),
+    DataType("INT64", np.dtype("<i8"), 7, "tensor(int64)", (3, "I64")),
     DataType("FP16", np.dtype("<f2"), 10, "tensor(float16)"),
-    DataType("FP32", np.dtype("<f4"), 1, "tensor(float)"),
-    DataType("FP64", np.dtype("<f8"), 11, "tensor(double)"),
+    DataType("FP32", np.dtype("<f4"), 1, "tensor(float)", (0, "F32")),
+    DataType("FP64", np.dtype("<f8"), 11, "tensor(double)", (1, "F64")),
     DataType("BYTES", np.dtype("O"), 8, "tensor(string)"),
 ]
 _BY_OIP = {d.oip: d for d in _TABLE}
 _BY_ONNX = {d.onnx: d for d in _TABLE}
 _BY_ORT = {d.ort: d for d in _TABLE}
+_BY_BLINDAI: dict[int | str, DataType] = {}
+for _entry in _TABLE:
+    if _entry.blindai is not None:
+        _BY_BLINDAI.update(dict.fromkeys(_entry.blindai, _entry))
 SUPPORTED_DATATYPES = tuple(_BY_OIP)
 
 
@@ -55,6 +62,18 @@ def by_oip(name: str) -> DataType:
         raise InputError(
             f"unknown datatype {name!r}; expected one of {', '.join(SUPPORTED_DATATYPES)}"
         ) from None
+
+
+def by_blindai(datum_type: object) -> DataType:
+    """The entry for a BlindAI 0.6 `datum_type`: its integer code (F32 = 0 ... Bool = 10), or
+    its name as a string ("F32", "Bool")."""
+    entry = None
+    if isinstance(datum_type, int | str) and not isinstance(datum_type, bool):
+        entry = _BY_BLINDAI.get(datum_type)
+    if entry is None:
+        known = ", ".join(f"{d.blindai[1]}={d.blindai[0]}" for d in _TABLE if d.blindai)
+        raise InputError(f"unknown BlindAI datum_type {str(datum_type)[:40]!r}; expected {known}")
+    return entry
 
 
 def by_ort(type_string: str) -> DataType | None:

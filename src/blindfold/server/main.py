@@ -3,12 +3,16 @@ and run uvicorn with a TLS context that holds the key in memory only."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import logging
 import os
 import resource
+import socket
 import ssl
 import sys
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,9 @@ import uvicorn
 
 from blindfold.attestation.deployment import load_operator_public_key, operator_key_id
 from blindfold.errors import ConfigurationError
+from blindfold.server import blindai_compat
 from blindfold.server.app import ServerState, create_app
+from blindfold.server.blindai_compat import DEFAULT_PORTS as DEFAULT_BLINDAI_PORTS
 from blindfold.server.connections import GuardedProtocol, GuardedServer
 from blindfold.server.identity import ServerIdentity
 from blindfold.server.limits import ConnectionLimits, Limits
@@ -58,6 +64,9 @@ class ServerConfig:
     store_journal: str = "auto"  # "wal", "delete", or "auto": delete under Gramine SGX
     deployment_id: str = ""  # simulation only: stands in for SNP host_data / TDX mr_config_id
     deployment_operator_keys: list[Path] = field(default_factory=list)  # PEM public keys
+    blindai_compat: bool = False  # also listen as BlindAI 0.6 did (blindai_compat.py)
+    blindai_ports: tuple[int, int, int] = DEFAULT_BLINDAI_PORTS  # unattested, run, management
+    unsafe_blindai_upload_without_key: bool = False  # BlindAI uploads despite an upload key
 
 
 def make_provider(config: ServerConfig) -> TeeProvider:
@@ -216,9 +225,13 @@ def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
     if not (config.open_upload or config.open_upload_if_simulation or config.upload_key_file):
         raise ConfigurationError(CHOOSE_UPLOAD)  # before probing any TEE
     check_limits(config.limits)
+    if config.unsafe_blindai_upload_without_key and not config.blindai_compat:
+        raise ConfigurationError("--unsafe-blindai-upload-without-key needs --blindai-compat")
     provider = make_provider(config)
     access = decide_upload_access(config, provider.kind)
     hostnames = sorted({config.host, "localhost", "127.0.0.1", *config.hostnames})
+    if config.blindai_compat:
+        hostnames.append(blindai_compat.CERTIFICATE_NAME)
     identity = ServerIdentity(
         provider, hostnames, read_operator_keys(config.deployment_operator_keys)
     )
@@ -378,6 +391,20 @@ def banner(state: ServerState, config: ServerConfig, access: UploadAccess) -> st
         )
     if access.open_upload:
         lines.append("  uploads: OPEN (anyone who attests this server may upload models)")
+    if config.blindai_compat:
+        unattested, attested, management = config.blindai_ports
+        uploads = (
+            "open"
+            if access.open_upload
+            else "UNSAFE: open despite the upload key (--unsafe-blindai-upload-without-key)"
+            if config.unsafe_blindai_upload_without_key
+            else "refused (this server needs an upload key)"
+        )
+        lines.append(
+            f"  BlindAI 0.6 compatibility (no tokens, for migration): certificate on "
+            f"http://{config.host}:{unattested}, /run on port {attested}, /upload and /delete "
+            f"on port {management} ({uploads})"
+        )
     if access.generated_key is not None:
         lines.append(
             f"  upload key (generated for this run, shown only now): {access.generated_key}\n"
@@ -415,6 +442,12 @@ def serve(config: ServerConfig) -> None:
     )
     _keep_secrets_out_of_reach()
     state, access = build_state(config)
+    try:
+        companions = _blindai_servers(state, config, access) if config.blindai_compat else []
+    except BaseException:
+        state.runner.shutdown()
+        state.service.close()
+        raise
     print(banner(state, config, access), file=sys.stderr, flush=True)
     app = create_app(state)
     connections = config.connections
@@ -424,15 +457,143 @@ def serve(config: ServerConfig) -> None:
         state.identity.ssl_context(),
         host=config.host,
         port=config.port,
-        access_log=config.access_log,
-        log_level="info",
-        http=GuardedProtocol.with_limits(connections),
-        loop="uvloop",
-        timeout_keep_alive=connections.keep_alive_timeout,  # type: ignore[arg-type]
+        **_uvicorn_options(config),
     )
     try:
-        GuardedServer(uvicorn_config, connections.tls_handshake_timeout).run()
+        _ServerWithCompanions(uvicorn_config, connections.tls_handshake_timeout, companions).run()
     finally:
         state.runner.shutdown()
         state.pools.shutdown()
         state.service.close()
+
+
+def _uvicorn_options(config: ServerConfig) -> dict[str, Any]:
+    """What every listening port of the server shares: the guarded protocol and its limits."""
+    return {
+        "access_log": config.access_log,
+        "log_level": "info",
+        "http": GuardedProtocol.with_limits(config.connections),
+        "loop": "uvloop",
+        "timeout_keep_alive": config.connections.keep_alive_timeout,
+    }
+
+
+class _LeavesSignals:
+    """For a server on another port of the same process, started and stopped by the main
+    one, which alone handles the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    def install_signal_handlers(self) -> None:  # the same, for uvicorn before 0.29
+        pass
+
+
+class _CompanionServer(_LeavesSignals, GuardedServer):
+    """A TLS port beside the main one."""
+
+
+class _PlainCompanionServer(_LeavesSignals, uvicorn.Server):
+    """The plain HTTP port (asyncio allows no TLS handshake deadline without TLS)."""
+
+
+class _ServerWithCompanions(GuardedServer):
+    """The main server, running its companions in the same event loop: they stop when it
+    stops, and it stops if one of them ends."""
+
+    def __init__(
+        self, config: uvicorn.Config, tls_handshake_timeout: float, companions: list[_Companion]
+    ) -> None:
+        super().__init__(config, tls_handshake_timeout)
+        self.companions = companions
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # Their sockets already listen (bound at start), so nothing that connects early is lost.
+        # One at a time: GuardedServer's startup briefly patches the shared event loop.
+        for companion in self.companions:
+            task = asyncio.create_task(companion.server.serve(sockets=[companion.socket]))
+            task.add_done_callback(self._companion_ended)
+            self._tasks.append(task)
+            while not (companion.server.started or task.done()):
+                await asyncio.sleep(0.01)
+
+    def _companion_ended(self, task: asyncio.Task[None]) -> None:
+        if not self.should_exit:
+            failure = None if task.cancelled() else task.exception()
+            logger.error(
+                "a BlindAI compatibility port stopped serving (%s); the server stops",
+                type(failure).__name__ if failure else "it ended",
+            )
+            self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for companion in self.companions:
+            companion.server.should_exit = True
+        await super().shutdown(sockets)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@dataclass
+class _Companion:
+    server: uvicorn.Server
+    socket: socket.socket
+
+
+def _blindai_servers(
+    state: ServerState, config: ServerConfig, access: UploadAccess
+) -> list[_Companion]:
+    """The three BlindAI 0.6 ports, bound now so that a port in use fails the start."""
+    flags = ("--blindai-unattested-port", "--blindai-attested-port", "--blindai-management-port")
+    if len({config.port, *config.blindai_ports}) != 4:
+        raise ConfigurationError(
+            f"the BlindAI ports {list(config.blindai_ports)} and --port {config.port} must be "
+            f"four different ports; choose them with {', '.join(flags)}"
+        )
+    management = access.open_upload or config.unsafe_blindai_upload_without_key
+    apps = blindai_compat.create_apps(state, management)
+    companions = []
+    try:
+        for app, port, flag, tls in zip(
+            (apps.unattested, apps.attested, apps.management),
+            config.blindai_ports,
+            flags,
+            (False, True, True),
+            strict=True,
+        ):
+            options = {**_uvicorn_options(config), "server_header": False}  # the app sets it
+            uvicorn_config = (
+                _AttestedConfig(app, state.identity.ssl_context(), **options)
+                if tls
+                else uvicorn.Config(app, **options)
+            )
+            sock = _listening_socket(config.host, port, flag)
+            server = (
+                _CompanionServer(uvicorn_config, config.connections.tls_handshake_timeout)
+                if tls
+                else _PlainCompanionServer(uvicorn_config)
+            )
+            companions.append(_Companion(server, sock))
+    except BaseException:
+        for companion in companions:
+            companion.socket.close()
+        raise
+    return companions
+
+
+def _listening_socket(host: str, port: int, flag: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(
+            f"cannot listen on {host}:{port} for BlindAI compatibility: {exc.strerror}; "
+            f"choose another port with {flag}"
+        ) from None
+    return sock

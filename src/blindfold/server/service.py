@@ -268,6 +268,13 @@ class ModelService:
                 f"to {action} model {entry.name!r} send its owner token as "
                 "'Authorization: Bearer <owner token>'",
             )
+        if entry.owner_token_sha256 == "":
+            raise RequestRejected(
+                403,
+                f"model {entry.name!r} was uploaded through the BlindAI compatibility port and "
+                f"has no owner token, so no token may {action} it; a BlindAI /delete of its "
+                "model_id removes it",
+            )
         if not entry.is_owner(token):
             raise RequestRejected(
                 403,
@@ -348,6 +355,28 @@ class ModelService:
         while the bytes arrived (hashing a large model here would stall the event loop)."""
         check_name(name)
         existing = self._check_upload_right(name, token)
+        return await self._load(name, data, existing, token, public, sha256)
+
+    async def load_unowned(self, name: str, data: bytes, sha256: str | None = None) -> LoadResult:
+        """A public model no token owns: BlindAI 0.6's uploads, which carry no credential
+        (`blindai_compat`). The caller decides whether such uploads are allowed; the name must
+        be new. Only `unload_unowned` removes it: no Blindfold token can replace or unload it."""
+        check_name(name)
+        if self._current(name) is not None:
+            raise RequestRejected(409, f"model {name!r} already exists")
+        return await self._load(name, data, None, None, True, sha256, owned=False)
+
+    async def _load(
+        self,
+        name: str,
+        data: bytes,
+        existing: ModelEntry | UnavailableModel | None,
+        token: str | None,
+        public: bool | None,
+        sha256: str | None,
+        *,
+        owned: bool = True,
+    ) -> LoadResult:
         self.registry.check_capacity(name)
         if len(data) > self.limits.max_model_bytes:
             raise _too_large(len(data), self.limits.max_model_bytes)
@@ -360,7 +389,7 @@ class ModelService:
         takeover = isinstance(existing, UnavailableModel) and not existing.metadata_trusted
         inherit = None if takeover else existing
         keeps_owner = inherit is not None or (existing is not None and existing.is_owner(token))
-        owner_token = None if keeps_owner else new_token("bfo")
+        owner_token = None if keeps_owner or not owned else new_token("bfo")
         record = StoredModel(
             name=name,
             version=existing.version + 1 if existing else 1,
@@ -368,7 +397,7 @@ class ModelService:
             size=len(data),
             owner_token_sha256=existing.owner_token_sha256
             if existing is not None and keeps_owner
-            else token_hash(owner_token or ""),
+            else (token_hash(owner_token) if owner_token else ""),  # "": nobody owns it
             # New models are restricted unless the owner opts into public.
             public=(inherit.public if inherit else False) if public is None else public,
             run_keys=_run_keys(inherit),
@@ -493,16 +522,34 @@ class ModelService:
                 self._require_owner_or_admin(current, token, "delete")
             else:
                 self.require_owner(current, token, "unload")
-            if self.store is not None:
-                with _storing():
-                    self.store.delete_model(name)
-            if isinstance(current, UnavailableModel):
-                del self.registry.unavailable[name]
-            else:
-                self.registry.remove(name)
-            self._records.pop(name, None)
+            self._remove(current)
         logger.info("model %r unloaded", name)
         return current
+
+    def unload_unowned(self, name: str) -> ModelEntry | UnavailableModel:
+        """Removes a model nobody owns (`load_unowned`): as in BlindAI 0.6, knowing its name
+        is the only right needed. Owned models answer as missing."""
+        with self._lock:
+            current = self._current(name)
+            trusted = not isinstance(current, UnavailableModel) or current.metadata_trusted
+            if current is None or current.owner_token_sha256 != "" or not trusted:
+                raise RequestRejected(
+                    404, f"no model uploaded through BlindAI has model_id {name!r}"
+                )
+            self._remove(current)
+        logger.info("model %r (no owner) unloaded", name)
+        return current
+
+    def _remove(self, current: ModelEntry | UnavailableModel) -> None:
+        """Deletes durably, then from memory; the caller holds the lock and checked rights."""
+        if self.store is not None:
+            with _storing():
+                self.store.delete_model(current.name)
+        if isinstance(current, UnavailableModel):
+            del self.registry.unavailable[current.name]
+        else:
+            self.registry.remove(current.name)
+        self._records.pop(current.name, None)
 
     def _persist_rules(self, entry: ModelEntry, public: bool, run_keys: dict[str, str]) -> None:
         """Writes a change of access rules to the store (before memory shows it)."""
