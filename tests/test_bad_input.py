@@ -923,7 +923,9 @@ def test_symbolic_dimension_names_that_are_not_utf8(
     assert data.count(b"BATCHDIM") == 2
     error = _upload_error(bad, data.replace(b"BATCHDIM", b"BAT\xff\xfeDIM"), "bad-utf8")
     assert error.status == 400, error.message
-    assert "not valid UTF-8" in error.message
+    # Whether protobuf's own parse already refuses it depends on the protobuf and onnx
+    # builds installed beside the server; either way it is a 400 that says why.
+    assert "not valid UTF-8" in error.message or "protobuf parse failed" in error.message
     # Some invalid sequences already fail protobuf's own parse: a 400 as well.
     error = _upload_error(bad, data.replace(b"BATCHDIM", b"\xc3(ATCHDIM"), "bad-utf8")
     assert error.status == 400, error.message
