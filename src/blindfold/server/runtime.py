@@ -33,6 +33,8 @@ from blindfold.server.worker import (
     CONFINED_CHROOT,
     WorkerSettings,
     session_options,
+    tensor_spec,
+    to_ort,
 )
 from blindfold.server.workers import ModelWorker, WorkerDied
 
@@ -317,8 +319,8 @@ class InProcessSession(Session):
             raise RequestRejected(
                 400, f"onnxruntime cannot load the model: {_printable(str(exc))}"
             ) from None
-        self.inputs = [_spec_of(arg) for arg in self._session.get_inputs()]
-        self.outputs = [_spec_of(arg) for arg in self._session.get_outputs()]
+        self.inputs = [_trusted_spec(arg) for arg in self._session.get_inputs()]
+        self.outputs = [_trusted_spec(arg) for arg in self._session.get_outputs()]
 
     async def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
@@ -346,15 +348,16 @@ def _has_bytes_tensors(header: dict[str, Any]) -> bool:
     )
 
 
+def _trusted_spec(arg: Any) -> TensorSpec:
+    spec = tensor_spec(arg)  # made in this process: nothing to check
+    return TensorSpec(spec["name"], spec["datatype"], tuple(spec["shape"]))
+
+
 def _to_ort(array: np.ndarray) -> np.ndarray:
-    # onnxruntime takes string tensors as str objects; the wire carries UTF-8 bytes.
-    if array.dtype == object:
-        try:
-            decoded = [item.decode("utf-8") for item in array.reshape(-1)]
-        except UnicodeDecodeError:
-            raise _run_error("bad_input", None) from None
-        return np.array(decoded, dtype=object).reshape(array.shape)
-    return array
+    try:
+        return to_ort(array)
+    except UnicodeDecodeError:
+        raise _run_error("bad_input", None) from None
 
 
 def _from_ort(value: Any) -> np.ndarray:
@@ -435,12 +438,6 @@ def _specs(raw: Any) -> list[TensorSpec]:
             raise RequestRejected(502, "the model's worker process described its tensors wrongly")
         specs.append(TensorSpec(name, datatype, tuple(shape)))
     return specs
-
-
-def _spec_of(arg: Any) -> TensorSpec:
-    entry = tensors.by_ort(arg.type)
-    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in arg.shape or [])
-    return TensorSpec(arg.name, entry.oip if entry else arg.type, shape)
 
 
 class InferenceRunner:

@@ -78,8 +78,8 @@ def main(sock: socket.socket, settings: WorkerSettings) -> None:
         {
             "ok": True,
             "confinement": confinement,
-            "inputs": [_spec(arg) for arg in session.get_inputs()],
-            "outputs": [_spec(arg) for arg in session.get_outputs()],
+            "inputs": [tensor_spec(arg) for arg in session.get_inputs()],
+            "outputs": [tensor_spec(arg) for arg in session.get_outputs()],
         },
     )
     _WATCHDOG.start()
@@ -152,7 +152,8 @@ def _load(data: bytes, options: ort.SessionOptions) -> ort.InferenceSession:
     return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def _spec(arg: Any) -> dict[str, Any]:
+def tensor_spec(arg: Any) -> dict[str, Any]:
+    """How a session input or output is described, here and by the in-process session."""
     entry = tensors.by_ort(arg.type)
     shape = [dim if isinstance(dim, int) and dim >= 0 else -1 for dim in arg.shape or []]
     return {
@@ -173,7 +174,7 @@ def _serve_run(
     request_id = header.get("id")
     try:
         arrays = frames.arrays_of(message)
-        feeds = {name: _ort_value(a) for name, a in zip(header["inputs"], arrays, strict=True)}
+        feeds = {name: to_ort(a) for name, a in zip(header["inputs"], arrays, strict=True)}
     except (frames.FrameError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
         _send(
             sock, lock, {"id": request_id, "ok": False, "error": "bad_input", "detail": _kind(exc)}
@@ -231,7 +232,7 @@ class _Watchdog:
 _WATCHDOG = _Watchdog()
 
 
-def _ort_value(array: np.ndarray) -> np.ndarray:
+def to_ort(array: np.ndarray) -> np.ndarray:
     # onnxruntime takes string tensors as str objects; the wire carries UTF-8 bytes.
     if array.dtype == object:
         decoded = [item.decode("utf-8") for item in array.reshape(-1)]

@@ -43,10 +43,6 @@ class WorkerDied(Exception):
         self.reason = reason
 
 
-class WorkerMisbehaved(Exception):
-    """The worker answered something outside the protocol; it has been killed."""
-
-
 class ModelWorker:
     """One worker process serving one model.
 
