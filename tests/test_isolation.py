@@ -506,3 +506,79 @@ def test_many_concurrent_runs_queue_for_a_busy_worker(limited: ServerProcess) ->
             thread.join()
         assert not errors, errors[:3]
         client.delete_model(model.name)
+
+
+# --- the shared buffers tensors cross in ---
+
+
+def test_concurrent_runs_of_every_size_each_get_their_own_outputs(
+    limited: ServerProcess,
+) -> None:
+    """More clients than the worker has slots, with sizes that are inline, fit a slot,
+    make it grow, and exceed every slot: each gets exactly its own tensor back."""
+    with connect(limited) as client:
+        model = client.upload_model(
+            identity_model(TensorProto.FLOAT, ["N"]), name="sizes", public=True
+        )
+        sizes = [1_000, 40_000, 300_000, 1_000_000, 5_000_000, 200, 2_500_000]
+        errors: list[Exception] = []
+
+        def run(seed: int) -> None:
+            try:
+                with connect(limited) as own:
+                    for round_, size in enumerate(sizes[seed % 3 :] + sizes[: seed % 3]):
+                        x = np.full(size, seed * 100 + round_, np.float32)
+                        x[-1] = -seed  # a different last element: no two runs look alike
+                        assert np.array_equal(own.run_model(model.name, x)["y"], x)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors[:3]
+        client.delete_model(model.name)
+
+
+def test_a_run_whose_waiter_gave_up_keeps_its_buffers_until_it_answers() -> None:
+    """A waiter that is cancelled (its request went away) must not hand its slot to the
+    next run while the worker still computes: the late answer would land in the buffer that
+    run reads its outputs from."""
+    import asyncio
+
+    from blindfold.server.limits import Limits
+    from blindfold.server.runtime import InferenceRunner
+
+    async def scenario() -> None:
+        runner = InferenceRunner(Limits())
+        slow = await asyncio.to_thread(
+            runner.new_session, slow_loop_model().SerializeToString(), "slow"
+        )
+        try:
+            worker = slow._worker
+            assert worker is not None
+            started = time.monotonic()
+            await slow.run(["y"], loop_feeds(30_000))
+            duration = time.monotonic() - started
+            late = asyncio.create_task(slow.run(["y"], loop_feeds(30_000)))
+            await asyncio.sleep(0.2)  # the worker is computing now
+            late.cancel()
+            for trips in (1, 2, 3):
+                feeds = loop_feeds(trips)
+                feeds["x"] = np.full((64, 64), 0.001 * trips, np.float32)
+                want = feeds["x"]
+                for _ in range(trips):
+                    want = np.tanh(want @ want)
+                (got,) = await slow.run(["y"], feeds)
+                np.testing.assert_allclose(got, want, rtol=1e-5)
+            await asyncio.sleep(2 * duration + 0.5)  # the late answer has come by now
+            # Its answer was expected, not taken for a worker answering runs never sent.
+            assert worker.alive and slow._worker is worker
+            (got,) = await slow.run(["y"], loop_feeds(1))
+        finally:
+            slow.close()
+            runner.shutdown()
+
+    asyncio.run(scenario())

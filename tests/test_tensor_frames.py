@@ -115,3 +115,81 @@ def test_a_sealed_memfd_is_read_only_for_everyone(
     with pytest.raises(PermissionError):
         os.ftruncate(fd, 0)
     os.close(fd)
+
+
+# --- shared buffers: reused by a slot's runs, written by both sides ---
+
+
+def test_tensors_round_trip_through_a_shared_buffer(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = pair
+    buffer = frames.SharedBuffer.create(1 << 20)
+    arrays = [np.arange(50_000, dtype=np.float32), np.full((3, 70_000), 7, np.int16)]
+    frames.send(theirs, {"id": 3}, arrays, shared=buffer.view)
+    message = frames.receive(ours)
+    assert message is not None and message.header["data"] == "shared"
+    message.data = frames.shared_data(message, buffer)
+    for got, want in zip(frames.arrays_of(message, ["a", "b"]), arrays, strict=True):
+        assert np.array_equal(got, want)
+    del message, got
+    buffer.close()
+
+
+def test_tensors_too_large_for_the_shared_buffer_go_in_a_memfd(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = pair
+    buffer = frames.SharedBuffer.create(64 * 1024)
+    array = np.ones(300_000, np.float32)
+    frames.send(theirs, {"id": 4}, [array], shared=buffer.view)
+    message = frames.receive(ours)
+    assert message is not None and message.header["data"] == "memfd"
+    assert np.array_equal(frames.arrays_of(message)[0], array)
+    buffer.close()
+
+
+def test_a_shared_buffer_that_could_be_resized_is_refused() -> None:
+    """A worker that could shrink a buffer the front has mapped could kill the front with
+    SIGBUS on its next access."""
+    fd = os.memfd_create("resizable", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4096)
+    try:
+        with pytest.raises(frames.FrameError, match="resizing"):
+            frames.SharedBuffer(fd)
+    finally:
+        os.close(fd)
+    buffer = frames.SharedBuffer.create(4096)
+    with pytest.raises(OSError):
+        os.ftruncate(buffer.fd, 0)
+    buffer.close()
+
+
+def test_a_shared_answer_larger_than_its_buffer_is_refused(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = pair
+    buffer = frames.SharedBuffer.create(64 * 1024)
+    raw_send(theirs, {"id": 1, "data": "shared", "nbytes": 64 * 1024 + 1, "tensors": []})
+    message = frames.receive(ours)
+    assert message is not None
+    with pytest.raises(frames.FrameError, match="outside the shared buffer"):
+        frames.shared_data(message, buffer)
+    buffer.close()
+
+
+def test_the_front_refuses_descriptors_a_worker_should_not_send(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Only the front hands out shared buffers; a worker passing descriptors is misbehaving."""
+    ours, theirs = pair
+    buffer = frames.SharedBuffer.create(4096)
+    frames.send(theirs, {"id": 1}, [np.ones(4, np.float32)], fds=[buffer.fd, buffer.fd])
+    with pytest.raises(frames.FrameError, match="descriptors"):
+        frames.receive(ours)
+    frames.send(theirs, {"id": 2}, [np.ones(4, np.float32)], fds=[buffer.fd, buffer.fd])
+    message = frames.receive(ours, extra_fds=True)  # what the worker accepts from the front
+    assert message is not None and len(message.fds) == 2
+    for fd in message.fds:
+        os.close(fd)
+    buffer.close()

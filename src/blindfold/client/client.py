@@ -54,6 +54,8 @@ from blindfold.sealing import ModelKey
 
 UPLOAD_CHUNK = 1 << 20
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+# Request bodies below this go out in one joined write; larger ones part by part.
+_JOIN_BELOW = 64 * 1024
 
 FollowKeyChanges = Literal["same-deployment", "same-code"]
 # Called with (previous, current) when the server's new key passes the policy but cannot be
@@ -408,15 +410,20 @@ class Client:
         nonce = secrets.token_hex(16) if receipt else ""
         parameters = {"receipt": True, "receipt_nonce": nonce} if receipt else None
         parts, header_length, total = encode_infer_request(arrays, outputs, parameters)
+        # Large tensors go out straight from the arrays' memory; small ones in one write.
+        body: bytes | list[bytes | memoryview] = (
+            b"".join(parts) if total < _JOIN_BELOW or len(parts) == 1 else parts
+        )
         response = self._request(
             "POST",
             _model_path(model, version) + "/infer",
-            b"".join(parts),  # the one copy of each tensor on the client
+            body,
             {
                 "Inference-Header-Content-Length": str(header_length),
                 "Content-Type": "application/octet-stream",
             },
             token=token,
+            content_length=total,
         )
         decoded, header = decode_infer_response(
             response.body, response.headers.get("inference-header-content-length")

@@ -29,6 +29,7 @@ from blindfold.server.identity import ServerIdentity
 from blindfold.server.limits import Limits
 from blindfold.server.models import ModelEntry
 from blindfold.server.pools import Pools
+from blindfold.server.responses import parts_response
 from blindfold.server.runtime import InferenceRunner, Session
 from blindfold.server.service import LoadResult, ModelService
 
@@ -236,12 +237,11 @@ async def infer(request: Request) -> Response:
         parts, header_out = await state.pools.codec.call(
             _encode, entry, parsed, outputs, parameters
         )
-    body_out = b"".join(parts)
     if header_out is None:
-        return Response(body_out, media_type="application/json")
-    return Response(
-        body_out,
-        media_type="application/octet-stream",
+        return parts_response(parts, "application/json")
+    return parts_response(
+        parts,
+        "application/octet-stream",
         headers={"Inference-Header-Content-Length": str(header_out)},
     )
 

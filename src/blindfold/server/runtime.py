@@ -25,7 +25,7 @@ import numpy as np
 
 from blindfold import tensors
 from blindfold.errors import RequestRejected
-from blindfold.server import ort_extensions
+from blindfold.server import ort_extensions, workers
 from blindfold.server import tensor_frames as frames
 from blindfold.server.limits import Limits, MiB
 from blindfold.server.worker import (
@@ -414,7 +414,15 @@ def _timeout(limits: Limits) -> RequestRejected:
 def _address_space(limits: Limits, model_size: int) -> int:
     if not limits.max_inference_memory:
         return 0
-    return WORKER_ADDRESS_SPACE + MODEL_COPIES_LOADING * model_size + limits.max_inference_memory
+    # The slots' shared buffers are mapped in the worker too; they are the front's memory,
+    # not the model's, so they come on top of what the model may take.
+    shared = workers.MAX_SLOTS * 2 * workers.SHARED_LIMIT
+    return (
+        WORKER_ADDRESS_SPACE
+        + shared
+        + MODEL_COPIES_LOADING * model_size
+        + limits.max_inference_memory
+    )
 
 
 def _specs(raw: Any) -> list[TensorSpec]:

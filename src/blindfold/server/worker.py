@@ -101,7 +101,7 @@ def _run_loop(
 ) -> None:
     try:
         while True:
-            message = frames.receive(sock)
+            message = frames.receive(sock, extra_fds=True)
             if message is None:  # the front closed the socket: nothing more to do
                 os._exit(0)
             _serve_run(sock, lock, session, message, timeout)
@@ -173,6 +173,11 @@ def _serve_run(
     header = message.header
     request_id = header.get("id")
     try:
+        buffers = _slot_buffers(message)
+        if header.get("data") == "shared":
+            if buffers is None:
+                raise frames.FrameError("shared data without a slot")
+            message.data = frames.shared_data(message, buffers[0])
         arrays = frames.arrays_of(message)
         feeds = {name: to_ort(a) for name, a in zip(header["inputs"], arrays, strict=True)}
     except (frames.FrameError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -194,7 +199,40 @@ def _serve_run(
         _WATCHDOG.forget(options)
         message.data.release()
     with lock:
-        frames.send(sock, {"id": request_id, "ok": True}, outputs)
+        shared = buffers[1].view if buffers is not None else None
+        frames.send(sock, {"id": request_id, "ok": True}, outputs, shared=shared)
+
+
+# The shared buffers of each slot (inputs, outputs), by slot number. The front uses a slot for
+# one run at a time and sends a slot's buffers again whenever it replaces them, so no lock.
+_SLOTS: dict[int, tuple[frames.SharedBuffer, frames.SharedBuffer]] = {}
+
+
+def _slot_buffers(
+    message: frames.Message,
+) -> tuple[frames.SharedBuffer, frames.SharedBuffer] | None:
+    slot = message.header.get("slot")
+    if message.fds:
+        adopted: list[frames.SharedBuffer] = []
+        try:
+            if type(slot) is not int or len(message.fds) != 2:
+                raise frames.FrameError("a slot's buffers come as a pair with its number")
+            for fd in message.fds:
+                adopted.append(frames.SharedBuffer(fd))
+        except BaseException:
+            for fd in message.fds[len(adopted) :]:
+                os.close(fd)
+            for buffer in adopted:
+                buffer.close()
+            raise
+        finally:
+            message.fds = []
+        replaced = _SLOTS.get(slot)
+        _SLOTS[slot] = (adopted[0], adopted[1])
+        if replaced is not None:
+            for buffer in replaced:
+                buffer.close()
+    return _SLOTS.get(slot) if type(slot) is int else None
 
 
 class _Watchdog:

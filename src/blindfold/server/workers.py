@@ -1,5 +1,11 @@
 """The front process's side of a model worker: start it from a clean fork server, hand it the
-model, send it runs, read its answers on a watcher thread, notice when it dies, kill it.
+model, send it runs, read its answers on the event loop, notice when it dies, kill it.
+
+Each run in flight holds one of the worker's slots: a pair of shared buffers (inputs,
+outputs) that the front makes, hands to the worker once, and reuses for the slot's next runs,
+growing them when tensors do not fit. A slot returns to the pool only when its run's answer
+has arrived (or the worker is gone), never when a waiter gives up, so a late answer cannot
+land in a buffer another run already uses.
 
 Workers are forked from multiprocessing's fork server, a fresh interpreter that imports
 onnxruntime once and never sees the front's secrets (forking the front itself would copy its
@@ -9,6 +15,7 @@ TLS and sealing keys into every worker). Answers are read as data, never unpickl
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -33,6 +40,42 @@ _CONTEXT.set_forkserver_preload(["blindfold.server.worker"])
 
 
 _RETIRED = "it ran out of memory; a fresh worker serves the model"
+# Shared buffers per worker: at most MAX_SLOTS runs at once use them (more wait in fresh
+# memfds); each buffer holds at most SHARED_LIMIT bytes (larger tensors go in fresh memfds).
+MAX_SLOTS = 8
+SHARED_LIMIT = 16 << 20
+_SHARED_MINIMUM = 256 << 10
+_COPY_OFF_LOOP = 1 << 20  # answers larger than this are copied out on a thread
+
+
+class _Slot:
+    """One run's shared buffers; `announced` once the worker has been sent them."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.inputs = frames.SharedBuffer.create(_SHARED_MINIMUM)
+        self.outputs = frames.SharedBuffer.create(_SHARED_MINIMUM)
+        self.announced = False
+
+    def fit(self, input_bytes: int, output_bytes: int) -> None:
+        """Replaces a buffer too small for what this run should need (up to the limit)."""
+        if self.inputs.size < min(input_bytes, SHARED_LIMIT):
+            self.inputs.close()
+            self.inputs = frames.SharedBuffer.create(_capacity(input_bytes))
+            self.announced = False
+        if self.outputs.size < min(output_bytes, SHARED_LIMIT):
+            self.outputs.close()
+            self.outputs = frames.SharedBuffer.create(_capacity(output_bytes))
+            self.announced = False
+
+    def close(self) -> None:
+        self.inputs.close()
+        self.outputs.close()
+
+
+def _capacity(size: int) -> int:
+    """Buffers grow to the next power of two, so a slowly growing tensor costs few remaps."""
+    return min(SHARED_LIMIT, max(_SHARED_MINIMUM, 1 << (size - 1).bit_length()))
 
 
 class WorkerDied(Exception):
@@ -61,7 +104,10 @@ class ModelWorker:
             name="blindfold-model-worker",
             daemon=True,
         )
-        self._pending: dict[int, asyncio.Future[frames.Message]] = {}
+        self._pending: dict[int, tuple[asyncio.Future[frames.Message], _Slot | None]] = {}
+        self._free_slots: list[_Slot] = []
+        self._slot_count = 0
+        self._largest_answer = 0  # bytes: what a slot's output buffer should hold
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ended = False  # its socket closed: no new runs, whatever the reason
@@ -126,14 +172,22 @@ class ModelWorker:
             raise WorkerDied(self._death or "it is being replaced")
         request_id = next(self._ids)
         answer: asyncio.Future[frames.Message] = loop.create_future()
-        self._pending[request_id] = answer
-        header = {"id": request_id, "inputs": input_names, "outputs": output_names}
+        header: dict[str, Any] = {"id": request_id, "inputs": input_names, "outputs": output_names}
+        slot = self._take_slot(sum(a.nbytes for a in arrays))
+        shared: memoryview | None = None
+        fds: tuple[int, ...] = ()
+        if slot is not None:
+            header["slot"], shared = slot.number, slot.inputs.view
+            if not slot.announced:
+                fds = (slot.inputs.fd, slot.outputs.fd)
+        self._pending[request_id] = (answer, slot)
+        send = functools.partial(frames.send, shared=shared, fds=fds)
         while True:
             try:
                 if send_off_loop:  # large or BYTES tensors: their copy would hold the loop
-                    await asyncio.to_thread(frames.send, self._socket, header, arrays)
+                    await asyncio.to_thread(send, self._socket, header, arrays)
                 else:
-                    frames.send(self._socket, header, arrays)
+                    send(self._socket, header, arrays)
                 break
             except BlockingIOError:
                 # The event loop made the socket non-blocking and the worker has not read
@@ -141,11 +195,41 @@ class ModelWorker:
                 await self._writable(loop)
             except OSError:
                 self._pending.pop(request_id, None)
+                self._release(slot)
                 raise WorkerDied(self._death or "its socket closed") from None
+        if slot is not None:
+            slot.announced = True
+        # Cancelling this wait leaves the run pending: its slot returns when the answer comes.
+        message = await answer
         try:
-            return await answer
+            if message.header.get("data") == "shared":
+                # Copied out before anything is checked: the worker can still write there.
+                if len(message.data) > _COPY_OFF_LOOP:
+                    message.data = memoryview(await asyncio.to_thread(bytes, message.data))
+                else:
+                    message.data = memoryview(bytes(message.data))
         finally:
-            self._pending.pop(request_id, None)
+            self._release(slot)
+        return message
+
+    def _take_slot(self, input_bytes: int) -> _Slot | None:
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        elif self._slot_count < MAX_SLOTS:
+            slot = _Slot(self._slot_count)
+            self._slot_count += 1
+        else:
+            return None
+        slot.fit(input_bytes, self._largest_answer)
+        return slot
+
+    def _release(self, slot: _Slot | None) -> None:
+        if slot is None:
+            return
+        if self._ended or self._killed_because is not None:
+            slot.close()
+        else:
+            self._free_slots.append(slot)
 
     def _writable(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         """One future for everyone waiting to send (a loop keeps one writer per socket)."""
@@ -201,12 +285,25 @@ class ModelWorker:
             if message is None:
                 self._end()
                 return
-            answer = self._pending.pop(message.header.get("id"), None)  # type: ignore[arg-type]
-            if answer is None:
-                self.kill("it answered a request that was never sent")
+            entry = self._pending.pop(message.header.get("id"), None)  # type: ignore[arg-type]
+            try:
+                if entry is None:
+                    raise frames.FrameError("it answered a request that was never sent")
+                answer, slot = entry
+                if message.header.get("data") == "shared":
+                    if slot is None:
+                        raise frames.FrameError("it answered in a buffer it was not given")
+                    message.data = frames.shared_data(message, slot.outputs)
+            except frames.FrameError as exc:
+                self.kill(str(exc))
                 self._end()
                 return
-            if not answer.done():  # done: the front gave up waiting (time limit)
+            nbytes = message.header.get("nbytes")
+            if type(nbytes) is int and nbytes > self._largest_answer:
+                self._largest_answer = min(nbytes, SHARED_LIMIT)
+            if answer.done():  # the front gave up waiting (time limit, cancelled request)
+                self._release(slot)
+            else:
                 answer.set_result(message)
             if self._retiring and not self._pending:
                 self.kill(_RETIRED)
@@ -240,7 +337,9 @@ class ModelWorker:
     def _fail_pending(self, reason: str) -> None:
         self._death = reason
         pending, self._pending = self._pending, {}
-        for answer in pending.values():
+        for answer, slot in pending.values():
+            if slot is not None:
+                slot.close()
             if not answer.done():
                 answer.set_exception(WorkerDied(reason))
         if self._killed_because not in ("the model was unloaded", _RETIRED):
@@ -264,5 +363,7 @@ class ModelWorker:
 
     def _finish(self) -> None:
         if self._cleaned.acquire(blocking=False):
+            for slot in self._free_slots:
+                slot.close()
             self._socket.close()
             shutil.rmtree(self._directory, ignore_errors=True)
