@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import array
 import fcntl
-import json
 import mmap
 import os
 import socket
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from blindfold import tensors
 from blindfold.errors import InputError
@@ -130,7 +130,7 @@ def send(
         _write(shared, parts, offsets)
         _send_header(sock, {**header, "data": "shared"}, fds)
         return
-    encoded = json.dumps({**header, "data": "inline"}).encode()
+    encoded = orjson.dumps({**header, "data": "inline"})
     if _LENGTH.size + len(encoded) + total <= MAX_MESSAGE:
         payload = bytearray(total)
         _write(memoryview(payload), parts, offsets)
@@ -157,7 +157,7 @@ def send(
 
 
 def _send_header(sock: socket.socket, header: dict[str, Any], fds: Sequence[int]) -> None:
-    encoded = json.dumps(header).encode()
+    encoded = orjson.dumps(header)
     socket.send_fds(sock, [_LENGTH.pack(len(encoded)) + encoded], list(fds))
 
 
@@ -180,7 +180,7 @@ def receive(
         if _LENGTH.size + length > len(raw):
             raise FrameError("message header is longer than the message")
         try:
-            header = json.loads(raw[_LENGTH.size : _LENGTH.size + length])
+            header = orjson.loads(memoryview(raw)[_LENGTH.size : _LENGTH.size + length])
         except (ValueError, RecursionError):
             raise FrameError("message header is not JSON") from None
         if not isinstance(header, dict):
