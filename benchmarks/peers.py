@@ -47,7 +47,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -58,6 +57,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import tomllib
 import tritonclient.http as triton
 from tritonclient.utils import np_to_triton_dtype
 
@@ -68,6 +68,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(HERE))
 from overhead import CLIENTS, Result, connect, interleaved, medium_model, tiny_model  # noqa: E402
+
 from server_process import free_port, start_server  # noqa: E402
 
 PEERS_VENV = Path.home() / ".cache" / "blindfold" / "peers-venv"
@@ -439,8 +440,9 @@ def report(data: dict[str, Any]) -> list[dict[str, Any]]:
             )
     print()
     for verdict in verdicts:
+        mark = "PASS" if verdict["ahead"] else "MISS"
         print(
-            f"{'PASS' if verdict['ahead'] else 'MISS'}  {verdict['model']:<14} {verdict['figure']:<20}"
+            f"{mark}  {verdict['model']:<14} {verdict['figure']:<20}"
             f" Blindfold {verdict['blindfold']:10.2f}  KServe {verdict['kserve']:10.2f}"
         )
     return verdicts
@@ -486,8 +488,9 @@ def main() -> int:
     machine = data["machine"]
     print(
         f"\nKServe {machine['kserve']}, onnxruntime {machine['onnxruntime']}; whole run: "
-        f"{data['wall_seconds']:.0f} s; load average before {machine['load_average_before'][0]:.2f}, "
-        f"after {machine['load_average_after'][0]:.2f} on {machine['cpus']} CPUs "
+        f"{data['wall_seconds']:.0f} s; load average before "
+        f"{machine['load_average_before'][0]:.2f}, after "
+        f"{machine['load_average_after'][0]:.2f} on {machine['cpus']} CPUs "
         "(other work on the machine inflates every figure)"
     )
     if args.json:
