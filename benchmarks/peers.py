@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/peers.py [--seconds 4] [--rounds 4] [--no-seed] [--json out.json]
                                          [--kserve-python PATH] [--kserve-logging]
+                                         [--only tiny,m5] [--server-arg ARG]...
 
 Starts, on free loopback ports:
 
@@ -103,9 +104,8 @@ def seed_subjects() -> tuple[list[Subject], str | None]:
             module = importlib.import_module(script)
             example = module.build(_common.parser(None, checkpoint="-").parse_args([]))
             inputs = {key: np.asarray(value) for key, value in example.inputs.items()}
-            subjects.append(
-                Subject(example.name, example.model.SerializeToString(), inputs, small=False)
-            )
+            data = example.model.SerializeToString()
+            subjects.append(Subject(script, data, inputs, small=False))
     except ImportError as exc:
         return [], (
             f"skipping the seed models (FaceNet, M5): {exc.name or exc} is not installed; "
@@ -332,12 +332,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     python = args.kserve_python or kserve_python()
     subjects = builtin_subjects()
     skipped = None
-    if not args.no_seed:
+    wanted = set(args.only.split(",")) if args.only else None
+    if wanted is not None and wanted - {"tiny", "medium", *SEED_MODELS}:
+        unknown = ", ".join(sorted(wanted - {"tiny", "medium", *SEED_MODELS}))
+        raise SystemExit(
+            f"--only: no model named {unknown} (tiny, medium, {', '.join(SEED_MODELS)})"
+        )
+    if not args.no_seed and (wanted is None or wanted & set(SEED_MODELS)):
         print("building the seed models ...", file=sys.stderr, flush=True)
         seeds, skipped = seed_subjects()
         subjects += seeds
         if skipped:
             print(skipped, flush=True)
+    if wanted is not None:
+        subjects = [subject for subject in subjects if subject.name in wanted]
     results: list[Result] = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="blindfold-peers-") as tmp:
@@ -346,7 +354,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for subject in subjects:
             files[subject.name] = directory / f"{subject.name}.onnx"
             files[subject.name].write_bytes(subject.data)
-        server = start_server(directory, "--open-upload")
+        server = start_server(directory, "--open-upload", *args.server_arg)
         try:
             with kserve_server(python, files, directory, logging=args.kserve_logging) as peer:
                 shared = connect(server.url)
@@ -368,6 +376,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "results": [result.as_json() for result in results],
         "models": [subject.name for subject in subjects],
+        "server_args": args.server_arg,
+        "kserve_logging": args.kserve_logging,
         "skipped": skipped,
         "machine": {
             "cpus": os.cpu_count(),
@@ -468,6 +478,15 @@ def main() -> int:
         "--kserve-python",
         help="an interpreter with kserve installed (default: this one if it has kserve, else "
         f"{PEERS_VENV}, created on first use)",
+    )
+    parser.add_argument(
+        "--only", help=f"comma-separated models among tiny, medium, {', '.join(SEED_MODELS)}"
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra argument for `blindfold serve` (repeatable), e.g. --unsafe-no-isolation",
     )
     parser.add_argument(
         "--kserve-logging",
