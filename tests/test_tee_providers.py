@@ -16,7 +16,7 @@ import cbor2
 import pytest
 
 from blindfold.attestation.formats import collateral_files, dcap, snp
-from blindfold.errors import ConfigurationError
+from blindfold.errors import ConfigurationError, EvidenceError
 from blindfold.server.tee import nitro_nsm, sev_guest
 from blindfold.server.tee.configfs_tsm import ConfigfsTsmProvider, RealFilesystem
 from blindfold.server.tee.detect import TeePaths, detect_tee, make_hardware_provider
@@ -356,6 +356,45 @@ def test_configfs_sev_snp_report_and_certificates(tmp_path: Path, vectors_dir: P
     assert chain == [ask, ark]
     assert provider.sealing_key() is None
     assert provider.collateral_valid_until() is None
+
+
+def as_quote_v5(quote_v4: bytes) -> bytes:
+    """The same TD report framed as a DCAP quote v5 (TDX 1.5 framing): version 5 and a
+    (u16 body type, u32 body size) prefix before the body."""
+    body_end = 48 + 584
+    return (
+        struct.pack("<H", 5)
+        + quote_v4[2:48]
+        + struct.pack("<HI", 2, 584)
+        + quote_v4[48:body_end]
+        + quote_v4[body_end:]
+    )
+
+
+def test_attack_server_refuses_a_v5_quote_every_client_refuses(
+    tmp_path: Path, vectors_dir: Path, tdx_quote: bytes
+) -> None:
+    # The server used to publish v5 quotes that clients then refuse; both sides now read
+    # quotes with attestation.formats.dcap, so the server fails with the reason instead.
+    v5 = as_quote_v5(tdx_quote)
+    with pytest.raises(EvidenceError, match="version 5"):
+        dcap.parse_quote(v5)
+    provider = tdx_provider(tmp_path, FakeKernelFs("tdx_guest", v5), vectors_dir)
+    with pytest.raises(TeeUnavailable, match="quote that clients refuse.*version 5"):
+        provider.evidence(dcap.parse_quote(tdx_quote).report_data)
+
+
+def test_attack_server_refuses_an_snp_report_with_trailing_bytes(
+    tmp_path: Path, vectors_dir: Path
+) -> None:
+    # Bytes after the 1184-byte report are not signed; clients refuse them, so must the server.
+    report = (vectors_dir / "sev-snp" / "virtee-milan" / "report.bin").read_bytes()
+    fs = FakeKernelFs("sev_guest", report + b"unsigned", cert_table([]))
+    provider = ConfigfsTsmProvider(
+        "sev-snp", tmp_path, fs=fs, sev_guest_device=tmp_path / "no-sev-guest"
+    )
+    with pytest.raises(TeeUnavailable, match="report clients refuse.*trailing data"):
+        provider.evidence(report[0x50:0x90])
 
 
 # --- /dev/sev-guest and /dev/nsm: packing and parsing only -------------------------------
