@@ -34,6 +34,7 @@ from blindfold.attestation.deployment import (
     OperatorPrivateKey,
     deployment_change,
 )
+from blindfold.attestation.kinds import VerifierOptions
 from blindfold.attestation.policy import Policy
 from blindfold.attestation.verdict import Evidence
 from blindfold.attestation.verify import verify_server_evidence
@@ -100,6 +101,7 @@ class Client:
         timeout: float = 300.0,
         follow_key_changes: FollowKeyChanges = "same-deployment",
         on_deployment_change: DeploymentChangeCallback | None = None,
+        verifier_options: VerifierOptions | None = None,
     ) -> None:
         if follow_key_changes not in ("same-deployment", "same-code"):
             raise ConfigurationError(
@@ -113,6 +115,7 @@ class Client:
         self.token = token
         self.follow_key_changes = follow_key_changes
         self.on_deployment_change = on_deployment_change
+        self.verifier_options = verifier_options
         # model name or "sha256:<hex>" -> owner token, for the models this Client uploaded
         self._owner_tokens: dict[str, str] = {}
         self._nonce = nonce
@@ -128,6 +131,7 @@ class Client:
             allow_simulation=allow_simulation,
             nonce=nonce,
             timeout=min(timeout, 60.0),
+            options=verifier_options,
         )
         self._transport = self._pinned_transport()
 
@@ -195,6 +199,7 @@ class Client:
                 allow_simulation=self.allow_simulation,
                 nonce=self._nonce,
                 check_deployment=False,  # judged below, as a deployment change
+                options=self.verifier_options,
             )
             self._check_same_deployment(previous, current)
             self.attestation = current
@@ -476,6 +481,7 @@ class Client:
             self.policy,
             nonce=None,
             allow_simulation=self.allow_simulation,
+            options=self.verifier_options,
         )
         self._standing = (self.attestation.spki_sha256, evidence)
         return evidence
@@ -565,6 +571,7 @@ def connect(
     timeout: float = 300.0,
     follow_key_changes: FollowKeyChanges = "same-deployment",
     on_deployment_change: DeploymentChangeCallback | None = None,
+    verifier_options: VerifierOptions | None = None,
 ) -> Client:
     """Attests the server at `url` under `policy` (a Policy or a TOML path; default: the
     simulation TEE running this installed package's code) and returns a pinned Client.
@@ -572,7 +579,9 @@ def connect(
     After the server's key changes the Client continues only with the same deployment
     (see `blindfold.attestation.deployment`); `on_deployment_change(previous, current)`
     may accept another instance the policy accepts, and `follow_key_changes="same-code"`
-    accepts any such instance without asking (the behaviour before deployments existed)."""
+    accepts any such instance without asking (the behaviour before deployments existed).
+    `verifier_options` reach the TEE verifiers, e.g.
+    `VerifierOptions(vcek_cache_dir=...)` for SEV-SNP servers that do not publish their VCEK."""
     if isinstance(policy, (str, Path)):
         policy = Policy.load(policy)
     return Client(
@@ -584,4 +593,5 @@ def connect(
         timeout=timeout,
         follow_key_changes=follow_key_changes,
         on_deployment_change=on_deployment_change,
+        verifier_options=verifier_options,
     )
