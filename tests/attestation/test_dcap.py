@@ -19,7 +19,9 @@ from blindfold.attestation.formats import dcap as dcap_format
 from blindfold.attestation.verdict import Verdict
 from blindfold.errors import ConfigurationError, EvidenceError
 
-_MANIFEST = Path(__file__).resolve().parents[2] / ".." / "shared" / "attestation-vectors"
+from conftest import VECTORS_DIR
+
+_MANIFEST = VECTORS_DIR
 
 
 def _dcap_ids(accepted: bool | None = None) -> list[str]:

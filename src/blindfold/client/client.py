@@ -90,6 +90,15 @@ class Outputs(dict[str, np.ndarray]):
 
 
 class Client:
+    """A connection to one attested Blindfold server (build it with `connect`).
+
+    Creating it attests the server (a fresh nonce, the policy, the report-data binding) and
+    pins the TLS key the evidence binds; every request then goes over that pinned key only.
+    After a key change it re-attests and continues only with the same deployment. Models it
+    uploads are managed with their owner token, which it remembers. Use it as a context
+    manager, or call `close()`.
+    """
+
     def __init__(
         self,
         url: str,
@@ -274,10 +283,13 @@ class Client:
     # --- server ---
 
     def server_metadata(self) -> dict[str, Any]:
+        """The server's OIP metadata (`GET /v2`): name, version and extensions."""
         result: dict[str, Any] = self._json("GET", "/v2")
         return result
 
     def is_ready(self) -> bool:
+        """Whether the server is ready to serve (`GET /v2/health/ready`); False, for example,
+        once its attestation collateral expired and it cannot renew it."""
         return bool(self._json("GET", "/v2/health/ready").get("ready"))
 
     # --- models ---
@@ -327,6 +339,9 @@ class Client:
         return self._remember(UploadedModel.from_answer(answer), sent)
 
     def delete_model(self, name: str, *, token: str | None = None) -> None:
+        """Deletes (unloads) the model `name`. Needs its owner token: the one this Client
+        remembers from the upload, or `token`. Raises NotFoundError if it does not exist,
+        AuthenticationError if the token is not the owner's."""
         self._json(
             "POST",
             f"/v2/repository/models/{quote(name, safe='')}/unload",
@@ -349,6 +364,9 @@ class Client:
     def model_metadata(
         self, model: str, *, version: str | None = None, token: str | None = None
     ) -> dict[str, Any]:
+        """The OIP metadata of `model` (a name or "sha256:<hex>"): its inputs and outputs
+        with names, datatypes and shapes. Cached per Client; a restricted model needs a
+        token that may run it (remembered for models this Client uploaded)."""
         key = model if version is None else f"{model}@{version}"
         cached = self._metadata.get(key)
         if cached is None:
@@ -359,6 +377,8 @@ class Client:
         return cached
 
     def set_public(self, name: str, public: bool, *, token: str | None = None) -> None:
+        """Lets anyone who attests the server run the model (`public=True`), or only its
+        owner and run-key holders (`public=False`). Needs the owner token."""
         self._json(
             "POST",
             f"/v2/repository/models/{quote(name, safe='')}/access",
@@ -377,6 +397,8 @@ class Client:
         return answer["key_id"], answer["run_key"]
 
     def revoke_run_key(self, name: str, key_id: str, *, token: str | None = None) -> None:
+        """Revokes the run key `key_id` (as `create_run_key` returned it) of model `name`;
+        requests with that key fail from now on. Needs the owner token."""
         self._json(
             "DELETE",
             f"/v2/repository/models/{quote(name, safe='')}/keys/{key_id}",
@@ -525,6 +547,7 @@ class Client:
     # --- lifetime ---
 
     def close(self) -> None:
+        """Closes the pinned connection. The Client cannot be used afterwards."""
         self._transport.close()
 
     def __enter__(self) -> Client:
