@@ -470,6 +470,17 @@ def test_nitro_request_encoding_and_response_decoding(vectors_dir: Path) -> None
         nitro_nsm.decode_attestation_response(cbor2.dumps({"Error": "InvalidArgument"}))
 
 
+def test_attack_server_refuses_a_nitro_document_clients_refuse(vectors_dir: Path) -> None:
+    # The server used to read the leaf certificate out of any CBOR tag and publish the
+    # document; clients accept only COSE_Sign1 (tag 18) or no tag.
+    doc = (
+        vectors_dir / "nitro" / "evervault-2022-10-13-production-pcrs" / "attestation_doc.cbor"
+    ).read_bytes()
+    retagged = cbor2.dumps(cbor2.CBORTag(17, cbor2.loads(doc)))
+    with pytest.raises(TeeUnavailable, match="document clients refuse.*CBOR tag 17"):
+        nitro_nsm.document_valid_until(retagged)
+
+
 def test_nitro_missing_device(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="not running inside an AWS Nitro Enclave"):
         nitro_nsm.NitroNsmProvider(tmp_path / "nsm")

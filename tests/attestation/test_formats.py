@@ -20,7 +20,7 @@ import dcap_qvl
 import pytest
 
 from blindfold.attestation.formats import collateral_files as files
-from blindfold.attestation.formats import dcap, snp
+from blindfold.attestation.formats import dcap, nitro, snp
 from blindfold.errors import EvidenceError
 
 # The manifest names the TD report's RTMRs rt_mr0..3; Blindfold's claims call them rtmr0..3.
@@ -182,6 +182,44 @@ def test_cert_table_round_trip() -> None:
         snp.parse_cert_table(struct.pack("<16sII", snp.GUID_VCEK.bytes, 0, 4))
     with pytest.raises(EvidenceError, match="points past its blob"):
         snp.parse_cert_table(table)
+
+
+# --- Nitro attestation documents ---
+
+
+def test_nitro_documents_match_the_manifest_and_round_trip(
+    vectors_dir: Path, vector_manifest: list[dict[str, Any]]
+) -> None:
+    import cbor2
+
+    vectors = _vectors(vector_manifest, "nitro")
+    assert len(vectors) == 3
+    for vector in vectors:
+        data = (vectors_dir / vector["dir"] / "attestation_doc.cbor").read_bytes()
+        envelope, doc = nitro.decode(data)
+        assert envelope.algorithm() == nitro.COSE_ALG_ES384
+        assert len(envelope.signature) == nitro.ES384_SIGNATURE_LEN
+        assert doc["module_id"] == vector["module_id"]
+        assert doc["timestamp"] == vector["timestamp_ms"]
+        for index, value in vector["measurements"]["pcrs"].items():
+            assert doc["pcrs"][int(index)].hex() == value
+        for name in ("nonce", "user_data", "public_key"):
+            found = doc.get(name)
+            assert (found.hex() if found is not None else None) == vector[name]
+        # Re-encoding the decoded envelope gives back the document's bytes.
+        untagged = cbor2.loads(data)
+        assert cbor2.dumps(untagged) == data
+        assert [untagged[0], untagged[2], untagged[3]] == [
+            envelope.protected,
+            envelope.payload,
+            envelope.signature,
+        ]
+        not_after = nitro.leaf_certificate(doc).not_valid_after_utc.timestamp()
+        assert int(not_after) == vector["window"][1]
+        # Tagged (18) is the same document; any other tag is not.
+        assert nitro.decode(cbor2.dumps(cbor2.CBORTag(18, untagged)))[1] == doc
+        with pytest.raises(EvidenceError, match="CBOR tag 17"):
+            nitro.decode(cbor2.dumps(cbor2.CBORTag(17, untagged)))
 
 
 # --- collateral files ---
