@@ -169,7 +169,7 @@ def _verifier_options(args: argparse.Namespace) -> Any:
 
 
 def _attest_offline(args: argparse.Namespace) -> int:
-    from blindfold.attestation.kinds import OFFLINE_CLI_KINDS
+    from blindfold.attestation.kinds import OFFLINE_CLI_KINDS, TEE_KINDS
     from blindfold.attestation.policy import Policy
     from blindfold.attestation.verify import verify_evidence
 
@@ -481,7 +481,7 @@ def _client_options(parser: argparse.ArgumentParser, url_required: bool = True) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from blindfold.attestation.kinds import OFFLINE_CLI_KINDS
+    from blindfold.attestation.kinds import OFFLINE_CLI_KINDS, TEE_KINDS
     from blindfold.server.limits import ConnectionLimits, Limits
     from blindfold.server.tee.kds import AMD_KDS_URL
 
@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tee",
         default="simulation",
-        choices=["auto", "simulation", "sgx", "tdx", "sev-snp", "nitro"],
+        choices=["auto", *TEE_KINDS],
     )
     serve.add_argument(
         "--allow-simulation-fallback",

@@ -59,6 +59,8 @@ class TeeKind:
     claims: tuple[str, ...]  # the keys of Verdict.measurements
     missing_collateral: Callable[[Mapping[str, bytes]], str | None]  # for offline checks
     pins: Callable[[Verdict], Pins]
+    # The claim a launcher sets that names a deployment (attestation.deployment), if any.
+    launch_field: str | None
     offline_cli: bool  # offered as `blindfold attest --evidence FILE --kind NAME`
 
 
@@ -160,6 +162,7 @@ KINDS: tuple[TeeKind, ...] = (
         claims=("measurement", "deployment_id"),  # deployment_id: "" unless --deployment-id
         missing_collateral=_no_collateral,
         pins=_simulation_pins,
+        launch_field="deployment_id",
         offline_cli=False,
     ),
     TeeKind(
@@ -177,6 +180,7 @@ KINDS: tuple[TeeKind, ...] = (
         ),
         missing_collateral=_dcap_collateral,
         pins=_sgx_pins,
+        launch_field=None,
         offline_cli=True,
     ),
     TeeKind(
@@ -197,6 +201,7 @@ KINDS: tuple[TeeKind, ...] = (
         ),
         missing_collateral=_dcap_collateral,
         pins=_tdx_pins,
+        launch_field="mr_config_id",
         offline_cli=True,
     ),
     TeeKind(
@@ -221,6 +226,7 @@ KINDS: tuple[TeeKind, ...] = (
         ),
         missing_collateral=_snp_collateral,
         pins=_snp_pins,
+        launch_field="host_data",
         offline_cli=True,
     ),
     TeeKind(
@@ -230,6 +236,7 @@ KINDS: tuple[TeeKind, ...] = (
         claims=(*(f"pcr{i}" for i in range(9)), "module_id"),  # only the PCRs present
         missing_collateral=_no_collateral,
         pins=_nitro_pins,
+        launch_field=None,
         offline_cli=True,
     ),
 )
