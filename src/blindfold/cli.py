@@ -169,7 +169,7 @@ def _verifier_options(args: argparse.Namespace) -> Any:
 
 
 def _attest_offline(args: argparse.Namespace) -> int:
-    from blindfold.attestation.kinds import OFFLINE_CLI_KINDS, TEE_KINDS
+    from blindfold.attestation.kinds import OFFLINE_CLI_KINDS
     from blindfold.attestation.policy import Policy
     from blindfold.attestation.verify import verify_evidence
 
