@@ -2,7 +2,7 @@
 
 Modelled on sigstore-python's `verify/policy.py`: each rule is a small object with one
 `verify(verdict)` method that raises a `PolicyError` naming the field, the expected and the
-found value; rules compose with `AllOf` / `AnyOf`. `Policy` is the user-facing object: it
+found value; rules compose with `AllOf` (never empty). `Policy` is the user-facing object: it
 loads a TOML file with one section per accepted TEE kind and turns the section for the
 verdict's kind into rules.
 
