@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_tee_providers import FakeKernelFs
 
-from blindfold.attestation.sevsnp import parse_report, vcek_cache_name
+from blindfold.attestation.formats.snp import parse_report, vcek_cache_name
 from blindfold.attestation.verdict import Evidence
 from blindfold.attestation.verify import verify_evidence
 from blindfold.server.tee.configfs_tsm import ConfigfsTsmProvider

@@ -29,7 +29,7 @@ from blindfold.receipts import (
     ReceiptChainVerifier,
     ReceiptSigner,
     SavedReceipt,
-    public_key_sha256,
+    public_key_sha256_hex,
     tensor_digest,
     tensors_digest,
     verify_receipt,
@@ -293,7 +293,7 @@ def server_key() -> ec.EllipticCurvePrivateKey:
 
 def _signer(key: ec.EllipticCurvePrivateKey) -> ReceiptSigner:
     return ReceiptSigner(
-        key, public_key_sha256(key.public_key()), hashlib.sha256(EVIDENCE.evidence).hexdigest()
+        key, public_key_sha256_hex(key.public_key()), hashlib.sha256(EVIDENCE.evidence).hexdigest()
     )
 
 
@@ -385,7 +385,9 @@ def test_other_key_fails(server_key: ec.EllipticCurvePrivateKey) -> None:
     with pytest.raises(ReceiptError, match="server_key_sha256"):
         verify_receipt(receipt, other.public_key())
     # Even a receipt claiming the other key's hash fails: the signature is not its.
-    forged = dataclasses.replace(receipt, server_key_sha256=public_key_sha256(other.public_key()))
+    forged = dataclasses.replace(
+        receipt, server_key_sha256=public_key_sha256_hex(other.public_key())
+    )
     with pytest.raises(ReceiptError, match="signature"):
         verify_receipt(forged, other.public_key())
 

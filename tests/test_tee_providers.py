@@ -15,19 +15,15 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from blindfold.errors import ConfigurationError
+from blindfold.attestation.formats import collateral_files, dcap, snp
+from blindfold.errors import ConfigurationError, EvidenceError
 from blindfold.server.tee import nitro_nsm, sev_guest
 from blindfold.server.tee.configfs_tsm import ConfigfsTsmProvider, RealFilesystem
 from blindfold.server.tee.detect import TeePaths, detect_tee, make_hardware_provider
 from blindfold.server.tee.errors import TeeUnavailable
 from blindfold.server.tee.gramine import GramineSgxProvider, derive_sealing_key
 from blindfold.server.tee.gramine_manifest import render_manifest
-from blindfold.server.tee.pcs import (
-    COLLATERAL_FILES,
-    DCAP_QVL_FILE,
-    INTEL_ROOT_CA_CRL_URL,
-    report_data_of_quote,
-)
+from blindfold.server.tee.pcs import INTEL_ROOT_CA_CRL_URL
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SGX_VECTOR = "sgx/dcapqvl-sample-fmspc-00A067110000"
@@ -90,9 +86,9 @@ def fake_pcs(vectors_dir: Path, vector_id: str) -> FakePcs:
 
 
 def assert_collateral_is_vector(collateral: dict[str, bytes], folder: Path) -> None:
-    for name in COLLATERAL_FILES:
+    for name in collateral_files.PCS_FILES:
         assert collateral[name] == (folder / name).read_bytes(), name
-    assert json.loads(collateral[DCAP_QVL_FILE]) == json.loads(
+    assert json.loads(collateral[collateral_files.DCAP_QVL_JSON]) == json.loads(
         (folder / "collateral.dcap-qvl.json").read_bytes()
     )
 
@@ -128,7 +124,7 @@ def test_gramine_evidence_has_quote_and_vector_collateral(
         gramine_root, pcs.base, tmp_path / "cache", fetch=pcs, now=Clock(meta["verify_at"])
     )
     quote = (gramine_root / "quote").read_bytes()
-    report_data = report_data_of_quote(quote)
+    report_data = dcap.parse_quote(quote).report_data
     evidence = provider.evidence(report_data)
     assert evidence.kind == "sgx"
     assert evidence.evidence == quote
@@ -148,7 +144,7 @@ def test_gramine_collateral_cached_then_refreshed_near_next_update(
     clock = Clock(meta["verify_at"])
     cache = tmp_path / "cache"
     provider = GramineSgxProvider(gramine_root, pcs.base, cache, fetch=pcs, now=clock)
-    report_data = report_data_of_quote((gramine_root / "quote").read_bytes())
+    report_data = dcap.parse_quote((gramine_root / "quote").read_bytes()).report_data
     provider.evidence(report_data)
     fetched = len(pcs.urls)
     assert fetched == 4
@@ -173,7 +169,7 @@ def test_gramine_intel_pcs_root_crl_from_distribution_point(
 ) -> None:
     pcs = fake_pcs(vectors_dir, SGX_VECTOR)
     provider = GramineSgxProvider(gramine_root, fetch=pcs)
-    provider.evidence(report_data_of_quote((gramine_root / "quote").read_bytes()))
+    provider.evidence(dcap.parse_quote((gramine_root / "quote").read_bytes()).report_data)
     assert INTEL_ROOT_CA_CRL_URL in pcs.urls
     assert all(
         u.startswith("https://api.trustedservices.intel.com/")
@@ -280,7 +276,7 @@ def test_configfs_tdx_returns_real_quote_with_collateral(
 ) -> None:
     fs = FakeKernelFs("tdx_guest", tdx_quote)
     provider = tdx_provider(tmp_path, fs, vectors_dir)
-    report_data = report_data_of_quote(tdx_quote)
+    report_data = dcap.parse_quote(tdx_quote).report_data
     evidence = provider.evidence(report_data)
     assert evidence.kind == "tdx" and evidence.evidence == tdx_quote
     assert fs.inblobs == [report_data]
@@ -296,7 +292,7 @@ def test_configfs_generation_race_is_retried(
     fs = FakeKernelFs("tdx_guest", tdx_quote)
     fs.races = 2
     provider = tdx_provider(tmp_path, fs, vectors_dir, max_attempts=3)
-    evidence = provider.evidence(report_data_of_quote(tdx_quote))
+    evidence = provider.evidence(dcap.parse_quote(tdx_quote).report_data)
     assert evidence.evidence == tdx_quote
     assert len(fs.inblobs) == 3
     assert list(tmp_path.iterdir()) == []
@@ -309,7 +305,7 @@ def test_configfs_persistent_generation_race_is_a_clear_error(
     fs.races = 100
     provider = tdx_provider(tmp_path, fs, vectors_dir, max_attempts=3)
     with pytest.raises(TeeUnavailable, match="another process in each of 3 attempts"):
-        provider.evidence(report_data_of_quote(tdx_quote))
+        provider.evidence(dcap.parse_quote(tdx_quote).report_data)
     assert len(fs.inblobs) == 3
     assert list(tmp_path.iterdir()) == []
 
@@ -322,7 +318,7 @@ def test_configfs_missing_root(tmp_path: Path) -> None:
 def test_configfs_wrong_provider(tmp_path: Path, vectors_dir: Path, tdx_quote: bytes) -> None:
     provider = tdx_provider(tmp_path, FakeKernelFs("sev_guest", tdx_quote), vectors_dir)
     with pytest.raises(TeeUnavailable, match="provider is 'sev_guest', expected 'tdx_guest'"):
-        provider.evidence(report_data_of_quote(tdx_quote))
+        provider.evidence(dcap.parse_quote(tdx_quote).report_data)
 
 
 def cert_table(entries: list[tuple[uuid.UUID, bytes]]) -> bytes:
@@ -344,9 +340,9 @@ def test_configfs_sev_snp_report_and_certificates(tmp_path: Path, vectors_dir: P
     ask, ark = x509.load_pem_x509_certificates((folder / "ask_ark.pem").read_bytes())
     aux = cert_table(
         [
-            (sev_guest.GUID_ARK, ark.public_bytes(Encoding.DER)),
-            (sev_guest.GUID_VCEK, vcek),
-            (sev_guest.GUID_ASK, ask.public_bytes(Encoding.DER)),
+            (snp.GUID_ARK, ark.public_bytes(Encoding.DER)),
+            (snp.GUID_VCEK, vcek),
+            (snp.GUID_ASK, ask.public_bytes(Encoding.DER)),
         ]
     )
     fs = FakeKernelFs("sev_guest", report, aux)
@@ -360,6 +356,45 @@ def test_configfs_sev_snp_report_and_certificates(tmp_path: Path, vectors_dir: P
     assert chain == [ask, ark]
     assert provider.sealing_key() is None
     assert provider.collateral_valid_until() is None
+
+
+def as_quote_v5(quote_v4: bytes) -> bytes:
+    """The same TD report framed as a DCAP quote v5 (TDX 1.5 framing): version 5 and a
+    (u16 body type, u32 body size) prefix before the body."""
+    body_end = 48 + 584
+    return (
+        struct.pack("<H", 5)
+        + quote_v4[2:48]
+        + struct.pack("<HI", 2, 584)
+        + quote_v4[48:body_end]
+        + quote_v4[body_end:]
+    )
+
+
+def test_attack_server_refuses_a_v5_quote_every_client_refuses(
+    tmp_path: Path, vectors_dir: Path, tdx_quote: bytes
+) -> None:
+    # The server used to publish v5 quotes that clients then refuse; both sides now read
+    # quotes with attestation.formats.dcap, so the server fails with the reason instead.
+    v5 = as_quote_v5(tdx_quote)
+    with pytest.raises(EvidenceError, match="version 5"):
+        dcap.parse_quote(v5)
+    provider = tdx_provider(tmp_path, FakeKernelFs("tdx_guest", v5), vectors_dir)
+    with pytest.raises(TeeUnavailable, match="quote that clients refuse.*version 5"):
+        provider.evidence(dcap.parse_quote(tdx_quote).report_data)
+
+
+def test_attack_server_refuses_an_snp_report_with_trailing_bytes(
+    tmp_path: Path, vectors_dir: Path
+) -> None:
+    # Bytes after the 1184-byte report are not signed; clients refuse them, so must the server.
+    report = (vectors_dir / "sev-snp" / "virtee-milan" / "report.bin").read_bytes()
+    fs = FakeKernelFs("sev_guest", report + b"unsigned", cert_table([]))
+    provider = ConfigfsTsmProvider(
+        "sev-snp", tmp_path, fs=fs, sev_guest_device=tmp_path / "no-sev-guest"
+    )
+    with pytest.raises(TeeUnavailable, match="report clients refuse.*trailing data"):
+        provider.evidence(report[0x50:0x90])
 
 
 # --- /dev/sev-guest and /dev/nsm: packing and parsing only -------------------------------
@@ -400,13 +435,13 @@ def test_sev_guest_response_parsing(vectors_dir: Path) -> None:
 
 
 def test_sev_guest_cert_table_parsing() -> None:
-    blob = cert_table([(sev_guest.GUID_VCEK, b"vcek"), (sev_guest.GUID_ASK, b"ask")])
+    blob = cert_table([(snp.GUID_VCEK, b"vcek"), (snp.GUID_ASK, b"ask")])
     assert sev_guest.parse_cert_table(blob + bytes(4096)) == {"vcek": b"vcek", "ask": b"ask"}
-    le_guid = struct.pack("<16sII", sev_guest.GUID_VCEK.bytes_le, 48, 4) + bytes(24) + b"vcek"
+    le_guid = struct.pack("<16sII", snp.GUID_VCEK.bytes_le, 48, 4) + bytes(24) + b"vcek"
     assert sev_guest.parse_cert_table(le_guid) == {"vcek": b"vcek"}
     assert sev_guest.parse_cert_table(bytes(4096)) == {}
     with pytest.raises(TeeUnavailable, match="points past its blob"):
-        sev_guest.parse_cert_table(struct.pack("<16sII", sev_guest.GUID_VCEK.bytes, 40, 999))
+        sev_guest.parse_cert_table(struct.pack("<16sII", snp.GUID_VCEK.bytes, 40, 999))
 
 
 def test_sev_guest_missing_device(tmp_path: Path) -> None:
@@ -433,6 +468,17 @@ def test_nitro_request_encoding_and_response_decoding(vectors_dir: Path) -> None
     assert until is not None and window[0] < until <= window[1]
     with pytest.raises(TeeUnavailable, match="InvalidArgument"):
         nitro_nsm.decode_attestation_response(cbor2.dumps({"Error": "InvalidArgument"}))
+
+
+def test_attack_server_refuses_a_nitro_document_clients_refuse(vectors_dir: Path) -> None:
+    # The server used to read the leaf certificate out of any CBOR tag and publish the
+    # document; clients accept only COSE_Sign1 (tag 18) or no tag.
+    doc = (
+        vectors_dir / "nitro" / "evervault-2022-10-13-production-pcrs" / "attestation_doc.cbor"
+    ).read_bytes()
+    retagged = cbor2.dumps(cbor2.CBORTag(17, cbor2.loads(doc)))
+    with pytest.raises(TeeUnavailable, match="document clients refuse.*CBOR tag 17"):
+        nitro_nsm.document_valid_until(retagged)
 
 
 def test_nitro_missing_device(tmp_path: Path) -> None:

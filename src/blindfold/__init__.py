@@ -5,16 +5,23 @@ before any data leaves this machine.
     with blindfold.connect("https://127.0.0.1:8443", allow_simulation=True) as client:
         model = client.upload_model("model.onnx")
         outputs = client.run_model(model.sha256, {"x": array})
+
+Everything a caller names (the client, what it verified, policies, receipts, every error
+and the simulation warning) is importable from here.
 """
 
 __version__ = "0.1.0"
 
+from blindfold.attestation.kinds import VerifierOptions
 from blindfold.attestation.policy import Policy
+from blindfold.attestation.verdict import Evidence, Verdict
+from blindfold.client.attest import AttestedServer
 from blindfold.client.client import Client, Outputs, UploadedModel, connect
 from blindfold.errors import (
     AttestationError,
     AuthenticationError,
     BlindfoldError,
+    ConfigurationError,
     DeploymentChanged,
     EvidenceError,
     InputError,
@@ -22,17 +29,25 @@ from blindfold.errors import (
     NotFoundError,
     PinnedKeyMismatch,
     PolicyError,
+    ReceiptError,
     ReportDataMismatch,
+    SealError,
     ServerError,
     SimulationNotAllowed,
+    SimulationWarning,
+    TeeKindNotAllowed,
 )
+from blindfold.receipts import Receipt, SavedReceipt
 
 __all__ = [
     "AttestationError",
+    "AttestedServer",
     "AuthenticationError",
     "BlindfoldError",
     "Client",
+    "ConfigurationError",
     "DeploymentChanged",
+    "Evidence",
     "EvidenceError",
     "InputError",
     "MeasurementMismatch",
@@ -41,9 +56,17 @@ __all__ = [
     "PinnedKeyMismatch",
     "Policy",
     "PolicyError",
+    "Receipt",
+    "ReceiptError",
     "ReportDataMismatch",
+    "SavedReceipt",
+    "SealError",
     "ServerError",
     "SimulationNotAllowed",
+    "SimulationWarning",
+    "TeeKindNotAllowed",
     "UploadedModel",
+    "Verdict",
+    "VerifierOptions",
     "connect",
 ]

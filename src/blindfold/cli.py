@@ -23,6 +23,7 @@ def _client(args: argparse.Namespace) -> Any:
         policy=args.policy,
         allow_simulation=args.allow_simulation,
         token=args.token or os.environ.get("BLINDFOLD_TOKEN"),
+        verifier_options=_verifier_options(args),
     )
 
 
@@ -161,13 +162,20 @@ def _load_offline_evidence(args: argparse.Namespace) -> Any:
     return Evidence(args.kind, args.evidence.read_bytes(), collateral)
 
 
+def _verifier_options(args: argparse.Namespace) -> Any:
+    from blindfold.attestation.kinds import VerifierOptions
+
+    return VerifierOptions(vcek_cache_dir=getattr(args, "vcek_cache", None))
+
+
 def _attest_offline(args: argparse.Namespace) -> int:
+    from blindfold.attestation.kinds import OFFLINE_CLI_KINDS
     from blindfold.attestation.policy import Policy
     from blindfold.attestation.verify import verify_evidence
 
     if args.kind is None:
-        raise BlindfoldError("--evidence needs --kind sgx|tdx|sev-snp|nitro")
-    verdict = verify_evidence(_load_offline_evidence(args), args.at)
+        raise BlindfoldError(f"--evidence needs --kind {'|'.join(OFFLINE_CLI_KINDS)}")
+    verdict = verify_evidence(_load_offline_evidence(args), args.at, _verifier_options(args))
     result: dict[str, Any] = {"genuine": True, **verdict.describe()}
     if args.policy:
         Policy.load(args.policy).verify(verdict)
@@ -195,7 +203,7 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
         from blindfold.attestation.verify import verify_evidence
 
         args.evidence = args.from_evidence
-        verdict = verify_evidence(_load_offline_evidence(args), args.at)
+        verdict = verify_evidence(_load_offline_evidence(args), args.at, _verifier_options(args))
         sections = {verdict.kind: policy_section_from(verdict)}
         header.append("Written from evidence for a first deployment: CHECK these values against")
         header.append("a build you reproduced before trusting them.")
@@ -210,52 +218,16 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
 
 
 def policy_section_from(verdict: Any) -> dict[str, Any]:
-    """Pins everything the evidence measured that names the code and its configuration;
-    TCB status and debug stay at their safe defaults, so the operator opts into anything
-    else by editing the named fields."""
-    from blindfold.attestation.policy import (
-        SNP_POLICY_MIGRATE_MA,
-        SNP_POLICY_SINGLE_SOCKET,
-        SNP_POLICY_SMT,
-        SNP_TCB_PARTS,
-        TDX_RTMRS,
-    )
+    """Pins everything the evidence measured that names the code and its configuration
+    (what each kind pins is its `TeeKind.pins`); TCB status and debug stay at their safe
+    defaults, so the operator opts into anything else by editing the named fields."""
+    from blindfold.attestation.kinds import tee_kind
 
     m = verdict.measurements
     kind = verdict.kind
-    section: dict[str, Any] = {}
-    if kind == "sgx":
-        section = {
-            "mr_enclave": [m["mr_enclave"]],
-            "mr_signer": [m["mr_signer"]],
-            "isv_prod_id": m["isv_prod_id"],
-            "min_isv_svn": m["isv_svn"],
-        }
-    elif kind == "tdx":
-        pinned = ("mr_td", *TDX_RTMRS, "mr_seam", "mr_config_id", "mr_owner", "mr_owner_config")
-        section = {k: [m[k]] for k in pinned}
-        section.update(td_attributes=m["td_attributes"], xfam=m["xfam"])
-    elif kind == "sev-snp":
-        section = {
-            "measurement": [m["measurement"]],
-            "min_tcb": {part: m[f"reported_tcb_{part}"] for part in SNP_TCB_PARTS},
-            "vmpl": m["vmpl"],
-            "min_guest_svn": m["guest_svn"],
-            "allow_smt": bool(m["policy"] >> SNP_POLICY_SMT & 1),
-            "require_single_socket": bool(m["policy"] >> SNP_POLICY_SINGLE_SOCKET & 1),
-            "id_key_digest": [m["id_key_digest"]],
-            "author_key_digest": [m["author_key_digest"]],
-        }
-        if m["policy"] >> SNP_POLICY_MIGRATE_MA & 1:
-            print(
-                "note: the guest policy allows a migration agent (MIGRATE_MA), which every "
-                "Blindfold policy refuses: launch the guest without it",
-                file=sys.stderr,
-            )
-    elif kind == "nitro":
-        section = {k: [m[k]] for k in ("pcr0", "pcr1", "pcr2") if k in m}
-    elif kind == "simulation":
-        section = {"measurement": [m["measurement"]]}
+    section, notes = tee_kind(kind).pins(verdict)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if isinstance(m.get("tcb_eval_data_number"), int):
         section["min_tcb_eval_data_number"] = m["tcb_eval_data_number"]
     if kind != "simulation":
@@ -487,6 +459,11 @@ def cmd_deployment_endorse(args: argparse.Namespace) -> int:
 
 # --- parser ---
 
+VCEK_CACHE_HELP = (
+    "SEV-SNP: folder of AMD VCEK certificates for servers that do not publish theirs, named "
+    "<chip id hex>-<bl>-<tee>-<snp>-<ucode>.der (the AMD KDS parameters)"
+)
+
 
 def _client_options(parser: argparse.ArgumentParser, url_required: bool = True) -> None:
     if url_required:
@@ -500,9 +477,11 @@ def _client_options(parser: argparse.ArgumentParser, url_required: bool = True) 
     parser.add_argument(
         "--token", help="upload key, owner token or run key (default: $BLINDFOLD_TOKEN)"
     )
+    parser.add_argument("--vcek-cache", type=Path, help=VCEK_CACHE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from blindfold.attestation.kinds import OFFLINE_CLI_KINDS, TEE_KINDS
     from blindfold.server.limits import ConnectionLimits, Limits
     from blindfold.server.tee.kds import AMD_KDS_URL
 
@@ -534,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tee",
         default="simulation",
-        choices=["auto", "simulation", "sgx", "tdx", "sev-snp", "nitro"],
+        choices=["auto", *TEE_KINDS],
     )
     serve.add_argument(
         "--allow-simulation-fallback",
@@ -764,13 +743,14 @@ def build_parser() -> argparse.ArgumentParser:
     attest.add_argument("--allow-simulation", action="store_true")
     attest.add_argument("--token", help=argparse.SUPPRESS)
     attest.add_argument("--evidence", type=Path, help="saved evidence file (offline check)")
-    attest.add_argument("--kind", choices=["sgx", "tdx", "sev-snp", "nitro"])
+    attest.add_argument("--kind", choices=OFFLINE_CLI_KINDS)
     attest.add_argument(
         "--collateral",
         type=Path,
         help="vector-style folder, dcap-qvl collateral JSON, or VCEK cert",
     )
     attest.add_argument("--at", type=int, help="verification time, unix seconds (default: now)")
+    attest.add_argument("--vcek-cache", type=Path, help=VCEK_CACHE_HELP)
     attest.set_defaults(handler=cmd_attest)
 
     measure = commands.add_parser("measure", help="print the simulation measurement of this code")
@@ -781,8 +761,9 @@ def build_parser() -> argparse.ArgumentParser:
     init = policy_commands.add_parser("init", help="write a policy pinning a measurement")
     init.add_argument("--measurement", help="simulation measurement (blindfold measure)")
     init.add_argument("--from-evidence", type=Path, help="pin what this evidence measured")
-    init.add_argument("--kind", choices=["sgx", "tdx", "sev-snp", "nitro"])
+    init.add_argument("--kind", choices=OFFLINE_CLI_KINDS)
     init.add_argument("--collateral", type=Path)
+    init.add_argument("--vcek-cache", type=Path, help=VCEK_CACHE_HELP)
     init.add_argument("--at", type=int)
     init.add_argument("--out", type=Path, required=True)
     init.set_defaults(handler=cmd_policy_init)

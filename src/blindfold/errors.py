@@ -121,6 +121,12 @@ def server_error(status: int, message: str, *, method: str = "", path: str = "")
     return cls(status, message, method=method, path=path)
 
 
+class SimulationWarning(UserWarning):
+    """Warned whenever a client accepts simulation evidence (it was allowed to): no TEE
+    protects the data. Filter it by class, e.g.
+    `warnings.filterwarnings("ignore", category=blindfold.SimulationWarning)`."""
+
+
 class RequestRejected(BlindfoldError):
     """Server side: the server refuses a request; rendered as `{"error": message}` with
     `status`. The SDK turns the answer back into a ServerError."""

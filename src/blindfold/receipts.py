@@ -29,7 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from blindfold.attestation.binding import public_key_sha256 as spki_hash
+from blindfold.attestation.binding import public_key_sha256
 from blindfold.attestation.verdict import Evidence, Verdict
 from blindfold.errors import BlindfoldError, ConfigurationError, ReceiptError
 from blindfold.tensors import np_to_oip_dtype, tensor_to_bytes
@@ -84,9 +84,10 @@ def tensors_digest(tensors: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def public_key_sha256(public_key: ec.EllipticCurvePublicKey) -> str:
-    """Hex SHA-256 of a public key's DER SubjectPublicKeyInfo (what report data binds)."""
-    return spki_hash(public_key).hex()
+def public_key_sha256_hex(public_key: ec.EllipticCurvePublicKey) -> str:
+    """`binding.public_key_sha256` (the SHA-256 of the DER SubjectPublicKeyInfo, what report
+    data binds) as lowercase hex, the form receipts carry."""
+    return public_key_sha256(public_key).hex()
 
 
 # --- the receipt ---
@@ -217,7 +218,7 @@ class ReceiptSigner:
             raise ConfigurationError(
                 f"receipt key: expected an ECDSA P-256 key, found curve {private_key.curve.name}"
             )
-        actual = public_key_sha256(private_key.public_key())
+        actual = public_key_sha256_hex(private_key.public_key())
         if actual != server_key_sha256:
             # Catches wiring mistakes: receipts would never verify against the attested key.
             raise ConfigurationError(
@@ -321,7 +322,7 @@ def verify_receipt(
         raise ReceiptError("receipt key: expected an ECDSA P-256 public key")
     _check_equal(
         "server_key_sha256",
-        public_key_sha256(public_key),
+        public_key_sha256_hex(public_key),
         receipt.server_key_sha256,
         "the receipt was issued by another server key",
     )
@@ -504,7 +505,7 @@ class SavedReceipt:
         # Defence in depth: the injected verifier is meant to check this binding, but the
         # whole value of a receipt rests on it, so it is checked here too (DESIGN.md: report
         # data = SHA-256(SPKI) || nonce-or-zeros).
-        key_sha256 = public_key_sha256(public_key)
+        key_sha256 = public_key_sha256_hex(public_key)
         _check_equal(
             "certificate binding",
             key_sha256,

@@ -14,10 +14,14 @@ import pytest
 from blindfold.attestation import dcap, sgx, tdx
 from blindfold.attestation.collateral import load_collateral
 from blindfold.attestation.dcap import PLATFORM_CLAIMS
+from blindfold.attestation.formats import collateral_files as files
+from blindfold.attestation.formats import dcap as dcap_format
 from blindfold.attestation.verdict import Verdict
 from blindfold.errors import ConfigurationError, EvidenceError
 
-_MANIFEST = Path(__file__).resolve().parents[2] / ".." / "shared" / "attestation-vectors"
+from conftest import VECTORS_DIR
+
+_MANIFEST = VECTORS_DIR
 
 
 def _dcap_ids(accepted: bool | None = None) -> list[str]:
@@ -113,7 +117,7 @@ def test_rejected_vector_names_the_reason(vector: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("vector", ACCEPTED, indirect=True)
 def test_split_pcs_files_give_the_same_verdict(vector: dict[str, Any]) -> None:
-    split = {k: b for k, b in vector["collateral"].items() if k != dcap.COLLATERAL_JSON}
+    split = {k: b for k, b in vector["collateral"].items() if k != files.DCAP_QVL_JSON}
     at = vector["verify_at"]
     assert vector["verify"](vector["quote"], split, at) == vector["verify"](
         vector["quote"], vector["collateral"], at
@@ -122,17 +126,17 @@ def test_split_pcs_files_give_the_same_verdict(vector: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("vector", ALL, indirect=True)
 def test_assembled_collateral_equals_the_stored_json(vector: dict[str, Any]) -> None:
-    split = {k: b for k, b in vector["collateral"].items() if k != dcap.COLLATERAL_JSON}
-    assembled = json.loads(dcap.assemble_collateral_json(split))
-    assert assembled == json.loads(vector["collateral"][dcap.COLLATERAL_JSON])
+    split = {k: b for k, b in vector["collateral"].items() if k != files.DCAP_QVL_JSON}
+    assembled = json.loads(files.assemble_dcap_qvl_json(split))
+    assert assembled == json.loads(vector["collateral"][files.DCAP_QVL_JSON])
 
 
 @pytest.mark.parametrize("vector", ACCEPTED, indirect=True)
 def test_body_parse_agrees_with_dcap_qvl(vector: dict[str, Any]) -> None:
-    quote = dcap.parse_quote(vector["quote"])
+    quote = dcap_format.parse_quote(vector["quote"])
     report = dcap_qvl.verify_with_root_ca(
         quote.raw,
-        dcap_qvl.QuoteCollateralV3.from_json(dcap.collateral_json(vector["collateral"])),
+        dcap_qvl.QuoteCollateralV3.from_json(files.dcap_qvl_json(vector["collateral"])),
         dcap.intel_root_ca_der(),
         vector["verify_at"],
     )
@@ -177,7 +181,7 @@ def test_another_vectors_collateral_is_rejected(
 
 @pytest.mark.parametrize("vector", ACCEPTED, indirect=True)
 def test_tampered_tcb_info_is_rejected(vector: dict[str, Any]) -> None:
-    split = {k: b for k, b in vector["collateral"].items() if k != dcap.COLLATERAL_JSON}
+    split = {k: b for k, b in vector["collateral"].items() if k != files.DCAP_QVL_JSON}
     split["tcb_info.json"] = split["tcb_info.json"].replace(
         b'"tcbEvaluationDataNumber":', b'"tcbEvaluationDataNumber": ', 1
     )
@@ -218,7 +222,7 @@ def test_trailing_bytes_are_tolerated(vector: dict[str, Any]) -> None:
     assert vector["verify"](padded, vector["collateral"], at) == vector["verify"](
         vector["quote"], vector["collateral"], at
     )
-    assert len(dcap.parse_quote(padded).raw) == vector["quote_len"]
+    assert len(dcap_format.parse_quote(padded).raw) == vector["quote_len"]
 
 
 @pytest.mark.parametrize("vector", ACCEPTED, indirect=True)
@@ -282,8 +286,8 @@ def test_load_collateral_forms(vector: dict[str, Any], vectors_dir: Path, tmp_pa
     assert "quote.bin" not in vector["collateral"]
     assert set(vector["collateral"]) == set(vector["files"]) - {"quote.bin"}
 
-    single = load_collateral(folder / dcap.COLLATERAL_JSON, "sgx")
-    assert single == {dcap.COLLATERAL_JSON: vector["collateral"][dcap.COLLATERAL_JSON]}
+    single = load_collateral(folder / files.DCAP_QVL_JSON, "sgx")
+    assert single == {files.DCAP_QVL_JSON: vector["collateral"][files.DCAP_QVL_JSON]}
 
     with pytest.raises(ConfigurationError, match="no sgx collateral"):
         load_collateral(tmp_path, "sgx")

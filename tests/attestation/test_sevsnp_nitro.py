@@ -11,6 +11,7 @@ import cbor2
 import pytest
 
 from blindfold.attestation import nitro, sevsnp
+from blindfold.attestation.formats import snp as snp_format
 from blindfold.errors import EvidenceError
 
 SNP_IDS = ["sev-snp/virtee-milan", "sev-snp/gosevguest-milan"]
@@ -182,8 +183,8 @@ def test_snp_vcek_from_cache_dir(snp: Snp, tmp_path: Path) -> None:
     chip_id = snp.vector["measurements"]["chip_id"]
     tcb = bytes.fromhex(snp.vector["measurements"]["reported_tcb"])
     name = f"{chip_id}-{tcb[0]}-{tcb[1]}-{tcb[6]}-{tcb[7]}.der"
-    report = sevsnp.parse_report(snp.report)
-    assert sevsnp.vcek_cache_name(report.chip_id, report.reported_tcb) == name
+    report = snp_format.parse_report(snp.report)
+    assert snp_format.vcek_cache_name(report.chip_id, report.reported_tcb) == name
     (tmp_path / name).write_bytes(snp.collateral["vcek.der"])
     verdict = snp.verify(collateral={}, vcek_cache_dir=tmp_path)
     assert verdict.measurements["chip_id"] == chip_id
@@ -200,8 +201,8 @@ def test_snp_cached_vcek_for_another_chip_is_rejected(
     snp: Snp, tmp_path: Path, vectors_dir: Path, vector_manifest: list
 ) -> None:
     other = Snp(vectors_dir, vector_manifest, next(i for i in SNP_IDS if i != snp.vector["id"]))
-    report = sevsnp.parse_report(snp.report)
-    name = sevsnp.vcek_cache_name(report.chip_id, report.reported_tcb)
+    report = snp_format.parse_report(snp.report)
+    name = snp_format.vcek_cache_name(report.chip_id, report.reported_tcb)
     (tmp_path / name).write_bytes(other.collateral["vcek.der"])
     with pytest.raises(EvidenceError, match="another chip"):
         snp.verify(collateral={}, vcek_cache_dir=tmp_path)

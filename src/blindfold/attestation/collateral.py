@@ -13,27 +13,13 @@ import binascii
 import json
 from pathlib import Path
 
-from blindfold.attestation.verdict import TEE_KINDS
+from blindfold.attestation.formats import collateral_files as files
+from blindfold.attestation.kinds import TEE_KINDS, tee_kind
 from blindfold.errors import ConfigurationError
-
-DCAP_JSON = "collateral.dcap-qvl.json"
-VCEK = "vcek.der"
-DCAP_KINDS = ("sgx", "tdx")
 
 # Evidence, not collateral: a vector folder holds both side by side.
 EVIDENCE_FILES = frozenset({"quote.bin", "report.bin", "attestation_doc.cbor"})
 COLLATERAL_SUFFIXES = frozenset({".json", ".pem", ".der", ".crl", ".crt", ".cer"})
-
-# Enough to build dcap-qvl collateral when no collateral.dcap-qvl.json is present.
-DCAP_SPLIT_FILES = (
-    "tcb_info.json",
-    "qe_identity.json",
-    "tcb_info_issuer_chain.pem",
-    "qe_identity_issuer_chain.pem",
-    "pck_crl.der",
-    "pck_crl_issuer_chain.pem",
-    "root_ca_crl.der",
-)
 
 MAX_FILE_BYTES = 4 * 1024 * 1024  # collateral is kilobytes; refuse to slurp a stray disk image
 
@@ -51,26 +37,26 @@ def load_collateral(path: Path, kind: str) -> dict[str, bytes]:
         )
     path = Path(path)
     if path.is_dir():
-        files = _read_folder(path)
+        found = _read_folder(path)
     elif path.is_file():
-        files = _read_single_file(path)
+        found = _read_single_file(path)
     else:
         raise ConfigurationError(f"collateral path {path} does not exist")
-    _require_enough(files, kind, path)
-    return files
+    _require_enough(found, kind, path)
+    return found
 
 
 def _read_folder(folder: Path) -> dict[str, bytes]:
-    files: dict[str, bytes] = {}
+    found: dict[str, bytes] = {}
     for entry in sorted(folder.iterdir()):
         if not _is_collateral_file(entry):
             continue
         data = _read(entry)
         if entry.name == "vcek.pem":
-            files[VCEK] = _certificate_der(data, entry)
+            found[files.VCEK] = _certificate_der(data, entry)
         else:
-            files[entry.name] = data
-    return files
+            found[entry.name] = data
+    return found
 
 
 def _is_collateral_file(entry: Path) -> bool:
@@ -86,8 +72,8 @@ def _read_single_file(path: Path) -> dict[str, bytes]:
     data = _read(path)
     if path.suffix.lower() == ".json" or data.lstrip().startswith(b"{"):
         _require_dcap_json(data, path)
-        return {DCAP_JSON: data}
-    return {VCEK: _certificate_der(data, path)}
+        return {files.DCAP_QVL_JSON: data}
+    return {files.VCEK: _certificate_der(data, path)}
 
 
 def _require_dcap_json(data: bytes, path: Path) -> None:
@@ -135,17 +121,8 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _require_enough(files: dict[str, bytes], kind: str, path: Path) -> None:
+def _require_enough(found: dict[str, bytes], kind: str, path: Path) -> None:
     """Fails early with a clear message instead of a confusing verifier error later."""
-    if kind in DCAP_KINDS and DCAP_JSON not in files:
-        missing = [name for name in DCAP_SPLIT_FILES if name not in files]
-        if missing:
-            raise ConfigurationError(
-                f"no {kind} collateral at {path}: expected {DCAP_JSON}, or the Intel PCS "
-                f"files {', '.join(DCAP_SPLIT_FILES)} (missing {', '.join(missing)})"
-            )
-    if kind == "sev-snp" and VCEK not in files:
-        raise ConfigurationError(
-            f"no sev-snp collateral at {path}: expected the VCEK certificate (vcek.der or "
-            "vcek.pem, or the certificate file itself)"
-        )
+    missing = tee_kind(kind).missing_collateral(found)
+    if missing:
+        raise ConfigurationError(f"no {kind} collateral at {path}: {missing}")

@@ -35,6 +35,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from blindfold.attestation.kinds import KINDS
 from blindfold.attestation.verdict import Verdict
 from blindfold.errors import ConfigurationError, EvidenceError, PolicyError
 
@@ -44,12 +45,8 @@ MAX_NAME = 128
 OperatorPrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 OperatorPublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
 
-# The launch-time field that names the deployment, per TEE kind (Verdict.measurements keys).
-HARDWARE_FIELDS = {
-    "sev-snp": "host_data",
-    "tdx": "mr_config_id",
-    "simulation": "deployment_id",
-}
+# The launch-time field that names the deployment, per TEE kind (`TeeKind.launch_field`).
+HARDWARE_FIELDS = {kind.name: kind.launch_field for kind in KINDS if kind.launch_field}
 
 
 # --- operator keys ---

@@ -1,10 +1,9 @@
 """Client-side verifier for AWS Nitro Enclaves attestation documents (kind ``nitro``).
 
-This module owns: decoding the COSE_Sign1 envelope (RFC 9052, tagged or untagged) and the
-attestation document inside it (AWS "Verifying the root of trust": module_id, digest,
-timestamp, pcrs, certificate, cabundle, public_key, user_data, nonce), the ES384 signature
-over the COSE Sig_structure with the enclave's leaf certificate, and the certificate chain
-from the bundled AWS Nitro Enclaves Root G1 through the document's cabundle to that leaf.
+This module owns the ES384 signature over the COSE Sig_structure with the enclave's leaf
+certificate, and the certificate chain from the bundled AWS Nitro Enclaves Root G1 through
+the document's cabundle to that leaf. The envelope's and the document's layout live in
+`formats.nitro`, shared with the server.
 
 Nitro needs no collateral: the chain travels inside the document. The `collateral` argument
 is accepted for a uniform verifier signature and ignored. What the PCRs mean, and whether they
@@ -14,31 +13,22 @@ are acceptable, is the policy's job.
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Mapping
 from functools import lru_cache
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import cbor2
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from blindfold.attestation.formats import nitro
 from blindfold.attestation.verdict import Verdict
 from blindfold.errors import EvidenceError
 
 KIND = "nitro"
-
-COSE_SIGN1_TAG = 18
-COSE_HEADER_ALG = 1
-COSE_ALG_ES384 = -35
-ES384_SIGNATURE_LEN = 96  # raw r || s, 48 bytes each
-PCR_LEN = 48  # SHA-384, the only digest Nitro documents use
-REPORTED_PCRS = range(0, 9)  # PCR0..PCR8 are the ones AWS defines (5-7 reserved)
-DEBUG_PCRS = (0, 1, 2)  # all-zero in enclaves started with --debug-mode
 
 ROOT_PATH = Path(__file__).resolve().parent / "roots" / "aws_nitro_root_g1.pem"
 _DER = serialization.Encoding.DER
@@ -52,89 +42,42 @@ def verify(evidence: bytes, collateral: dict[str, bytes], at: int) -> Verdict:
     Nitro root or is not valid at `at`.
     """
     del collateral  # the certificate chain is inside the document
-    protected, payload, signature = _decode_cose_sign1(evidence)
-    _check_algorithm(protected)
-    doc = _decode_document(payload)
+    envelope, doc = nitro.decode(evidence)
+    _check_algorithm(envelope)
     chain = _load_chain(doc)
     _check_chain(chain)
     valid_from, valid_until = _check_validity(chain, at)
-    _check_signature(chain[-1], protected, payload, signature)
+    _check_signature(chain[-1], envelope)
     return _verdict(doc, valid_from, valid_until)
 
 
 # --- the COSE envelope ---
 
 
-def _decode_cose_sign1(evidence: bytes) -> tuple[bytes, bytes, bytes]:
-    if not isinstance(evidence, (bytes, bytearray)) or not evidence:
+def _check_algorithm(envelope: nitro.CoseSign1) -> None:
+    found = envelope.algorithm()
+    if found != nitro.COSE_ALG_ES384:
         raise EvidenceError(
-            "Nitro attestation document is empty or not bytes. Pass the raw COSE_Sign1 "
-            "document the enclave got from the NSM, as published at GET /v2/attestation."
-        )
-    try:
-        obj = cbor2.loads(bytes(evidence))
-    except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError...)
-        raise EvidenceError(
-            f"Nitro attestation document is not valid CBOR ({type(exc).__name__}: {exc}); "
-            "it may be truncated or not a Nitro document. Fetch the evidence again."
-        ) from None
-    if isinstance(obj, cbor2.CBORTag):
-        if obj.tag != COSE_SIGN1_TAG:
-            raise EvidenceError(
-                f"Nitro attestation document: expected COSE_Sign1 (CBOR tag {COSE_SIGN1_TAG}), "
-                f"found CBOR tag {obj.tag}."
-            )
-        obj = obj.value
-    if (
-        # cbor2 decodes the array inside a tag as a tuple and its maps as frozendicts
-        not isinstance(obj, (list, tuple))
-        or len(obj) != 4
-        or not isinstance(obj[0], bytes)
-        or not isinstance(obj[1], Mapping)
-        or not isinstance(obj[2], bytes)
-        or not isinstance(obj[3], bytes)
-    ):
-        raise EvidenceError(
-            "Nitro attestation document: expected a COSE_Sign1 array [protected: bstr, "
-            f"unprotected: map, payload: bstr, signature: bstr], found {_shape(obj)}. "
-            "This is not a Nitro attestation document."
-        )
-    return obj[0], obj[2], obj[3]
-
-
-def _shape(obj: Any) -> str:
-    if isinstance(obj, (list, tuple)):
-        return "[" + ", ".join(type(x).__name__ for x in obj) + "]"
-    return type(obj).__name__
-
-
-def _check_algorithm(protected: bytes) -> None:
-    try:
-        header = cbor2.loads(protected) if protected else {}
-    except Exception:
-        header = None
-    if not isinstance(header, dict) or header.get(COSE_HEADER_ALG) != COSE_ALG_ES384:
-        found = header.get(COSE_HEADER_ALG) if isinstance(header, dict) else "unreadable"
-        raise EvidenceError(
-            f"Nitro COSE protected header alg: expected {COSE_ALG_ES384} (ES384), found "
+            f"Nitro COSE protected header alg: expected {nitro.COSE_ALG_ES384} (ES384), found "
             f"{found}. Nitro documents are always ES384; this one was not made by the NSM."
         )
 
 
-def _check_signature(leaf: x509.Certificate, protected: bytes, payload: bytes, sig: bytes) -> None:
+def _check_signature(leaf: x509.Certificate, envelope: nitro.CoseSign1) -> None:
+    sig = envelope.signature
     key = leaf.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise EvidenceError(
             f"Nitro leaf certificate key: expected ECDSA P-384, found {type(key).__name__}."
         )
-    if len(sig) != ES384_SIGNATURE_LEN:
+    if len(sig) != nitro.ES384_SIGNATURE_LEN:
         raise EvidenceError(
-            f"Nitro COSE signature: expected {ES384_SIGNATURE_LEN} bytes (r || s), found "
+            f"Nitro COSE signature: expected {nitro.ES384_SIGNATURE_LEN} bytes (r || s), found "
             f"{len(sig)}. The document is corrupt."
         )
     r = int.from_bytes(sig[:48], "big")
     s = int.from_bytes(sig[48:], "big")
-    to_be_signed = cbor2.dumps(["Signature1", protected, b"", payload])
+    to_be_signed = envelope.to_be_signed()
     try:
         key.verify(encode_dss_signature(r, s), to_be_signed, ec.ECDSA(hashes.SHA384()))
     except InvalidSignature:
@@ -143,59 +86,6 @@ def _check_signature(leaf: x509.Certificate, protected: bytes, payload: bytes, s
             "Sig_structure): the document was altered after the enclave's NSM signed it. Do "
             "not trust this server."
         ) from None
-
-
-# --- the attestation document ---
-
-
-def _decode_document(payload: bytes) -> dict[str, Any]:
-    try:
-        doc = cbor2.loads(payload)
-    except Exception as exc:
-        raise EvidenceError(
-            f"Nitro attestation document payload is not valid CBOR ({type(exc).__name__})."
-        ) from None
-    if not isinstance(doc, dict):
-        raise EvidenceError(
-            f"Nitro attestation document payload: expected a map, found {type(doc).__name__}."
-        )
-    _require(doc, "module_id", str)
-    _require(doc, "digest", str)
-    _require(doc, "timestamp", int)
-    _require(doc, "pcrs", dict)
-    _require(doc, "certificate", bytes)
-    _require(doc, "cabundle", list)
-    for name in ("public_key", "user_data", "nonce"):
-        if doc.get(name) is not None and not isinstance(doc[name], bytes):
-            raise EvidenceError(
-                f"Nitro attestation document field {name!r}: expected bytes or null, found "
-                f"{type(doc[name]).__name__}."
-            )
-    if doc["digest"] != "SHA384":
-        raise EvidenceError(
-            f"Nitro attestation document digest: expected 'SHA384', found {doc['digest']!r}."
-        )
-    for index, value in doc["pcrs"].items():
-        if not isinstance(index, int) or not isinstance(value, bytes) or len(value) != PCR_LEN:
-            raise EvidenceError(
-                f"Nitro attestation document PCR {index!r}: expected {PCR_LEN} bytes "
-                "(SHA-384), found something else. The document is corrupt."
-            )
-    for index in DEBUG_PCRS:
-        if index not in doc["pcrs"]:
-            raise EvidenceError(f"Nitro attestation document has no PCR{index}.")
-    return doc
-
-
-def _require(doc: dict[str, Any], name: str, kind: type) -> None:
-    if name not in doc:
-        raise EvidenceError(f"Nitro attestation document has no {name!r} field.")
-    # bool is an int subclass; a boolean timestamp is still malformed
-    if not isinstance(doc[name], kind) or isinstance(doc[name], bool):
-        raise EvidenceError(
-            f"Nitro attestation document field {name!r}: expected {kind.__name__}, found "
-            f"{type(doc[name]).__name__}."
-        )
 
 
 # --- the certificate chain ---
@@ -272,14 +162,14 @@ def _utc(ts: int) -> str:
 def _verdict(doc: dict[str, Any], valid_from: int, valid_until: int) -> Verdict:
     pcrs: dict[int, bytes] = doc["pcrs"]
     measurements: dict[str, Any] = {
-        f"pcr{index}": pcrs[index].hex() for index in REPORTED_PCRS if index in pcrs
+        f"pcr{index}": pcrs[index].hex() for index in nitro.REPORTED_PCRS if index in pcrs
     }
     measurements["module_id"] = doc["module_id"]
     return Verdict(
         kind=KIND,
         measurements=measurements,
         report_data=doc.get("user_data") or b"",
-        debug=all(pcrs[index] == bytes(PCR_LEN) for index in DEBUG_PCRS),
+        debug=all(pcrs[index] == bytes(nitro.PCR_LEN) for index in nitro.DEBUG_PCRS),
         valid_from=valid_from,
         valid_until=valid_until,
         nonce=doc.get("nonce"),

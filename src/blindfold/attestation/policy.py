@@ -2,13 +2,14 @@
 
 Modelled on sigstore-python's `verify/policy.py`: each rule is a small object with one
 `verify(verdict)` method that raises a `PolicyError` naming the field, the expected and the
-found value; rules compose with `AllOf` / `AnyOf`. `Policy` is the user-facing object: it
+found value; rules compose with `AllOf` (never empty). `Policy` is the user-facing object: it
 loads a TOML file with one section per accepted TEE kind and turns the section for the
 verdict's kind into rules.
 
-This module owns the policy *format*: `SPECS` holds, per TEE kind, one `KindSpec` listing
+This module owns the policy *format*: per TEE kind, one `KindSpec` (`SGX_POLICY`, ...) lists
 every key a section may hold (its type, its default, the rules it becomes) and what a
-section must pin to be complete. Adding a key means adding one `Key` to one spec.
+section must pin to be complete. Adding a key means adding one `Key` to one spec; adding a
+kind means adding a spec here and a `TeeKind` in `attestation.kinds`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from blindfold.attestation.verdict import TEE_KINDS, Verdict
+from blindfold.attestation.formats import snp
+from blindfold.attestation.verdict import Verdict
 from blindfold.errors import (
     ConfigurationError,
     MeasurementMismatch,
@@ -44,26 +46,23 @@ class VerificationPolicy(Protocol):
 
 @dataclass(frozen=True)
 class AllOf:
+    """Every rule must pass. An empty list is refused: a policy with no rule would accept
+    any evidence, and no caller means that."""
+
     policies: Sequence[VerificationPolicy]
+
+    def __post_init__(self) -> None:
+        # A tuple copy, so a caller's later changes to its list cannot empty the rules.
+        object.__setattr__(self, "policies", tuple(self.policies))
+        if not self.policies:
+            raise ConfigurationError(
+                "AllOf([]) has no rule and would accept any evidence; give at least one rule "
+                "(UnsafeAcceptAnyMeasurement() says so explicitly, for tests)"
+            )
 
     def verify(self, verdict: Verdict) -> None:
         for policy in self.policies:
             policy.verify(verdict)
-
-
-@dataclass(frozen=True)
-class AnyOf:
-    policies: Sequence[VerificationPolicy]
-
-    def verify(self, verdict: Verdict) -> None:
-        failures: list[str] = []
-        for policy in self.policies:
-            try:
-                policy.verify(verdict)
-                return
-            except PolicyError as exc:
-                failures.append(str(exc))
-        raise PolicyError("any of", "one rule to pass", "; ".join(failures) or "no rules")
 
 
 @dataclass(frozen=True)
@@ -502,144 +501,149 @@ def _nitro_incomplete(values: dict[str, Any]) -> str | None:
     return "set pcr0 (the enclave image)" if "pcr0" not in values else None
 
 
-# SEV-SNP guest policy bits (AMD SEV-SNP ABI specification, "GUEST_POLICY structure").
-SNP_POLICY_SMT = 16
-SNP_POLICY_MIGRATE_MA = 18
-SNP_POLICY_SINGLE_SOCKET = 20
-SNP_TCB_PARTS = ("bootloader", "tee", "snp", "microcode")
+# One spec per TEE kind; `attestation.kinds` ties each to its verifier and CLI name.
 
-SPECS: dict[str, KindSpec] = {
-    "simulation": KindSpec(
-        "simulation", (_unsafe_accept_any(), _hex_pin("measurement", 32)), _simulation_incomplete
-    ),
-    "sgx": KindSpec(
-        "sgx",
-        (
-            _unsafe_accept_any(),
-            _hex_pin("mr_enclave", 32),
-            _hex_pin("mr_signer", 32),
-            Key(
-                "isv_prod_id",
-                "an integer 0..65535",
-                _parse_int(0, 0xFFFF),
-                lambda prod: [ValueEquals("isv_prod_id", prod)],
-            ),
-            _minimum("min_isv_svn", "isv_svn", 0xFFFF),
-            *_hardware_common(),
-            *_dcap_platform(),
+SIMULATION_POLICY = KindSpec(
+    "simulation", (_unsafe_accept_any(), _hex_pin("measurement", 32)), _simulation_incomplete
+)
+
+SGX_POLICY = KindSpec(
+    "sgx",
+    (
+        _unsafe_accept_any(),
+        _hex_pin("mr_enclave", 32),
+        _hex_pin("mr_signer", 32),
+        Key(
+            "isv_prod_id",
+            "an integer 0..65535",
+            _parse_int(0, 0xFFFF),
+            lambda prod: [ValueEquals("isv_prod_id", prod)],
         ),
-        _sgx_incomplete,
+        _minimum("min_isv_svn", "isv_svn", 0xFFFF),
+        *_hardware_common(),
+        *_dcap_platform(),
     ),
-    "tdx": KindSpec(
-        "tdx",
-        (
-            _unsafe_accept_any(),
-            *(
-                _hex_pin(name, 48)
-                for name in ("mr_td", *TDX_RTMRS, "mr_seam", "mr_config_id", "mr_owner")
-            ),
-            _hex_pin("mr_owner_config", 48),
-            _masked_pin("td_attributes", 8),
-            _masked_pin("xfam", 8),
-            *(
-                Key(f"unsafe_ignore_{rtmr}", "true or false", _parse_bool, lambda _: [])
-                for rtmr in TDX_RTMRS
-            ),
-            *_hardware_common(),
-            *_dcap_platform(),
+    _sgx_incomplete,
+)
+
+TDX_POLICY = KindSpec(
+    "tdx",
+    (
+        _unsafe_accept_any(),
+        *(
+            _hex_pin(name, 48)
+            for name in ("mr_td", *TDX_RTMRS, "mr_seam", "mr_config_id", "mr_owner")
         ),
-        _tdx_incomplete,
+        _hex_pin("mr_owner_config", 48),
+        _masked_pin("td_attributes", 8),
+        _masked_pin("xfam", 8),
+        *(
+            Key(f"unsafe_ignore_{rtmr}", "true or false", _parse_bool, lambda _: [])
+            for rtmr in TDX_RTMRS
+        ),
+        *_hardware_common(),
+        *_dcap_platform(),
     ),
-    "sev-snp": KindSpec(
-        "sev-snp",
-        (
-            _unsafe_accept_any(),
-            _hex_pin("measurement", 48),
-            _hex_pin("host_data", 32),
-            _hex_pin("id_key_digest", 48),
-            _hex_pin("author_key_digest", 48),
-            _minimum("min_guest_svn", "guest_svn", 2**32 - 1),
-            Key(
-                "min_tcb",
-                "a table { bootloader = N, tee = N, snp = N, microcode = N } of integers 0..255",
-                _parse_table(SNP_TCB_PARTS, _parse_int(0, 255)),
-                lambda tcb: [AtLeast(f"reported_tcb_{part}", low) for part, low in tcb.items()],
-            ),
-            Key(
-                "vmpl",
-                "an integer 0..3",
-                _parse_int(0, 3),
-                lambda vmpl: [
-                    ValueEquals(
-                        "vmpl",
-                        vmpl,
-                        "The report was requested from another VM privilege level than the "
-                        "policy names (0: the guest kernel; higher levels sit beneath an SVSM "
-                        "or paravisor). Set vmpl in the [sev-snp] section if that is intended.",
+    _tdx_incomplete,
+)
+
+SEV_SNP_POLICY = KindSpec(
+    "sev-snp",
+    (
+        _unsafe_accept_any(),
+        _hex_pin("measurement", 48),
+        _hex_pin("host_data", 32),
+        _hex_pin("id_key_digest", 48),
+        _hex_pin("author_key_digest", 48),
+        _minimum("min_guest_svn", "guest_svn", 2**32 - 1),
+        Key(
+            "min_tcb",
+            "a table { bootloader = N, tee = N, snp = N, microcode = N } of integers 0..255",
+            _parse_table(snp.TCB_PARTS, _parse_int(0, 255)),
+            lambda tcb: [AtLeast(f"reported_tcb_{part}", low) for part, low in tcb.items()],
+        ),
+        Key(
+            "vmpl",
+            "an integer 0..3",
+            _parse_int(0, 3),
+            lambda vmpl: [
+                ValueEquals(
+                    "vmpl",
+                    vmpl,
+                    "The report was requested from another VM privilege level than the "
+                    "policy names (0: the guest kernel; higher levels sit beneath an SVSM "
+                    "or paravisor). Set vmpl in the [sev-snp] section if that is intended.",
+                )
+            ],
+            default=0,
+        ),
+        Key(
+            "allow_smt",
+            "true or false",
+            _parse_bool,
+            lambda allow: (
+                []
+                if allow
+                else [
+                    PolicyBit(
+                        "policy",
+                        snp.POLICY_SMT,
+                        False,
+                        "SMT allowed",
+                        "The guest may run beside another thread on the same core; the "
+                        "policy says allow_smt = false.",
                     )
-                ],
-                default=0,
+                ]
             ),
-            Key(
-                "allow_smt",
-                "true or false",
-                _parse_bool,
-                lambda allow: (
-                    []
-                    if allow
-                    else [
-                        PolicyBit(
-                            "policy",
-                            SNP_POLICY_SMT,
-                            False,
-                            "SMT allowed",
-                            "The guest may run beside another thread on the same core; the "
-                            "policy says allow_smt = false.",
-                        )
-                    ]
-                ),
-                default=True,
-            ),
-            Key(
-                "require_single_socket",
-                "true or false",
-                _parse_bool,
-                lambda single: (
-                    [
-                        PolicyBit(
-                            "policy",
-                            SNP_POLICY_SINGLE_SOCKET,
-                            True,
-                            "SINGLE_SOCKET",
-                            "The guest may be spread over several sockets; the policy says "
-                            "require_single_socket = true.",
-                        )
-                    ]
-                    if single
-                    else []
-                ),
-                default=False,
-            ),
-            *_hardware_common(),
+            default=True,
         ),
-        _snp_incomplete,
-        always=(
-            PolicyBit(
-                "policy",
-                SNP_POLICY_MIGRATE_MA,
-                False,
-                "MIGRATE_MA",
-                "A migration agent may move the guest's memory to another host; Blindfold "
-                "does not accept guests that allow it.",
+        Key(
+            "require_single_socket",
+            "true or false",
+            _parse_bool,
+            lambda single: (
+                [
+                    PolicyBit(
+                        "policy",
+                        snp.POLICY_SINGLE_SOCKET,
+                        True,
+                        "SINGLE_SOCKET",
+                        "The guest may be spread over several sockets; the policy says "
+                        "require_single_socket = true.",
+                    )
+                ]
+                if single
+                else []
             ),
+            default=False,
+        ),
+        *_hardware_common(),
+    ),
+    _snp_incomplete,
+    always=(
+        PolicyBit(
+            "policy",
+            snp.POLICY_MIGRATE_MA,
+            False,
+            "MIGRATE_MA",
+            "A migration agent may move the guest's memory to another host; Blindfold "
+            "does not accept guests that allow it.",
         ),
     ),
-    "nitro": KindSpec(
-        "nitro",
-        (_unsafe_accept_any(), *(_hex_pin(f"pcr{i}", 48) for i in range(9)), *_hardware_common()),
-        _nitro_incomplete,
-    ),
-}
+)
+
+NITRO_POLICY = KindSpec(
+    "nitro",
+    (_unsafe_accept_any(), *(_hex_pin(f"pcr{i}", 48) for i in range(9)), *_hardware_common()),
+    _nitro_incomplete,
+)
+
+
+def spec_for(kind: str) -> KindSpec:
+    """The policy spec of a TEE kind (`attestation.kinds` is where kinds are listed)."""
+    from blindfold.attestation.kinds import tee_kind
+
+    return tee_kind(kind).policy
 
 
 @dataclass(frozen=True)
@@ -650,7 +654,7 @@ class KindPolicy:
     values: dict[str, Any] = field(default_factory=dict)
 
     def rules(self) -> list[VerificationPolicy]:
-        spec = SPECS[self.kind]
+        spec = spec_for(self.kind)
         rules: list[VerificationPolicy] = [KindIs((self.kind,)), *spec.always]
         for key in spec.keys:
             value = self.values.get(key.name, key.default)
@@ -687,6 +691,7 @@ class Policy:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "policy") -> Policy:
         from blindfold.attestation.deployment import DeploymentPolicy
+        from blindfold.attestation.kinds import TEE_KINDS
 
         data = dict(data)
         deployment = data.pop("deployment", None)
@@ -695,6 +700,7 @@ class Policy:
             if kind not in TEE_KINDS:
                 raise ConfigurationError(
                     f"{source}: unknown section [{kind}]; expected one of {', '.join(TEE_KINDS)}"
+                    " (or [deployment])"
                 )
             if not isinstance(section, dict):
                 raise ConfigurationError(f"{source}: [{kind}] must be a table")
@@ -726,7 +732,7 @@ class Policy:
 def check_section(kind: str, section: dict[str, Any], source: str = "policy") -> dict[str, Any]:
     """Type-checks and normalises one section; raises ConfigurationError naming the key, the
     expected type and what was found, or what a complete section must add."""
-    spec = SPECS[kind]
+    spec = spec_for(kind)
     values: dict[str, Any] = {}
     for name, value in section.items():
         key = spec.key(name)

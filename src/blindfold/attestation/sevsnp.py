@@ -1,7 +1,6 @@
 """Client-side verifier for AMD SEV-SNP evidence (kind ``sev-snp``).
 
-This module owns: parsing an SNP ATTESTATION_REPORT (version 2 and later, layout of the AMD
-SEV-SNP ABI specification, table "ATTESTATION_REPORT structure"), the AMD certificate chain
+This module owns (the report's layout lives in `formats.snp`): the AMD certificate chain
 ARK -> ASK -> VCEK (RSASSA-PSS SHA-384), the report signature (ECDSA P-384 / SHA-384 under the
 VCEK), the binding of the VCEK to the reporting chip (hwID == CHIP_ID) and to the reported TCB
 (the VCEK's SPL extensions == REPORTED_TCB), and the lookup of a VCEK in a local cache folder.
@@ -15,20 +14,17 @@ Collateral keys (as the server publishes them):
                    must equal the bundled ARK of the chip's product line; when absent the
                    bundled ASK + ARK are used.
 
-VCEK cache: when the collateral has no ``vcek.der``, ``verify(..., vcek_cache_dir=d)`` reads
-``d / f"{chip_id_hex}-{bl}-{tee}-{snp}-{ucode}.der"`` where ``chip_id_hex`` is the report's
-64-byte CHIP_ID in lowercase hex and ``bl``/``tee``/``snp``/``ucode`` are the REPORTED_TCB
-security patch levels in decimal, e.g. ``d49554...1eb6-3-0-8-115.der``. These are exactly the
-parameters of AMD KDS ``/vcek/v1/{product}/{chip_id_hex}?blSPL=..&teeSPL=..&snpSPL=..&ucodeSPL=..``,
-so a file fetched from KDS can be stored under that name unchanged (DER or PEM both work).
+VCEK cache: when the collateral has no ``vcek.der``, ``verify(..., vcek_cache_dir=d)`` (or
+`VerifierOptions(vcek_cache_dir=d)` through `verify_evidence`, `connect` and the CLI's
+``--vcek-cache``) reads ``d / formats.snp.vcek_cache_name(CHIP_ID, REPORTED_TCB)``, e.g.
+``d49554...1eb6-3-0-8-115.der``: the AMD KDS parameters, so a file fetched from KDS can be
+stored under that name unchanged (DER or PEM both work).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import struct
 import warnings
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -39,18 +35,20 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import SignatureAlgorithmOID
 
+from blindfold.attestation.formats import collateral_files as files
+from blindfold.attestation.formats.snp import (
+    SIG_ALGO_ECDSA_P384_SHA384,
+    SIGNING_KEY_VCEK,
+    Report,
+    Tcb,
+    kds_vcek_path,
+    parse_report,
+    vcek_cache_name,
+)
 from blindfold.attestation.verdict import Verdict
 from blindfold.errors import EvidenceError
 
 KIND = "sev-snp"
-
-REPORT_SIZE = 0x4A0  # 1184 bytes: 0x2A0 signed body + 0x200 signature block
-SIGNED_LEN = 0x2A0
-SIGNATURE_OFFSET = 0x2A0
-SIG_COMPONENT_LEN = 72  # R and S are each 72-byte little-endian integers (zero-padded P-384)
-SIG_ALGO_ECDSA_P384_SHA384 = 1
-MIN_REPORT_VERSION = 2
-POLICY_DEBUG_BIT = 1 << 19
 
 # VCEK extension OIDs (AMD "Versioned Chip Endorsement Key" specification, KDS spec 57230)
 OID_PRODUCT_NAME = x509.ObjectIdentifier("1.3.6.1.4.1.3704.1.2")
@@ -72,126 +70,6 @@ _AMD_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 _DER = serialization.Encoding.DER
 
 
-@dataclass(frozen=True)
-class Tcb:
-    """The four security patch levels of a Milan/Genoa TCB_VERSION (u64, little-endian):
-    byte 0 boot loader, byte 1 PSP OS (TEE), bytes 2-5 reserved, byte 6 SNP firmware,
-    byte 7 microcode."""
-
-    bootloader: int
-    tee: int
-    snp: int
-    microcode: int
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> Tcb:
-        return cls(bootloader=raw[0], tee=raw[1], snp=raw[6], microcode=raw[7])
-
-    def describe(self) -> str:
-        return f"bl={self.bootloader} tee={self.tee} snp={self.snp} ucode={self.microcode}"
-
-
-@dataclass(frozen=True)
-class Report:
-    """The fields of an ATTESTATION_REPORT that verification and policy need."""
-
-    raw: bytes
-    version: int
-    guest_svn: int
-    policy: int
-    family_id: bytes
-    image_id: bytes
-    vmpl: int
-    signature_algo: int
-    current_tcb: Tcb
-    platform_info: int
-    signing_key: int
-    report_data: bytes
-    measurement: bytes
-    host_data: bytes
-    id_key_digest: bytes
-    author_key_digest: bytes
-    report_id: bytes
-    report_id_ma: bytes
-    reported_tcb: Tcb
-    chip_id: bytes
-    committed_tcb: Tcb
-    current_version: tuple[int, int, int]
-    committed_version: tuple[int, int, int]
-    launch_tcb: Tcb
-    signature_r: int
-    signature_s: int
-
-
-def parse_report(evidence: bytes) -> Report:
-    """Parses an SNP attestation report; raises EvidenceError if it is not one."""
-    if not isinstance(evidence, (bytes, bytearray)):
-        raise EvidenceError(
-            f"SEV-SNP evidence must be bytes, found {type(evidence).__name__}. Pass the raw "
-            "attestation report (1184 bytes) as published at GET /v2/attestation."
-        )
-    raw = bytes(evidence)
-    if len(raw) < REPORT_SIZE:
-        raise EvidenceError(
-            f"SEV-SNP report is truncated: expected {REPORT_SIZE} bytes, found {len(raw)}. "
-            "Fetch the evidence again; a proxy may have cut the response."
-        )
-    # Extra bytes are not covered by the signature; refusing them keeps the evidence canonical.
-    if len(raw) > REPORT_SIZE:
-        raise EvidenceError(
-            f"SEV-SNP report has trailing data: expected {REPORT_SIZE} bytes, found {len(raw)}. "
-            "Send the bare ATTESTATION_REPORT, without a certificate table or MSG_REPORT_RSP "
-            "header."
-        )
-    version, guest_svn, policy = struct.unpack_from("<IIQ", raw, 0x00)
-    if version < MIN_REPORT_VERSION:
-        raise EvidenceError(
-            f"SEV-SNP report version: expected {MIN_REPORT_VERSION} or later, found {version}. "
-            "This is not an SNP attestation report (or comes from pre-release firmware); "
-            "update the host's SEV firmware."
-        )
-    vmpl, signature_algo = struct.unpack_from("<II", raw, 0x30)
-    (platform_info,) = struct.unpack_from("<Q", raw, 0x40)
-    (key_info,) = struct.unpack_from("<I", raw, 0x48)
-    return Report(
-        raw=raw,
-        version=version,
-        guest_svn=guest_svn,
-        policy=policy,
-        family_id=raw[0x10:0x20],
-        image_id=raw[0x20:0x30],
-        vmpl=vmpl,
-        signature_algo=signature_algo,
-        current_tcb=Tcb.from_bytes(raw[0x38:0x40]),
-        platform_info=platform_info,
-        signing_key=(key_info >> 2) & 0x7,
-        report_data=raw[0x50:0x90],
-        measurement=raw[0x90:0xC0],
-        host_data=raw[0xC0:0xE0],
-        id_key_digest=raw[0xE0:0x110],
-        author_key_digest=raw[0x110:0x140],
-        report_id=raw[0x140:0x160],
-        report_id_ma=raw[0x160:0x180],
-        reported_tcb=Tcb.from_bytes(raw[0x180:0x188]),
-        chip_id=raw[0x1A0:0x1E0],
-        committed_tcb=Tcb.from_bytes(raw[0x1E0:0x1E8]),
-        current_version=(raw[0x1EA], raw[0x1E9], raw[0x1E8]),
-        committed_version=(raw[0x1EE], raw[0x1ED], raw[0x1EC]),
-        launch_tcb=Tcb.from_bytes(raw[0x1F0:0x1F8]),
-        signature_r=_le_int(raw, SIGNATURE_OFFSET),
-        signature_s=_le_int(raw, SIGNATURE_OFFSET + SIG_COMPONENT_LEN),
-    )
-
-
-def _le_int(raw: bytes, offset: int) -> int:
-    return int.from_bytes(raw[offset : offset + SIG_COMPONENT_LEN], "little")
-
-
-def vcek_cache_name(chip_id: bytes, tcb: Tcb) -> str:
-    """The file name under which a VCEK is looked up in a cache folder (see module doc)."""
-    return f"{chip_id.hex()}-{tcb.bootloader}-{tcb.tee}-{tcb.snp}-{tcb.microcode}.der"
-
-
 def verify(
     evidence: bytes,
     collateral: dict[str, bytes],
@@ -209,7 +87,7 @@ def verify(
     _check_signature_algo(report)
     vcek = _load_vcek(report, collateral, vcek_cache_dir)
     product = _product_line(vcek)
-    ask, ark = _ask_and_ark(product, collateral.get("ask_ark.pem"))
+    ask, ark = _ask_and_ark(product, collateral.get(files.ASK_ARK))
     _check_chain(ark, ask, vcek, product)
     valid_from, valid_until = _check_validity((ark, ask, vcek), at)
     _check_vcek_binds_report(vcek, report)
@@ -227,7 +105,7 @@ def _check_signature_algo(report: Report) -> None:
             f"(ECDSA P-384 with SHA-384), found {report.signature_algo}. The report is "
             "corrupt or not produced by AMD firmware."
         )
-    if report.signing_key != 0:
+    if report.signing_key != SIGNING_KEY_VCEK:
         # 1 = VLEK (cloud-provider key, different chain), 7 = unsigned. Only VCEK is supported.
         raise EvidenceError(
             f"SEV-SNP report is signed by key type {report.signing_key}, expected 0 (VCEK). "
@@ -245,7 +123,7 @@ def _check_report_signature(vcek: x509.Certificate, report: Report) -> None:
         )
     signature = encode_dss_signature(report.signature_r, report.signature_s)
     try:
-        key.verify(signature, report.raw[:SIGNED_LEN], ec.ECDSA(hashes.SHA384()))
+        key.verify(signature, report.signed_bytes, ec.ECDSA(hashes.SHA384()))
     except InvalidSignature:
         raise EvidenceError(
             "SEV-SNP report signature does not verify with the VCEK (ECDSA P-384/SHA-384 over "
@@ -260,7 +138,7 @@ def _check_report_signature(vcek: x509.Certificate, report: Report) -> None:
 def _load_vcek(
     report: Report, collateral: dict[str, bytes], cache_dir: Path | None
 ) -> x509.Certificate:
-    data = collateral.get("vcek.der")
+    data = collateral.get(files.VCEK)
     source = "collateral 'vcek.der'"
     if data is None and cache_dir is not None:
         path = Path(cache_dir) / vcek_cache_name(report.chip_id, report.reported_tcb)
@@ -270,10 +148,9 @@ def _load_vcek(
         except OSError as exc:
             raise EvidenceError(
                 f"no VCEK for this report: the collateral has no 'vcek.der' and {source} "
-                f"cannot be read ({exc.strerror}). Fetch it from AMD KDS (/vcek/v1/<product>/"
-                f"{report.chip_id.hex()}?blSPL={report.reported_tcb.bootloader}&teeSPL="
-                f"{report.reported_tcb.tee}&snpSPL={report.reported_tcb.snp}&ucodeSPL="
-                f"{report.reported_tcb.microcode}) and store it under that name."
+                f"cannot be read ({exc.strerror}). Fetch it from AMD KDS ("
+                f"{kds_vcek_path('<product>', report.chip_id, report.reported_tcb)}) and "
+                "store it under that name."
             ) from None
     if data is None:
         raise EvidenceError(
@@ -487,7 +364,7 @@ def _verdict(report: Report, valid_from: int, valid_until: int) -> Verdict:
         kind=KIND,
         measurements=measurements,
         report_data=report.report_data,
-        debug=bool(report.policy & POLICY_DEBUG_BIT),
+        debug=report.debug,
         tcb_status=None,
         valid_from=valid_from,
         valid_until=valid_until,

@@ -11,8 +11,6 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any
 
-TEE_KINDS = ("simulation", "sgx", "tdx", "sev-snp", "nitro")
-
 
 @dataclass(frozen=True)
 class Evidence:
@@ -58,16 +56,9 @@ class Evidence:
 class Verdict:
     """The verified claims of one piece of evidence.
 
-    `measurements` uses these keys per kind (hex strings for byte fields, ints for numbers):
-      simulation: measurement, deployment_id ("" unless `serve --deployment-id`)
-      sgx: mr_enclave, mr_signer, isv_prod_id, isv_svn, attributes, cpu_svn
-      tdx: mr_td, rtmr0, rtmr1, rtmr2, rtmr3, mr_config_id, mr_owner, mr_owner_config,
-           mr_seam, tee_tcb_svn, td_attributes, xfam
-      sgx and tdx also: tcb_eval_data_number (int), dynamic_platform, cached_keys,
-           smt_enabled (True / False / None where the PCK certificate does not say)
-      sev-snp: measurement, host_data, policy, reported_tcb_bootloader, reported_tcb_tee,
-           reported_tcb_snp, reported_tcb_microcode, chip_id, vmpl, guest_svn, version
-      nitro: pcr0 .. pcr8 (only those present), module_id
+    `measurements` holds the claims listed in the kind's `TeeKind.claims`
+    (`attestation.kinds`): hex strings for byte fields, ints for numbers, and for SGX/TDX
+    platform flags True / False / None where the PCK certificate does not say.
     `report_data` is the 64 bytes the TEE bound into the evidence (for Nitro: user_data).
     `valid_from` / `valid_until` bound the validity window of the collateral (unix seconds);
     a client attests again before relying on the verdict after `valid_until`.

@@ -1,41 +1,33 @@
 """Verifying a server's attestation: genuine evidence, acceptable claims, bound to its key.
 
-`verify_evidence` dispatches to the verifier module of the evidence's TEE kind (which checks
-only that the evidence is genuine); `verify_server_evidence` adds the policy and the binding
-of the evidence to the server's TLS certificate (and the client's nonce).
+`verify_evidence` calls the verifier of the evidence's TEE kind (`attestation.kinds`), which
+checks only that the evidence is genuine; `verify_server_evidence` adds the policy and the
+binding of the evidence to the server's TLS certificate (and the client's nonce).
 """
 
 from __future__ import annotations
 
-import importlib
 import time
+import warnings
 
 from blindfold.attestation.binding import expected_report_data
+from blindfold.attestation.kinds import VerifierOptions, tee_kind
 from blindfold.attestation.policy import Policy
 from blindfold.attestation.simulation import WARNING
-from blindfold.attestation.verdict import TEE_KINDS, Evidence, Verdict
-from blindfold.errors import EvidenceError, ReportDataMismatch, SimulationNotAllowed
-
-_VERIFIER_MODULES = {
-    "simulation": "blindfold.attestation.simulation",
-    "sgx": "blindfold.attestation.sgx",
-    "tdx": "blindfold.attestation.tdx",
-    "sev-snp": "blindfold.attestation.sevsnp",
-    "nitro": "blindfold.attestation.nitro",
-}
+from blindfold.attestation.verdict import Evidence, Verdict
+from blindfold.errors import ReportDataMismatch, SimulationNotAllowed, SimulationWarning
 
 
-def verify_evidence(evidence: Evidence, at: int | None = None) -> Verdict:
-    """Checks that `evidence` is genuine at time `at` (default: now) and returns its claims."""
-    if evidence.kind not in _VERIFIER_MODULES:
-        raise EvidenceError(
-            f"unknown TEE kind {evidence.kind!r}; this client knows {', '.join(TEE_KINDS)}"
-        )
-    module = importlib.import_module(_VERIFIER_MODULES[evidence.kind])
-    verdict: Verdict = module.verify(
+def verify_evidence(
+    evidence: Evidence, at: int | None = None, options: VerifierOptions | None = None
+) -> Verdict:
+    """Checks that `evidence` is genuine at time `at` (default: now) and returns its claims.
+
+    `options` reach the verifier of the evidence's kind (e.g. the SEV-SNP VCEK cache)."""
+    verifier = tee_kind(evidence.kind).verifier(options or VerifierOptions())
+    return verifier(
         evidence.evidence, evidence.collateral, int(time.time()) if at is None else int(at)
     )
-    return verdict
 
 
 def verify_server_evidence(
@@ -46,6 +38,7 @@ def verify_server_evidence(
     nonce: bytes | None,
     allow_simulation: bool,
     at: int | None = None,
+    options: VerifierOptions | None = None,
 ) -> Verdict:
     """The whole client-side check of DESIGN.md step 4; raises an AttestationError subclass."""
     if evidence.kind == "simulation" and not allow_simulation:
@@ -53,13 +46,11 @@ def verify_server_evidence(
             "the server offers simulation evidence, which proves nothing (no TEE protects the "
             "data). Pass allow_simulation=True / --allow-simulation only for development."
         )
-    verdict = verify_evidence(evidence, at)
+    verdict = verify_evidence(evidence, at, options)
     check_report_data(verdict, certificate_der, nonce)
     policy.verify(verdict)
     if verdict.kind == "simulation":
-        import warnings
-
-        warnings.warn(WARNING, stacklevel=3)
+        warnings.warn(WARNING, SimulationWarning, stacklevel=3)
     return verdict
 
 

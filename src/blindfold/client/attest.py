@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 
 from blindfold.attestation.binding import spki_sha256
 from blindfold.attestation.deployment import DeploymentIdentity, Endorsement, identify
+from blindfold.attestation.kinds import VerifierOptions
 from blindfold.attestation.policy import Policy
 from blindfold.attestation.verdict import Evidence, Verdict
 from blindfold.attestation.verify import verify_server_evidence
@@ -144,6 +145,7 @@ def attest(
     at: int | None = None,
     timeout: float = 30.0,
     check_deployment: bool = True,
+    options: VerifierOptions | None = None,
 ) -> AttestedServer:
     """Verifies the server's evidence under `policy` (code and, unless `check_deployment`
     is False, the `[deployment]` pins) and returns what to pin."""
@@ -162,6 +164,7 @@ def attest(
         nonce=nonce_bytes,
         allow_simulation=allow_simulation,
         at=at,
+        options=options,
     )
     pin = spki_sha256(certificate_der)
     if spki_sha256(peer_certificate) != pin:

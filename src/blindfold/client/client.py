@@ -34,6 +34,7 @@ from blindfold.attestation.deployment import (
     OperatorPrivateKey,
     deployment_change,
 )
+from blindfold.attestation.kinds import VerifierOptions
 from blindfold.attestation.policy import Policy
 from blindfold.attestation.verdict import Evidence
 from blindfold.attestation.verify import verify_server_evidence
@@ -91,6 +92,15 @@ class Outputs(dict[str, np.ndarray]):
 
 
 class Client:
+    """A connection to one attested Blindfold server (build it with `connect`).
+
+    Creating it attests the server (a fresh nonce, the policy, the report-data binding) and
+    pins the TLS key the evidence binds; every request then goes over that pinned key only.
+    After a key change it re-attests and continues only with the same deployment. Models it
+    uploads are managed with their owner token, which it remembers. Use it as a context
+    manager, or call `close()`.
+    """
+
     def __init__(
         self,
         url: str,
@@ -102,6 +112,7 @@ class Client:
         timeout: float = 300.0,
         follow_key_changes: FollowKeyChanges = "same-deployment",
         on_deployment_change: DeploymentChangeCallback | None = None,
+        verifier_options: VerifierOptions | None = None,
     ) -> None:
         if follow_key_changes not in ("same-deployment", "same-code"):
             raise ConfigurationError(
@@ -115,6 +126,7 @@ class Client:
         self.token = token
         self.follow_key_changes = follow_key_changes
         self.on_deployment_change = on_deployment_change
+        self.verifier_options = verifier_options
         # model name or "sha256:<hex>" -> owner token, for the models this Client uploaded
         self._owner_tokens: dict[str, str] = {}
         self._nonce = nonce
@@ -130,6 +142,7 @@ class Client:
             allow_simulation=allow_simulation,
             nonce=nonce,
             timeout=min(timeout, 60.0),
+            options=verifier_options,
         )
         self._transport = self._pinned_transport()
 
@@ -197,6 +210,7 @@ class Client:
                 allow_simulation=self.allow_simulation,
                 nonce=self._nonce,
                 check_deployment=False,  # judged below, as a deployment change
+                options=self.verifier_options,
             )
             self._check_same_deployment(previous, current)
             self.attestation = current
@@ -271,10 +285,13 @@ class Client:
     # --- server ---
 
     def server_metadata(self) -> dict[str, Any]:
+        """The server's OIP metadata (`GET /v2`): name, version and extensions."""
         result: dict[str, Any] = self._json("GET", "/v2")
         return result
 
     def is_ready(self) -> bool:
+        """Whether the server is ready to serve (`GET /v2/health/ready`); False, for example,
+        once its attestation collateral expired and it cannot renew it."""
         return bool(self._json("GET", "/v2/health/ready").get("ready"))
 
     # --- models ---
@@ -324,6 +341,9 @@ class Client:
         return self._remember(UploadedModel.from_answer(answer), sent)
 
     def delete_model(self, name: str, *, token: str | None = None) -> None:
+        """Deletes (unloads) the model `name`. Needs its owner token: the one this Client
+        remembers from the upload, or `token`. Raises NotFoundError if it does not exist,
+        AuthenticationError if the token is not the owner's."""
         self._json(
             "POST",
             f"/v2/repository/models/{quote(name, safe='')}/unload",
@@ -346,6 +366,9 @@ class Client:
     def model_metadata(
         self, model: str, *, version: str | None = None, token: str | None = None
     ) -> dict[str, Any]:
+        """The OIP metadata of `model` (a name or "sha256:<hex>"): its inputs and outputs
+        with names, datatypes and shapes. Cached per Client; a restricted model needs a
+        token that may run it (remembered for models this Client uploaded)."""
         key = model if version is None else f"{model}@{version}"
         cached = self._metadata.get(key)
         if cached is None:
@@ -356,6 +379,8 @@ class Client:
         return cached
 
     def set_public(self, name: str, public: bool, *, token: str | None = None) -> None:
+        """Lets anyone who attests the server run the model (`public=True`), or only its
+        owner and run-key holders (`public=False`). Needs the owner token."""
         self._json(
             "POST",
             f"/v2/repository/models/{quote(name, safe='')}/access",
@@ -374,6 +399,8 @@ class Client:
         return answer["key_id"], answer["run_key"]
 
     def revoke_run_key(self, name: str, key_id: str, *, token: str | None = None) -> None:
+        """Revokes the run key `key_id` (as `create_run_key` returned it) of model `name`;
+        requests with that key fail from now on. Needs the owner token."""
         self._json(
             "DELETE",
             f"/v2/repository/models/{quote(name, safe='')}/keys/{key_id}",
@@ -483,6 +510,7 @@ class Client:
             self.policy,
             nonce=None,
             allow_simulation=self.allow_simulation,
+            options=self.verifier_options,
         )
         self._standing = (self.attestation.spki_sha256, evidence)
         return evidence
@@ -526,6 +554,7 @@ class Client:
     # --- lifetime ---
 
     def close(self) -> None:
+        """Closes the pinned connection. The Client cannot be used afterwards."""
         self._transport.close()
 
     def __enter__(self) -> Client:
@@ -572,6 +601,7 @@ def connect(
     timeout: float = 300.0,
     follow_key_changes: FollowKeyChanges = "same-deployment",
     on_deployment_change: DeploymentChangeCallback | None = None,
+    verifier_options: VerifierOptions | None = None,
 ) -> Client:
     """Attests the server at `url` under `policy` (a Policy or a TOML path; default: the
     simulation TEE running this installed package's code) and returns a pinned Client.
@@ -579,7 +609,9 @@ def connect(
     After the server's key changes the Client continues only with the same deployment
     (see `blindfold.attestation.deployment`); `on_deployment_change(previous, current)`
     may accept another instance the policy accepts, and `follow_key_changes="same-code"`
-    accepts any such instance without asking (the behaviour before deployments existed)."""
+    accepts any such instance without asking (the behaviour before deployments existed).
+    `verifier_options` reach the TEE verifiers, e.g.
+    `VerifierOptions(vcek_cache_dir=...)` for SEV-SNP servers that do not publish their VCEK."""
     if isinstance(policy, (str, Path)):
         policy = Policy.load(policy)
     return Client(
@@ -591,4 +623,5 @@ def connect(
         timeout=timeout,
         follow_key_changes=follow_key_changes,
         on_deployment_change=on_deployment_change,
+        verifier_options=verifier_options,
     )

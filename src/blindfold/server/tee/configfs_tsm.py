@@ -28,14 +28,12 @@ from blindfold.server.tee.pcs import (
     INTEL_PCS_URL,
     CollateralCache,
     Fetch,
-    pck_chain_pem_from_quote,
-    pck_info,
-    report_data_of_quote,
+    read_quote,
     urllib_fetch,
 )
 from blindfold.server.tee.sev_guest import (
-    REPORT_DATA_OFFSET,
     SevGuestProvider,
+    checked_report,
     collateral_from_certs,
     parse_cert_table,
 )
@@ -202,15 +200,15 @@ class ConfigfsTsmProvider:
         return self._snp_evidence(outblob, auxblob, report_data)
 
     def _tdx_evidence(self, quote: bytes, report_data: bytes) -> Evidence:
-        if report_data_of_quote(quote) != report_data:
+        parsed, platform = read_quote(quote, "tdx")
+        if parsed.report_data != report_data:
             raise TeeUnavailable("the TDX quote does not carry the requested report data")
         assert self._collateral is not None
-        collateral = self._collateral.get(pck_info(pck_chain_pem_from_quote(quote)))
+        collateral = self._collateral.get(platform)
         return Evidence(self.kind, quote, dict(collateral.files))
 
     def _snp_evidence(self, report: bytes, auxblob: bytes | None, report_data: bytes) -> Evidence:
-        if report[REPORT_DATA_OFFSET : REPORT_DATA_OFFSET + 64] != report_data:
-            raise TeeUnavailable("the SEV-SNP report does not carry the requested report data")
+        report = checked_report(report, report_data)
         certs = parse_cert_table(auxblob) if auxblob else {}
         collateral = collateral_from_certs(certs)
         if self._kds is not None:  # the host provided no VCEK: ask AMD KDS

@@ -22,9 +22,7 @@ from blindfold.server.tee.pcs import (
     INTEL_PCS_URL,
     CollateralCache,
     Fetch,
-    pck_chain_pem_from_quote,
-    pck_info,
-    report_data_of_quote,
+    read_quote,
     urllib_fetch,
 )
 
@@ -83,7 +81,7 @@ class GramineSgxProvider:
         with self._lock:
             (self.root / "user_report_data").write_bytes(report_data)
             quote = (self.root / "quote").read_bytes()
-        if report_data_of_quote(quote) != report_data:
+        if read_quote(quote, self.kind)[0].report_data != report_data:
             raise TeeUnavailable(
                 f"the quote read from {self.root / 'quote'} does not carry the report data "
                 "just written; another process inside the enclave may be using "
@@ -93,7 +91,7 @@ class GramineSgxProvider:
 
     def evidence(self, report_data: bytes) -> Evidence:
         quote = self.quote(report_data)
-        collateral = self._collateral.get(pck_info(pck_chain_pem_from_quote(quote)))
+        collateral = self._collateral.get(read_quote(quote, self.kind)[1])
         return Evidence(self.kind, quote, dict(collateral.files))
 
     def collateral_valid_until(self) -> int | None:

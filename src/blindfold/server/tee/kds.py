@@ -4,7 +4,7 @@ host did not provision certificates (no extended report, or an empty certificate
 This module owns the KDS URL layout and the VCEK cache. A VCEK is public: it is fetched from
 `{base}/vcek/v1/{product}/{chip_id hex}?blSPL=..&teeSPL=..&snpSPL=..&ucodeSPL=..` (the
 report's CHIP_ID and REPORTED_TCB), kept in memory, and, with a cache folder, on disk under
-the name `blindfold.attestation.sevsnp` looks up (`vcek_cache_name`). Neither KDS nor the
+the name clients look up (`formats.snp.vcek_cache_name`). Neither KDS nor the
 cache is trusted: a VCEK is used only once the report it must endorse verifies under it and
 its chain reaches the AMD root bundled with Blindfold, exactly as clients check it. A cached
 copy that does not verify is fetched again.
@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from blindfold.attestation import sevsnp
+from blindfold.attestation.formats import collateral_files as files
+from blindfold.attestation.formats import snp
 from blindfold.errors import EvidenceError
 from blindfold.server.tee.errors import TeeUnavailable
 from blindfold.server.tee.pcs import Fetch, urllib_fetch
@@ -56,14 +58,17 @@ class KdsVcekFetcher:
     def complete(self, report: bytes, collateral: dict[str, bytes]) -> dict[str, bytes]:
         """The collateral, with this chip's VCEK added when the host provided no endorsement
         key (clients then use the bundled ASK/ARK)."""
-        if "vcek.der" in collateral or "vlek.der" in collateral:
+        if files.VCEK in collateral or files.VLEK in collateral:
             return collateral
-        return {**collateral, "vcek.der": self.vcek(report)}
+        return {**collateral, files.VCEK: self.vcek(report)}
 
     def vcek(self, report: bytes) -> bytes:
         """DER of the VCEK for this report's chip and TCB; TeeUnavailable if none verifies."""
-        parsed = sevsnp.parse_report(report)
-        name = sevsnp.vcek_cache_name(parsed.chip_id, parsed.reported_tcb)
+        try:
+            parsed = snp.parse_report(report)
+        except EvidenceError as exc:
+            raise TeeUnavailable(f"the SEV-SNP report is malformed ({exc})") from None
+        name = snp.vcek_cache_name(parsed.chip_id, parsed.reported_tcb)
         with self._lock:
             known = self._memory.get(name)
             if known is not None:
@@ -79,18 +84,16 @@ class KdsVcekFetcher:
 
     def _endorses(self, vcek: bytes, report: bytes) -> bool:
         try:
-            sevsnp.verify(report, {"vcek.der": vcek}, int(self._now()))
+            sevsnp.verify(report, {files.VCEK: vcek}, int(self._now()))
         except EvidenceError as exc:
             logger.warning("a VCEK from cache or AMD KDS does not verify this report: %s", exc)
             return False
         return True
 
-    def _download(self, parsed: sevsnp.Report, report: bytes) -> bytes:
-        tcb = parsed.reported_tcb
-        query = f"blSPL={tcb.bootloader}&teeSPL={tcb.tee}&snpSPL={tcb.snp}&ucodeSPL={tcb.microcode}"
+    def _download(self, parsed: snp.Report, report: bytes) -> bytes:
         problems: list[str] = []
         for product in self._products:
-            url = f"{self.base_url}/vcek/v1/{product}/{parsed.chip_id.hex()}?{query}"
+            url = self.base_url + snp.kds_vcek_path(product, parsed.chip_id, parsed.reported_tcb)
             try:
                 body, _ = self._fetch(url)
             except urllib.error.HTTPError as exc:

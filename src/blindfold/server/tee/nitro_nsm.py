@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
-from cryptography import x509
 
+from blindfold.attestation.formats import nitro
 from blindfold.attestation.verdict import Evidence
+from blindfold.errors import EvidenceError
 from blindfold.server.tee.errors import TeeUnavailable
 
 NSM_MAGIC = 0x0A
@@ -68,18 +69,15 @@ def decode_attestation_response(data: bytes) -> bytes:
     raise TeeUnavailable(f"unexpected NSM response {type(response).__name__}")
 
 
-def document_valid_until(document: bytes) -> int | None:
+def document_valid_until(document: bytes) -> int:
     """notAfter of the enclave's leaf certificate inside an attestation document (about 3
-    hours after issue), so the server knows when to ask for a fresh one."""
+    hours after issue), so the server knows when to ask for a fresh one. The document is
+    read as clients read it (`formats.nitro`); one they would refuse is refused here."""
     try:
-        cose: Any = cbor2.loads(document)
-        if isinstance(cose, cbor2.CBORTag):
-            cose = cose.value
-        payload: Any = cbor2.loads(cose[2])
-        cert = x509.load_der_x509_certificate(payload["certificate"])
-    except (cbor2.CBORDecodeError, ValueError, KeyError, IndexError, TypeError):
-        return None
-    return int(cert.not_valid_after_utc.timestamp())
+        _envelope, doc = nitro.decode(document)
+        return int(nitro.leaf_certificate(doc).not_valid_after_utc.timestamp())
+    except EvidenceError as exc:
+        raise TeeUnavailable(f"the NSM returned a document clients refuse ({exc})") from None
 
 
 def missing_device_error(device: Path) -> TeeUnavailable:

@@ -2,7 +2,8 @@
 
 This module owns the binary interface of include/uapi/linux/sev-guest.h (SNP_GET_REPORT,
 SNP_GET_EXT_REPORT, SNP_GET_DERIVED_KEY), the firmware response framing of the SNP ABI
-(MSG_REPORT_RSP, MSG_KEY_RSP) and the GHCB certificate table that carries VCEK/ASK/ARK.
+(MSG_REPORT_RSP, MSG_KEY_RSP). The report itself and the GHCB certificate table that
+carries VCEK/ASK/ARK are read by `attestation.formats.snp`, as clients read them.
 Packing and parsing are pure functions so they can be tested without the device.
 """
 
@@ -13,13 +14,15 @@ import fcntl
 import os
 import struct
 import threading
-import uuid
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from blindfold.attestation.formats import collateral_files as files
+from blindfold.attestation.formats import snp
 from blindfold.attestation.verdict import Evidence
+from blindfold.errors import EvidenceError
 from blindfold.server.tee.errors import TeeUnavailable
 from blindfold.server.tee.gramine import derive_sealing_key
 from blindfold.server.tee.kds import KdsVcekFetcher
@@ -40,8 +43,6 @@ SNP_GET_EXT_REPORT = _iowr(ord("S"), 0x2, GUEST_REQUEST_SIZE)
 MSG_VERSION = 1
 REPORT_RESP_SIZE = 4000  # struct snp_report_resp
 DERIVED_KEY_RESP_SIZE = 64  # struct snp_derived_key_resp
-ATTESTATION_REPORT_SIZE = 1184
-REPORT_DATA_OFFSET = 0x50
 PAGE_SIZE = 4096
 SNP_GUEST_VMM_ERR_INVALID_LEN = 1
 
@@ -56,14 +57,6 @@ ROOT_KEY_VCEK = 0
 # The sealing key must differ for any other launch measurement, and for the same image
 # launched under a weaker policy (e.g. debug allowed), so both are mixed in.
 SEALING_FIELDS = FIELD_GUEST_POLICY | FIELD_MEASUREMENT
-
-# GHCB spec, "SNP Extended Guest Request": certificate table GUIDs.
-GUID_VCEK = uuid.UUID("63da758d-e664-4564-adc5-f4b93be8accd")
-GUID_VLEK = uuid.UUID("a8074bc2-a25a-483e-aae6-39c045a0b8a1")
-GUID_ASK = uuid.UUID("4ab7b379-bbac-4fe4-a02f-05aef327c782")
-GUID_ARK = uuid.UUID("c0b406a4-a803-4952-9743-3fb6014cd0ae")
-_CERT_NAMES = {GUID_VCEK: "vcek", GUID_VLEK: "vlek", GUID_ASK: "ask", GUID_ARK: "ark"}
-_CERT_ENTRY = struct.Struct("<16sII")
 
 
 class SevGuestError(TeeUnavailable):
@@ -129,7 +122,7 @@ def parse_report_resp(resp: bytes) -> bytes:
             f"SEV-SNP firmware refused the report request (status {status:#x}); "
             "status 0x16 means invalid parameters (e.g. VMPL)"
         )
-    if size != ATTESTATION_REPORT_SIZE or 32 + size > len(resp):
+    if size != snp.REPORT_SIZE or 32 + size > len(resp):
         raise SevGuestError(f"SEV-SNP firmware returned a report of {size} bytes, expected 1184")
     return bytes(resp[32 : 32 + size])
 
@@ -145,31 +138,25 @@ def parse_derived_key_resp(resp: bytes) -> bytes:
     return bytes(resp[32:64])
 
 
-def _guid(raw: bytes) -> uuid.UUID:
-    # The GHCB table stores GUIDs in RFC 4122 byte order (libuuid's uuid_parse, as the
-    # AMD host tools write them); accept the mixed-endian EFI order too.
-    direct = uuid.UUID(bytes=raw)
-    return direct if direct in _CERT_NAMES else uuid.UUID(bytes_le=raw)
-
-
 def parse_cert_table(blob: bytes) -> dict[str, bytes]:
-    """Certificates of an extended report, by name ("vcek", "vlek", "ask", "ark", or the GUID),
-    from the GHCB table { guid[16]; u32 offset; u32 length; }... ended by an all-zero entry."""
-    certs: dict[str, bytes] = {}
-    for start in range(0, len(blob) - _CERT_ENTRY.size + 1, _CERT_ENTRY.size):
-        raw, offset, length = _CERT_ENTRY.unpack_from(blob, start)
-        if raw == bytes(16) and offset == 0 and length == 0:
-            return certs
-        if offset + length > len(blob):
-            raise SevGuestError(
-                f"the SEV-SNP certificate table points past its blob ({offset}+{length} > "
-                f"{len(blob)}); the host's certificate configuration is corrupt"
-            )
-        guid = _guid(raw)
-        certs[_CERT_NAMES.get(guid, str(guid))] = bytes(blob[offset : offset + length])
-    if blob.strip(b"\x00"):
-        raise SevGuestError("the SEV-SNP certificate table has no terminating entry")
-    return certs
+    """The certificates the host attached to an extended report (`formats.snp`)."""
+    try:
+        return snp.parse_cert_table(blob)
+    except EvidenceError as exc:
+        raise SevGuestError(str(exc)) from None
+
+
+def checked_report(report: bytes, report_data: bytes) -> bytes:
+    """The report, once it parses as clients parse it and carries `report_data`."""
+    try:
+        parsed = snp.parse_report(report)
+    except EvidenceError as exc:
+        raise SevGuestError(
+            f"the SEV-SNP firmware returned a report clients refuse ({exc})"
+        ) from None
+    if parsed.report_data != report_data:
+        raise SevGuestError("the SEV-SNP report does not carry the requested report data")
+    return report
 
 
 def collateral_from_certs(certs: dict[str, bytes]) -> dict[str, bytes]:
@@ -177,10 +164,10 @@ def collateral_from_certs(certs: dict[str, bytes]) -> dict[str, bytes]:
     collateral: dict[str, bytes] = {}
     endorsement = certs.get("vcek") or certs.get("vlek")
     if endorsement:
-        collateral["vlek.der" if "vcek" not in certs else "vcek.der"] = endorsement
+        collateral[files.VLEK if "vcek" not in certs else files.VCEK] = endorsement
     chain = [certs[name] for name in ("ask", "ark") if certs.get(name)]
     if chain:
-        collateral["ask_ark.pem"] = b"".join(
+        collateral[files.ASK_ARK] = b"".join(
             x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM) for der in chain
         )
     return collateral
@@ -256,8 +243,7 @@ class SevGuestProvider:
         except SevGuestError:
             # Hosts without extended-report support: plain report, VCEK from AMD KDS.
             report, certs = self.report(report_data), {}
-        if report[REPORT_DATA_OFFSET : REPORT_DATA_OFFSET + 64] != report_data:
-            raise SevGuestError("the SEV-SNP report does not carry the requested report data")
+        report = checked_report(report, report_data)
         collateral = collateral_from_certs(certs)
         if self._kds is not None:
             collateral = self._kds.complete(report, collateral)
