@@ -27,10 +27,10 @@ from blindfold.server import admission, oip
 from blindfold.server.admission import BodyBudget, read_body
 from blindfold.server.identity import ServerIdentity
 from blindfold.server.limits import Limits
-from blindfold.server.models import ModelEntry
+from blindfold.server.models import OWNER_SECRET_HEADER, ModelEntry
 from blindfold.server.pools import Pools
 from blindfold.server.runtime import InferenceRunner, Session
-from blindfold.server.service import LoadResult, ModelService
+from blindfold.server.service import LoadCredentials, LoadResult, ModelService
 
 logger = logging.getLogger("blindfold.server")
 JSON_SLACK = 1 << 20  # room for JSON framing around base64 model bytes
@@ -77,6 +77,23 @@ def bearer_token(request: Request) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         raise RequestRejected(401, "the Authorization header must be 'Bearer <token>'")
     return token.strip()
+
+
+def owner_secret_header(request: Request) -> str | None:
+    """The owner token a client chose for the model it loads (`X-Blindfold-Owner-Token`)."""
+    value = request.headers.get(OWNER_SECRET_HEADER)
+    if value is None:
+        return None
+    if not value.strip():
+        raise RequestRejected(400, f"the {OWNER_SECRET_HEADER} header is empty")
+    return value.strip()
+
+
+def load_credentials(request: Request) -> LoadCredentials:
+    """Authorizes a load from its headers alone, before any byte of its body is read."""
+    name = request.path_params["name"]
+    service = state_of(request).service
+    return service.authorize_load(name, bearer_token(request), owner_secret_header(request))
 
 
 def state_of(request: Request) -> ServerState:
@@ -330,10 +347,9 @@ async def repository_index(request: Request) -> Response:
 async def repository_load(request: Request) -> Response:
     state = state_of(request)
     name = request.path_params["name"]
-    token = bearer_token(request)
     limits = state.service.limits
     # Authorized from the headers: a body the server would refuse is never read.
-    state.service.authorize_load(name, token)
+    credentials = load_credentials(request)
     state.service.registry.check_capacity(name)
     # New models are restricted unless the owner opts in: `?public=true` (any client, also
     # tritonclient's load_model(query_params=...)) or Triton's load parameter "public".
@@ -362,7 +378,14 @@ async def repository_load(request: Request) -> Response:
         public = public if parameter is None else parameter
         del body
         hasher = await state.pools.loading.call(hashlib.sha256, data)
-    result = await state.service.load(name, data, token, public=public, sha256=hasher.hexdigest())
+    result = await state.service.load(
+        name,
+        data,
+        credentials.token,
+        public=public,
+        sha256=hasher.hexdigest(),
+        owner_secret=credentials.owner_secret,
+    )
     return _load_answer(name, result)
 
 
@@ -376,6 +399,8 @@ def _load_answer(name: str, result: LoadResult) -> Response:
     }
     if result.owner_token is not None:
         answer["owner_token"] = result.owner_token
+    if result.owner_chosen:  # the client's own secret: never echoed
+        answer["owner_token_chosen"] = True
     return JSONResponse(answer)
 
 
@@ -414,7 +439,7 @@ async def repository_load_encrypted(request: Request) -> Response:
     name = request.path_params["name"]
     # Authorized before reading the body or touching the host's disk, so no one without
     # upload rights can even learn whether a path exists.
-    state.service.authorize_load(name, bearer_token(request))
+    credentials = load_credentials(request)
     body = await read_body(request, state.body_budget, 1 << 16, "request", "fixed")
     advice = (
         'send {"path": "<file on the server>", "key": <key file JSON from blindfold encrypt-model>}'
@@ -439,7 +464,11 @@ async def repository_load_encrypted(request: Request) -> Response:
     except SealError as exc:
         raise RequestRejected(400, f"cannot decrypt {str(path)!r}: {exc}") from None
     result = await state.service.load(
-        name, data, bearer_token(request), public=public if isinstance(public, bool) else None
+        name,
+        data,
+        credentials.token,
+        public=public if isinstance(public, bool) else None,
+        owner_secret=credentials.owner_secret,
     )
     return _load_answer(name, result)
 
