@@ -25,6 +25,7 @@ from blindfold.errors import (
     ReportDataMismatch,
     ServerError,
     SimulationNotAllowed,
+    SimulationWarning,
 )
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "ReportDataMismatch",
     "ServerError",
     "SimulationNotAllowed",
+    "SimulationWarning",
     "UploadedModel",
     "connect",
 ]

@@ -49,6 +49,12 @@ class SimulationNotAllowed(AttestationError):
     opt in with allow_simulation=True."""
 
 
+class SimulationWarning(UserWarning):
+    """Warned (not raised) when a client accepts a simulation TEE it opted into: nothing
+    protects the data. Library users filter it by this category; the CLI prints it as one
+    line."""
+
+
 class ReportDataMismatch(AttestationError):
     """The evidence does not bind the certificate the server presents (or not the nonce the
     client sent): someone may be relaying another server's evidence."""

@@ -14,7 +14,12 @@ from blindfold.attestation.binding import expected_report_data
 from blindfold.attestation.policy import Policy
 from blindfold.attestation.simulation import WARNING
 from blindfold.attestation.verdict import TEE_KINDS, Evidence, Verdict
-from blindfold.errors import EvidenceError, ReportDataMismatch, SimulationNotAllowed
+from blindfold.errors import (
+    EvidenceError,
+    ReportDataMismatch,
+    SimulationNotAllowed,
+    SimulationWarning,
+)
 
 _VERIFIER_MODULES = {
     "simulation": "blindfold.attestation.simulation",
@@ -59,7 +64,7 @@ def verify_server_evidence(
     if verdict.kind == "simulation":
         import warnings
 
-        warnings.warn(WARNING, stacklevel=3)
+        warnings.warn(WARNING, SimulationWarning, stacklevel=3)
     return verdict
 
 

@@ -23,13 +23,15 @@ from blindfold.attestation.deployment import Endorsement
 from blindfold.errors import ConfigurationError, EvidenceError, RequestRejected, SealError
 from blindfold.receipts import ReceiptSigner
 from blindfold.sealing import ModelKey, decrypt_model_file
-from blindfold.server import admission, oip
+from blindfold.server import admission, logs, oip
 from blindfold.server.admission import BodyBudget, read_body
 from blindfold.server.identity import ServerIdentity
 from blindfold.server.limits import Limits
+from blindfold.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from blindfold.server.metrics import LoadedModel, Metrics, Snapshot
 from blindfold.server.models import OWNER_SECRET_HEADER, ModelEntry
 from blindfold.server.pools import Pools
-from blindfold.server.runtime import InferenceRunner, Session
+from blindfold.server.runtime import InferenceRunner, RunTiming, Session
 from blindfold.server.service import LoadCredentials, LoadResult, ModelService
 
 logger = logging.getLogger("blindfold.server")
@@ -65,8 +67,24 @@ class ServerState:
         self.pools = pools or Pools()
         self.body_budget = BodyBudget(service.limits.inflight_body_bytes())
         self.started = time.time()
-        self.inferences = 0
-        self.rejected_requests = 0
+        self.metrics = Metrics(self.snapshot)
+
+    def snapshot(self) -> Snapshot:
+        """What the metrics' live gauges read at each scrape."""
+        registry = self.service.registry
+        provider = self.identity.provider
+        return Snapshot(
+            tee_kind=provider.kind,
+            started=self.started,
+            models=[
+                LoadedModel(e.name, e.public, e.session.admitted_memory) for e in registry.entries()
+            ],
+            unavailable_models=len(registry.unavailable),
+            sessions=registry.session_count(),
+            memory_budget_bytes=self.runner.budget.limit,
+            collateral_valid_until=provider.collateral_valid_until(),
+            evidence_made_at=self.identity.standing_made_at,
+        )
 
 
 def bearer_token(request: Request) -> str | None:
@@ -96,6 +114,14 @@ def load_credentials(request: Request) -> LoadCredentials:
     return service.authorize_load(name, bearer_token(request), owner_secret_header(request))
 
 
+def received_bytes(request: Request) -> int:
+    """A request's body size as declared (for the metrics; 0 when absent or malformed)."""
+    try:
+        return admission.declared_length(request) or 0
+    except RequestRejected:
+        return 0
+
+
 def state_of(request: Request) -> ServerState:
     state: ServerState = request.app.state.blindfold
     return state
@@ -123,21 +149,9 @@ async def ready(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus text format; counts only, never names of tensors or their contents."""
-    state = state_of(request)
-    provider = state.identity.provider
-    lines = [
-        f'blindfold_tee_info{{kind="{provider.kind}"}} 1',
-        f"blindfold_uptime_seconds {time.time() - state.started:.0f}",
-        f"blindfold_models {len(state.service.registry.entries())}",
-        f"blindfold_sessions {state.service.registry.session_count()}",
-        f"blindfold_inferences_total {state.inferences}",
-        f"blindfold_rejected_requests_total {state.rejected_requests}",
-    ]
-    valid_until = provider.collateral_valid_until()
-    if valid_until is not None:
-        lines.append(f"blindfold_collateral_seconds_remaining {valid_until - time.time():.0f}")
-    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    """Prometheus text format (server/metrics.py): never tensor contents, tokens, or the
+    names of restricted models."""
+    return Response(state_of(request).metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
 async def server_metadata(request: Request) -> Response:
@@ -169,7 +183,14 @@ async def attestation(request: Request) -> Response:
         if len(nonce) != 32:
             raise RequestRejected(400, "nonce must be 64 hex characters (32 bytes)")
     # Its own pool: a client attests even while every inference slot is busy.
-    document = await state.pools.attestation.call(state.identity.attestation, nonce)
+    counted = state.metrics.attestations.labels("fresh" if nonce else "standing", "ok")
+    try:
+        document = await state.pools.attestation.call(state.identity.attestation, nonce)
+    except BaseException:
+        counted = state.metrics.attestations.labels("fresh" if nonce else "standing", "failed")
+        raise
+    finally:
+        counted.inc()
     return JSONResponse(document.to_json())
 
 
@@ -207,9 +228,11 @@ def _metadata(entry: ModelEntry) -> dict[str, Any]:
 
 def _resolve(request: Request) -> ModelEntry:
     params = request.path_params
-    return state_of(request).service.registry.get_for_run(
+    entry = state_of(request).service.registry.get_for_run(
         params["name"], params.get("version"), bearer_token(request)
     )
+    logs.request_model.set((entry.name, entry.sha256))
+    return entry
 
 
 async def model_metadata(request: Request) -> Response:
@@ -227,6 +250,13 @@ async def model_ready(request: Request) -> Response:
 async def infer(request: Request) -> Response:
     state = state_of(request)
     entry = _resolve(request)
+    with state.metrics.inference(entry.name, entry.public) as timing:
+        return await _infer(request, state, entry, timing)
+
+
+async def _infer(
+    request: Request, state: ServerState, entry: ModelEntry, timing: RunTiming
+) -> Response:
     limits = state.service.limits
     header_length = request.headers.get(oip.HEADER_LENGTH)
     admission.refuse_if_larger(request, limits.max_request_bytes, "request", "--max-request-bytes")
@@ -240,8 +270,7 @@ async def infer(request: Request) -> Response:
         parsed, names = _decode(body, header_length, limits, session)
     else:
         parsed, names = await state.pools.codec.call(_decode, body, header_length, limits, session)
-    results = await state.runner.run(session, names, dict(parsed.inputs))
-    state.inferences += 1
+    results = await state.runner.run(session, names, dict(parsed.inputs), timing)
     outputs = dict(zip(names, results, strict=True))
     quick = _encodes_quickly(parsed, outputs)
     parameters: dict[str, Any] = {"model_sha256": entry.sha256}
@@ -544,7 +573,6 @@ async def revoke_run_key(request: Request) -> Response:
 
 async def rejected(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestRejected)
-    state_of(request).rejected_requests += 1
     headers = dict(exc.headers)
     if await admission.must_close(request):
         headers["Connection"] = "close"
@@ -574,8 +602,26 @@ def _guarded(route: Route) -> Route:
     """Turns every exception into an `{"error": ...}` answer here, because Starlette's own
     fallback re-raises and the server would log a traceback that may quote request data."""
     handler = route.endpoint
+    template = route.path
 
     async def endpoint(request: Request) -> Response:
+        started = time.perf_counter()
+        rid = logs.choose_request_id(request.headers.get(logs.REQUEST_ID_HEADER))
+        logs.request_id.set(rid)  # each request runs in its own task: its own context
+        logs.request_model.set(None)
+        response = await _answer(request)
+        response.headers[logs.REQUEST_ID_HEADER] = rid
+        state_of(request).metrics.request(
+            template,
+            request.method,
+            response.status_code,
+            time.perf_counter() - started,
+            received_bytes(request),
+            len(response.body),
+        )
+        return response
+
+    async def _answer(request: Request) -> Response:
         try:
             response: Response = await handler(request)
             if await admission.must_close(request):

@@ -448,7 +448,13 @@ class ModelService:
             if self.registry.session_for(sha256) is not session:
                 session.close()  # made for this upload only: end its worker
             raise
-        logger.info("model %r version %d loaded (sha256 %s)", name, entry.version, sha256)
+        logger.info(
+            "model %r version %d loaded (sha256 %s)",
+            name,
+            entry.version,
+            sha256,
+            extra={"model": name, "model_sha256": sha256},
+        )
         chosen = owner_token is not None and owner_token == owner_secret
         return LoadResult(
             entry, None if chosen else owner_token, existing is not None, owner_chosen=chosen
@@ -562,7 +568,9 @@ class ModelService:
             else:
                 self.require_owner(current, token, "unload")
             self._remove(current)
-        logger.info("model %r unloaded", name)
+        logger.info(
+            "model %r unloaded", name, extra={"model": name, "model_sha256": current.sha256}
+        )
         return current
 
     def unload_unowned(self, name: str) -> ModelEntry | UnavailableModel:
