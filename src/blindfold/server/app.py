@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import importlib.resources
 import logging
 import re
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -152,6 +154,15 @@ async def metrics(request: Request) -> Response:
     """Prometheus text format (server/metrics.py): never tensor contents, tokens, or the
     names of restricted models."""
     return Response(state_of(request).metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+# The API's OpenAPI 3.1 description, kept beside this module (a test checks that it names
+# every route below, and validates the server against it).
+OPENAPI = importlib.resources.files("blindfold.server").joinpath("openapi.json").read_bytes()
+
+
+async def openapi(request: Request) -> Response:
+    return Response(OPENAPI, media_type="application/json")
 
 
 async def server_metadata(request: Request) -> Response:
@@ -650,6 +661,7 @@ ROUTES = [
     Route("/v2/health/ready", ready),
     Route("/v2", server_metadata),
     Route("/metrics", metrics),
+    Route("/openapi.json", openapi),
     Route("/v2/attestation", attestation),
     Route("/v2/deployment/endorsement", endorse_deployment, methods=["POST"]),
     Route(MODEL, model_metadata),
@@ -668,7 +680,24 @@ ROUTES = [
 ]
 
 
+async def no_route(request: Request, exc: Exception) -> Response:
+    """Starlette's own answers (no such route, or method) as JSON errors like all others."""
+    assert isinstance(exc, HTTPException)
+    what = "no such route" if exc.status_code == 404 else exc.detail
+    response = JSONResponse(
+        {"error": f"{what}; the routes are described at GET /openapi.json"},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+    response.headers[logs.REQUEST_ID_HEADER] = logs.choose_request_id(
+        request.headers.get(logs.REQUEST_ID_HEADER)
+    )
+    return response
+
+
 def create_app(state: ServerState) -> Starlette:
-    app = Starlette(routes=[_guarded(route) for route in ROUTES])
+    app = Starlette(
+        routes=[_guarded(route) for route in ROUTES], exception_handlers={HTTPException: no_route}
+    )
     app.state.blindfold = state
     return app
