@@ -194,14 +194,12 @@ async def attestation(request: Request) -> Response:
         if len(nonce) != 32:
             raise RequestRejected(400, "nonce must be 64 hex characters (32 bytes)")
     # Its own pool: a client attests even while every inference slot is busy.
-    counted = state.metrics.attestations.labels("fresh" if nonce else "standing", "ok")
+    outcome = "failed"
     try:
         document = await state.pools.attestation.call(state.identity.attestation, nonce)
-    except BaseException:
-        counted = state.metrics.attestations.labels("fresh" if nonce else "standing", "failed")
-        raise
+        outcome = "ok"
     finally:
-        counted.inc()
+        state.metrics.attestations.labels("fresh" if nonce else "standing", outcome).inc()
     return JSONResponse(document.to_json())
 
 
@@ -618,8 +616,7 @@ def _guarded(route: Route) -> Route:
     async def endpoint(request: Request) -> Response:
         started = time.perf_counter()
         rid = logs.choose_request_id(request.headers.get(logs.REQUEST_ID_HEADER))
-        logs.request_id.set(rid)  # each request runs in its own task: its own context
-        logs.request_model.set(None)
+        logs.request_id.set(rid)  # uvicorn runs each request in its own task and context
         response = await _answer(request)
         response.headers[logs.REQUEST_ID_HEADER] = rid
         state_of(request).metrics.request(
