@@ -168,3 +168,18 @@ def test_json_logs_request_ids_and_no_secrets(json_server: ServerProcess) -> Non
     text = json_server.log()
     for secret in (key, owner, wrong, uploaded.owner_token, BYTES_SENTINEL, "8765.43"):
         assert secret not in text
+
+
+def test_sdk_token_becomes_the_owner_token_on_open_uploads(
+    metrics_server: ServerProcess,
+) -> None:
+    """On an open server a Client's token owns what it uploads: the server says so without
+    echoing it, the SDK reports it as the owner token, and another client cannot delete it."""
+    mine = secrets.token_urlsafe(32)
+    with connect(metrics_server, token=mine) as client:
+        uploaded = client.upload_model(identity_model(TensorProto.FLOAT, name="o"), "sdk-owned")
+        assert uploaded.owner_token == mine
+        with connect(metrics_server, token=secrets.token_urlsafe(32)) as other:
+            with pytest.raises(blindfold.BlindfoldError):
+                other.delete_model("sdk-owned")
+        client.delete_model("sdk-owned")
