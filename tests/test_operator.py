@@ -8,6 +8,7 @@ import json
 import secrets
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +184,22 @@ def test_sdk_token_becomes_the_owner_token_on_open_uploads(
             with pytest.raises(blindfold.BlindfoldError):
                 other.delete_model("sdk-owned")
         client.delete_model("sdk-owned")
+
+
+def test_an_upload_key_never_becomes_an_owner_token(tmp_path: Path) -> None:
+    """Open uploads beside upload keys: a load carrying a (team-shared) upload key gets an
+    owner token of its own, so other holders of the key cannot unload the model."""
+    key = f"team-upload-key-{secrets.token_urlsafe(24)}"
+    (tmp_path / "keys.txt").write_text(key + "\n")
+    process = start_server(
+        tmp_path, "--open-upload", "--upload-key-file", str(tmp_path / "keys.txt")
+    )
+    try:
+        with connect(process, token=key) as alice, connect(process, token=key) as bob:
+            uploaded = alice.upload_model(identity_model(TensorProto.FLOAT, name="t"), "team")
+            assert uploaded.owner_token and uploaded.owner_token != key
+            with pytest.raises(blindfold.BlindfoldError):
+                bob.delete_model("team")
+            alice.delete_model("team")
+    finally:
+        process.stop()

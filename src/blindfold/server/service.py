@@ -229,7 +229,8 @@ class ModelService:
             check_owner_secret(owner_header)
             self._require_upload_key(bearer)
             return LoadCredentials(bearer, owner_header)
-        if self._open_upload and bearer is not None:
+        if self._open_upload and bearer is not None and not self._is_upload_key(bearer):
+            # (An upload key, shared by a team, never becomes an owner token.)
             check_owner_secret(bearer)
             return LoadCredentials(bearer, bearer)
         self._require_upload_key(bearer)
@@ -250,8 +251,9 @@ class ModelService:
         return None
 
     def _is_uploader(self, token: str | None) -> bool:
-        if self._open_upload:
-            return True
+        return self._open_upload or self._is_upload_key(token)
+
+    def _is_upload_key(self, token: str | None) -> bool:
         if token is None:
             return False
         digest = token_hash(token)
