@@ -49,12 +49,6 @@ class SimulationNotAllowed(AttestationError):
     opt in with allow_simulation=True."""
 
 
-class SimulationWarning(UserWarning):
-    """Warned (not raised) when a client accepts a simulation TEE it opted into: nothing
-    protects the data. Library users filter it by this category; the CLI prints it as one
-    line."""
-
-
 class ReportDataMismatch(AttestationError):
     """The evidence does not bind the certificate the server presents (or not the nonce the
     client sent): someone may be relaying another server's evidence."""
@@ -125,6 +119,12 @@ def server_error(status: int, message: str, *, method: str = "", path: str = "")
     elif status in (401, 403):
         cls = AuthenticationError
     return cls(status, message, method=method, path=path)
+
+
+class SimulationWarning(UserWarning):
+    """Warned whenever a client accepts simulation evidence (it was allowed to): no TEE
+    protects the data. Filter it by class, e.g.
+    `warnings.filterwarnings("ignore", category=blindfold.SimulationWarning)`."""
 
 
 class RequestRejected(BlindfoldError):
