@@ -633,9 +633,15 @@ def test_tensor_contents_never_appear_in_errors_or_logs(
 
 def test_rejections_are_counted(bad: blindfold.Client) -> None:
     def rejected() -> int:
+        from prometheus_client.parser import text_string_to_metric_families
+
         text = bad._transport.request("GET", "/metrics").body.decode()
-        line = next(x for x in text.splitlines() if x.startswith("blindfold_rejected_requests"))
-        return int(line.split()[1])
+        return sum(
+            int(sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "blindfold_requests_total" and sample.labels["code"].startswith("4")
+        )
 
     before = rejected()
     raw(bad, F32, b"{", {})

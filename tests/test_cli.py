@@ -18,6 +18,7 @@ import pytest
 from onnx import TensorProto
 
 import blindfold
+from blindfold.attestation.simulation import WARNING as SIMULATION_WARNING
 from blindfold.attestation.simulation import measure_package
 
 from conftest import ServerProcess
@@ -85,6 +86,23 @@ def test_policy_init_then_attest(url: str, tmp_path: Path) -> None:
     assert HEX64.match(verdict["public_key_sha256"])
     assert len(verdict["nonce"]) == 64  # a fresh nonce was bound into the evidence
     assert "SIMULATION" in result.stderr  # the loud warning
+
+
+def test_simulation_warning_is_one_clean_line(url: str) -> None:
+    """The CLI prints the SDK's simulation warning as one line, not as a Python warning
+    with its category, file and source line."""
+    result = cli("attest", url, "--allow-simulation")
+    lines = result.stderr.splitlines()
+    assert lines == [f"WARNING: {SIMULATION_WARNING}"], result.stderr
+
+
+def test_library_users_can_filter_the_simulation_warning(url: str) -> None:
+    with pytest.warns(blindfold.SimulationWarning, match="SIMULATION TEE"):
+        blindfold.connect(url, allow_simulation=True).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=blindfold.SimulationWarning)
+        blindfold.connect(url, allow_simulation=True).close()
 
 
 def test_attest_refuses_simulation_without_opt_in(url: str, tmp_path: Path) -> None:

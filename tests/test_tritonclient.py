@@ -278,3 +278,129 @@ def test_ca_environment_does_not_make_tritonclient_trust_a_proxy(
         assert proxy.seen() == []
     finally:
         proxy.close()
+
+
+# --- tritonclient users choose their owner token (load_model discards the answer's body) ---
+
+
+def owner_secret() -> str:
+    import secrets
+
+    return secrets.token_urlsafe(32)
+
+
+def load_with(
+    client: tritonclient_http.InferenceServerClient, name: str, headers: dict[str, str]
+) -> None:
+    client.load_model(
+        name,
+        config=config_for(name),
+        files={"file:1/model.onnx": model_bytes(identity_model(TensorProto.FLOAT, name=name))},
+        headers=headers,
+    )
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def infer_ones(
+    client: tritonclient_http.InferenceServerClient, name: str, headers: dict[str, str] | None
+) -> np.ndarray:
+    tensor = tritonclient_http.InferInput("x", [1, 3], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 3), np.float32), binary_data=True)
+    result = client.infer(name, [tensor], headers=headers)
+    out = result.as_numpy("y")
+    assert out is not None
+    return out
+
+
+def test_open_upload_owner_secret_in_bearer(server: ServerProcess, open_cert: Path) -> None:
+    """Where uploads are open, the Bearer token of a load becomes the owner token: the
+    tritonclient user unloads its own model, and nobody else can unload or replace it."""
+    mine, theirs = owner_secret(), owner_secret()
+    with triton(server, open_cert) as client:
+        load_with(client, "owned-by-secret", bearer(mine))
+        np.testing.assert_array_equal(infer_ones(client, "owned-by-secret", bearer(mine)), 1)
+        # Restricted by default: invisible without the secret.
+        with pytest.raises(InferenceServerException):
+            infer_ones(client, "owned-by-secret", None)
+        # Another user (with their own secret, or none) can neither unload nor replace it.
+        errors = []
+        for headers in (None, bearer(theirs), {"X-Blindfold-Owner-Token": theirs}):
+            with pytest.raises(InferenceServerException) as refused:
+                client.unload_model("owned-by-secret", headers=headers)
+            errors.append(str(refused.value))
+            with pytest.raises(InferenceServerException) as refused:
+                load_with(client, "owned-by-secret", headers or {})
+            errors.append(str(refused.value))
+        assert any("403" in e or "owner token" in e for e in errors), errors
+        assert client.is_model_ready("owned-by-secret", headers=bearer(mine))
+        # The owner replaces and unloads it with the secret it chose.
+        load_with(client, "owned-by-secret", bearer(mine))
+        client.unload_model("owned-by-secret", headers=bearer(mine))
+        assert not client.is_model_ready("owned-by-secret", headers=bearer(mine))
+    assert not any(mine in e or theirs in e for e in errors)
+    assert mine not in server.log() and theirs not in server.log()
+    metrics = sdk(server)._transport.request("GET", "/metrics").body.decode()
+    assert mine not in metrics and theirs not in metrics
+
+
+def test_keyed_owner_secret_in_second_header(keyed_server: ServerProcess, keyed_cert: Path) -> None:
+    """With an upload key the Bearer header is the key, so the chosen owner token travels in
+    X-Blindfold-Owner-Token; the upload key (anyone's) then cannot unload the model."""
+    mine = owner_secret()
+    with triton(keyed_server, keyed_cert) as client:
+        load_with(
+            client,
+            "keyed-owned",
+            {**bearer(UPLOAD_KEYS[0]), "X-Blindfold-Owner-Token": mine},
+        )
+        np.testing.assert_array_equal(infer_ones(client, "keyed-owned", bearer(mine)), 1)
+        for key in UPLOAD_KEYS:
+            with pytest.raises(InferenceServerException):
+                client.unload_model("keyed-owned", headers=bearer(key))
+            # Another uploader, with its own chosen secret, cannot take the name over.
+            with pytest.raises(InferenceServerException):
+                load_with(
+                    client,
+                    "keyed-owned",
+                    {**bearer(key), "X-Blindfold-Owner-Token": owner_secret()},
+                )
+        # The owner replaces it with the upload key and the secret in the second header, or
+        # with the secret alone.
+        load_with(
+            client, "keyed-owned", {**bearer(UPLOAD_KEYS[1]), "X-Blindfold-Owner-Token": mine}
+        )
+        load_with(client, "keyed-owned", bearer(mine))
+        client.unload_model("keyed-owned", headers=bearer(mine))
+        assert not client.is_model_ready("keyed-owned", headers=bearer(mine))
+        # Without an upload key a chosen secret alone does not open uploads.
+        with pytest.raises(InferenceServerException) as refused:
+            load_with(client, "keyed-no-key", {"X-Blindfold-Owner-Token": owner_secret()})
+        assert "upload key" in str(refused.value)
+    assert mine not in keyed_server.log()
+
+
+@pytest.mark.parametrize(
+    "weak",
+    ["short-secret", "0123456789abcdef0123456789abcd", "a" * 64, "abababababababababababababab"],
+)
+def test_weak_owner_secret_refused(
+    server: ServerProcess, keyed_server: ServerProcess, open_cert: Path, keyed_cert: Path, weak: str
+) -> None:
+    """Fewer than 128 bits (by length and alphabet) or fewer than 8 distinct characters: a
+    clear 400 that does not quote the secret, and no model is loaded."""
+    cases = [
+        (server, open_cert, bearer(weak)),
+        (keyed_server, keyed_cert, {**bearer(UPLOAD_KEYS[0]), "X-Blindfold-Owner-Token": weak}),
+    ]
+    for process, cert, headers in cases:
+        with triton(process, cert) as client:
+            with pytest.raises(InferenceServerException) as refused:
+                load_with(client, "weak-secret", headers)
+            message = str(refused.value)
+            assert "too weak" in message and "128 random bits" in message, message
+            assert weak not in message
+            assert not client.is_model_ready("weak-secret", headers=bearer(weak))
+        assert weak not in process.log()

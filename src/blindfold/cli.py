@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             blindai_compat=args.blindai_compat,
             blindai_ports=_blindai_ports(args),
             unsafe_blindai_upload_without_key=args.unsafe_blindai_upload_without_key,
+            log_format=args.log_format,
         )
     )
     return 0
@@ -666,6 +668,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--access-log", action="store_true")
     serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="stderr log lines as text, or as JSON objects (timestamp, level, logger, message, "
+        "request_id, model, model_sha256); never payloads, tokens or tensor values",
+    )
+    serve.add_argument(
         "--store",
         type=Path,
         metavar="DIR",
@@ -880,8 +889,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning_as_one_line(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """The SDK warns library users with `warnings.warn` (they filter it by category); a
+    command-line user gets one line, without Python's file name and source line."""
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning_as_one_line
     try:
         code: int = args.handler(args)
         return code

@@ -75,12 +75,15 @@ class UploadedModel:
     public: bool
 
     @classmethod
-    def from_answer(cls, answer: dict[str, Any]) -> UploadedModel:
+    def from_answer(cls, answer: dict[str, Any], sent: str | None = None) -> UploadedModel:
+        # On a server with open uploads the token the client sent becomes the new model's
+        # owner token (the server says so and does not echo it).
+        owner = sent if answer.get("owner_token_chosen") else answer.get("owner_token")
         return cls(
             name=answer["name"],
             sha256=answer["sha256"],
             version=answer["version"],
-            owner_token=answer.get("owner_token"),
+            owner_token=owner,
             public=answer["public"],
         )
 
@@ -338,7 +341,7 @@ class Client:
             ).body
         )
         self._metadata.pop(name, None)
-        return self._remember(UploadedModel.from_answer(answer), sent)
+        return self._remember(UploadedModel.from_answer(answer, sent), sent)
 
     def delete_model(self, name: str, *, token: str | None = None) -> None:
         """Deletes (unloads) the model `name`. Needs its owner token: the one this Client
@@ -539,7 +542,7 @@ class Client:
             token=sent,
         )
         self._metadata.pop(name, None)
-        return self._remember(UploadedModel.from_answer(answer), sent)
+        return self._remember(UploadedModel.from_answer(answer, sent), sent)
 
     # --- deployment ---
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import importlib.resources
 import logging
 import re
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -23,15 +25,17 @@ from blindfold.attestation.deployment import Endorsement
 from blindfold.errors import ConfigurationError, EvidenceError, RequestRejected, SealError
 from blindfold.receipts import ReceiptSigner
 from blindfold.sealing import ModelKey, decrypt_model_file
-from blindfold.server import admission, oip
+from blindfold.server import admission, logs, oip
 from blindfold.server.admission import BodyBudget, read_body
 from blindfold.server.identity import ServerIdentity
 from blindfold.server.limits import Limits
-from blindfold.server.models import ModelEntry
+from blindfold.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from blindfold.server.metrics import LoadedModel, Metrics, Snapshot
+from blindfold.server.models import OWNER_SECRET_HEADER, ModelEntry
 from blindfold.server.pools import Pools
 from blindfold.server.responses import parts_response
-from blindfold.server.runtime import InferenceRunner, Session
-from blindfold.server.service import LoadResult, ModelService
+from blindfold.server.runtime import InferenceRunner, RunTiming, Session
+from blindfold.server.service import LoadCredentials, LoadResult, ModelService
 
 logger = logging.getLogger("blindfold.server")
 JSON_SLACK = 1 << 20  # room for JSON framing around base64 model bytes
@@ -66,8 +70,24 @@ class ServerState:
         self.pools = pools or Pools()
         self.body_budget = BodyBudget(service.limits.inflight_body_bytes())
         self.started = time.time()
-        self.inferences = 0
-        self.rejected_requests = 0
+        self.metrics = Metrics(self.snapshot)
+
+    def snapshot(self) -> Snapshot:
+        """What the metrics' live gauges read at each scrape."""
+        registry = self.service.registry
+        provider = self.identity.provider
+        return Snapshot(
+            tee_kind=provider.kind,
+            started=self.started,
+            models=[
+                LoadedModel(e.name, e.public, e.session.admitted_memory) for e in registry.entries()
+            ],
+            unavailable_models=len(registry.unavailable),
+            sessions=registry.session_count(),
+            memory_budget_bytes=self.runner.budget.limit,
+            collateral_valid_until=provider.collateral_valid_until(),
+            evidence_made_at=self.identity.standing_made_at,
+        )
 
 
 def bearer_token(request: Request) -> str | None:
@@ -78,6 +98,31 @@ def bearer_token(request: Request) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         raise RequestRejected(401, "the Authorization header must be 'Bearer <token>'")
     return token.strip()
+
+
+def owner_secret_header(request: Request) -> str | None:
+    """The owner token a client chose for the model it loads (`X-Blindfold-Owner-Token`)."""
+    value = request.headers.get(OWNER_SECRET_HEADER)
+    if value is None:
+        return None
+    if not value.strip():
+        raise RequestRejected(400, f"the {OWNER_SECRET_HEADER} header is empty")
+    return value.strip()
+
+
+def load_credentials(request: Request) -> LoadCredentials:
+    """Authorizes a load from its headers alone, before any byte of its body is read."""
+    name = request.path_params["name"]
+    service = state_of(request).service
+    return service.authorize_load(name, bearer_token(request), owner_secret_header(request))
+
+
+def received_bytes(request: Request) -> int:
+    """A request's body size as declared (for the metrics; 0 when absent or malformed)."""
+    try:
+        return admission.declared_length(request) or 0
+    except RequestRejected:
+        return 0
 
 
 def state_of(request: Request) -> ServerState:
@@ -107,21 +152,18 @@ async def ready(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus text format; counts only, never names of tensors or their contents."""
-    state = state_of(request)
-    provider = state.identity.provider
-    lines = [
-        f'blindfold_tee_info{{kind="{provider.kind}"}} 1',
-        f"blindfold_uptime_seconds {time.time() - state.started:.0f}",
-        f"blindfold_models {len(state.service.registry.entries())}",
-        f"blindfold_sessions {state.service.registry.session_count()}",
-        f"blindfold_inferences_total {state.inferences}",
-        f"blindfold_rejected_requests_total {state.rejected_requests}",
-    ]
-    valid_until = provider.collateral_valid_until()
-    if valid_until is not None:
-        lines.append(f"blindfold_collateral_seconds_remaining {valid_until - time.time():.0f}")
-    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    """Prometheus text format (server/metrics.py): never tensor contents, tokens, or the
+    names of restricted models."""
+    return Response(state_of(request).metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+# The API's OpenAPI 3.1 description, kept beside this module (a test checks that it names
+# every route below, and validates the server against it).
+OPENAPI = importlib.resources.files("blindfold.server").joinpath("openapi.json").read_bytes()
+
+
+async def openapi(request: Request) -> Response:
+    return Response(OPENAPI, media_type="application/json")
 
 
 async def server_metadata(request: Request) -> Response:
@@ -153,7 +195,12 @@ async def attestation(request: Request) -> Response:
         if len(nonce) != 32:
             raise RequestRejected(400, "nonce must be 64 hex characters (32 bytes)")
     # Its own pool: a client attests even while every inference slot is busy.
-    document = await state.pools.attestation.call(state.identity.attestation, nonce)
+    outcome = "failed"
+    try:
+        document = await state.pools.attestation.call(state.identity.attestation, nonce)
+        outcome = "ok"
+    finally:
+        state.metrics.attestations.labels("fresh" if nonce else "standing", outcome).inc()
     return JSONResponse(document.to_json())
 
 
@@ -191,9 +238,11 @@ def _metadata(entry: ModelEntry) -> dict[str, Any]:
 
 def _resolve(request: Request) -> ModelEntry:
     params = request.path_params
-    return state_of(request).service.registry.get_for_run(
+    entry = state_of(request).service.registry.get_for_run(
         params["name"], params.get("version"), bearer_token(request)
     )
+    logs.request_model.set((entry.name, entry.sha256))
+    return entry
 
 
 async def model_metadata(request: Request) -> Response:
@@ -211,6 +260,13 @@ async def model_ready(request: Request) -> Response:
 async def infer(request: Request) -> Response:
     state = state_of(request)
     entry = _resolve(request)
+    with state.metrics.inference(entry.name, entry.public) as timing:
+        return await _infer(request, state, entry, timing)
+
+
+async def _infer(
+    request: Request, state: ServerState, entry: ModelEntry, timing: RunTiming
+) -> Response:
     limits = state.service.limits
     header_length = request.headers.get(oip.HEADER_LENGTH)
     admission.refuse_if_larger(request, limits.max_request_bytes, "request", "--max-request-bytes")
@@ -224,8 +280,7 @@ async def infer(request: Request) -> Response:
         parsed, names = _decode(body, header_length, limits, session)
     else:
         parsed, names = await state.pools.codec.call(_decode, body, header_length, limits, session)
-    results = await state.runner.run(session, names, dict(parsed.inputs))
-    state.inferences += 1
+    results = await state.runner.run(session, names, dict(parsed.inputs), timing)
     outputs = dict(zip(names, results, strict=True))
     quick = _encodes_quickly(parsed, outputs)
     parameters: dict[str, Any] = {"model_sha256": entry.sha256}
@@ -330,10 +385,9 @@ async def repository_index(request: Request) -> Response:
 async def repository_load(request: Request) -> Response:
     state = state_of(request)
     name = request.path_params["name"]
-    token = bearer_token(request)
     limits = state.service.limits
     # Authorized from the headers: a body the server would refuse is never read.
-    state.service.authorize_load(name, token)
+    credentials = load_credentials(request)
     state.service.registry.check_capacity(name)
     # New models are restricted unless the owner opts in: `?public=true` (any client, also
     # tritonclient's load_model(query_params=...)) or Triton's load parameter "public".
@@ -362,7 +416,14 @@ async def repository_load(request: Request) -> Response:
         public = public if parameter is None else parameter
         del body
         hasher = await state.pools.loading.call(hashlib.sha256, data)
-    result = await state.service.load(name, data, token, public=public, sha256=hasher.hexdigest())
+    result = await state.service.load(
+        name,
+        data,
+        credentials.token,
+        public=public,
+        sha256=hasher.hexdigest(),
+        owner_secret=credentials.owner_secret,
+    )
     return _load_answer(name, result)
 
 
@@ -376,6 +437,8 @@ def _load_answer(name: str, result: LoadResult) -> Response:
     }
     if result.owner_token is not None:
         answer["owner_token"] = result.owner_token
+    if result.owner_chosen:  # the client's own secret: never echoed
+        answer["owner_token_chosen"] = True
     return JSONResponse(answer)
 
 
@@ -414,7 +477,7 @@ async def repository_load_encrypted(request: Request) -> Response:
     name = request.path_params["name"]
     # Authorized before reading the body or touching the host's disk, so no one without
     # upload rights can even learn whether a path exists.
-    state.service.authorize_load(name, bearer_token(request))
+    credentials = load_credentials(request)
     body = await read_body(request, state.body_budget, 1 << 16, "request", "fixed")
     advice = (
         'send {"path": "<file on the server>", "key": <key file JSON from blindfold encrypt-model>}'
@@ -439,7 +502,11 @@ async def repository_load_encrypted(request: Request) -> Response:
     except SealError as exc:
         raise RequestRejected(400, f"cannot decrypt {str(path)!r}: {exc}") from None
     result = await state.service.load(
-        name, data, bearer_token(request), public=public if isinstance(public, bool) else None
+        name,
+        data,
+        credentials.token,
+        public=public if isinstance(public, bool) else None,
+        owner_secret=credentials.owner_secret,
     )
     return _load_answer(name, result)
 
@@ -515,7 +582,6 @@ async def revoke_run_key(request: Request) -> Response:
 
 async def rejected(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestRejected)
-    state_of(request).rejected_requests += 1
     headers = dict(exc.headers)
     if await admission.must_close(request):
         headers["Connection"] = "close"
@@ -545,8 +611,25 @@ def _guarded(route: Route) -> Route:
     """Turns every exception into an `{"error": ...}` answer here, because Starlette's own
     fallback re-raises and the server would log a traceback that may quote request data."""
     handler = route.endpoint
+    template = route.path
 
     async def endpoint(request: Request) -> Response:
+        started = time.perf_counter()
+        rid = logs.choose_request_id(request.headers.get(logs.REQUEST_ID_HEADER))
+        logs.request_id.set(rid)  # uvicorn runs each request in its own task and context
+        response = await _answer(request)
+        response.headers[logs.REQUEST_ID_HEADER] = rid
+        state_of(request).metrics.request(
+            template,
+            request.method,
+            response.status_code,
+            time.perf_counter() - started,
+            received_bytes(request),
+            len(response.body),
+        )
+        return response
+
+    async def _answer(request: Request) -> Response:
         try:
             response: Response = await handler(request)
             if await admission.must_close(request):
@@ -575,6 +658,7 @@ ROUTES = [
     Route("/v2/health/ready", ready),
     Route("/v2", server_metadata),
     Route("/metrics", metrics),
+    Route("/openapi.json", openapi),
     Route("/v2/attestation", attestation),
     Route("/v2/deployment/endorsement", endorse_deployment, methods=["POST"]),
     Route(MODEL, model_metadata),
@@ -593,7 +677,24 @@ ROUTES = [
 ]
 
 
+async def no_route(request: Request, exc: Exception) -> Response:
+    """Starlette's own answers (no such route, or method) as JSON errors like all others."""
+    assert isinstance(exc, HTTPException)
+    what = "no such route" if exc.status_code == 404 else exc.detail
+    response = JSONResponse(
+        {"error": f"{what}; the routes are described at GET /openapi.json"},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+    response.headers[logs.REQUEST_ID_HEADER] = logs.choose_request_id(
+        request.headers.get(logs.REQUEST_ID_HEADER)
+    )
+    return response
+
+
 def create_app(state: ServerState) -> Starlette:
-    app = Starlette(routes=[_guarded(route) for route in ROUTES])
+    app = Starlette(
+        routes=[_guarded(route) for route in ROUTES], exception_handlers={HTTPException: no_route}
+    )
     app.state.blindfold = state
     return app

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from blindfold import __version__, tensors
 from blindfold.errors import InputError, RequestRejected
 from blindfold.server import admission
 from blindfold.server.admission import read_body
-from blindfold.server.app import ServerState
+from blindfold.server.app import ServerState, received_bytes
 from blindfold.server.limits import Limits
 from blindfold.server.models import ModelEntry
 from blindfold.server.runtime import Session
@@ -369,8 +370,8 @@ async def run(request: Request) -> Response:
     entry = _resolve(state, document)
     session = entry.session
     feeds = read_inputs(document.get("inputs"), session, limits)
-    results = await state.runner.run(session, session.output_names, feeds)
-    state.inferences += 1
+    with state.metrics.inference(entry.name, entry.public) as timing:
+        results = await state.runner.run(session, session.output_names, feeds, timing)
     outputs = [write_output(n, a) for n, a in zip(session.output_names, results, strict=True)]
     return _cbor({"outputs": outputs})
 
@@ -394,10 +395,22 @@ def _cbor_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[
     the same messages as the main API (never the request's data)."""
 
     async def endpoint(request: Request) -> Response:
+        started = time.perf_counter()
+        response = await _answer(request)
+        _compat(request).server.metrics.request(
+            f"(blindai) {request.url.path}",  # one of the fixed routes this wraps
+            request.method,
+            response.status_code,
+            time.perf_counter() - started,
+            received_bytes(request),
+            len(response.body),
+        )
+        return response
+
+    async def _answer(request: Request) -> Response:
         try:
             response = await handler(request)
         except RequestRejected as exc:
-            _compat(request).server.rejected_requests += 1
             response = _cbor(exc.message.encode("utf-8", "backslashreplace").decode(), 500)
         except ClientDisconnect:
             logger.info("client disconnected during %s %s", request.method, request.url.path)

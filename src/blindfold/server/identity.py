@@ -71,6 +71,7 @@ class ServerIdentity:
         self._lock = threading.Lock()
         self._standing: AttestationDocument | None = None
         self._standing_refresh_at: float | None = None
+        self.standing_made_at: float | None = None  # for the evidence-age metric
 
     def attestation(self, nonce: bytes | None = None) -> AttestationDocument:
         """Evidence for `SHA-256(SPKI) || nonce`, or the standing evidence for 32 zero bytes."""
@@ -86,6 +87,7 @@ class ServerIdentity:
                 self._standing_refresh_at is not None and now >= self._standing_refresh_at
             ):
                 self._standing = self._document(bytes(32))
+                self.standing_made_at = now
                 # Read right after making the evidence: for Nitro it is the lifetime of the
                 # document just made (a concurrent nonce'd request may shift it by moments).
                 valid_until = self.provider.collateral_valid_until()

@@ -21,7 +21,7 @@ import uvicorn
 
 from blindfold.attestation.deployment import load_operator_public_key, operator_key_id
 from blindfold.errors import ConfigurationError
-from blindfold.server import blindai_compat
+from blindfold.server import blindai_compat, logs
 from blindfold.server.app import ServerState, create_app
 from blindfold.server.blindai_compat import DEFAULT_PORTS as DEFAULT_BLINDAI_PORTS
 from blindfold.server.connections import GuardedProtocol, GuardedServer
@@ -67,6 +67,7 @@ class ServerConfig:
     blindai_compat: bool = False  # also listen as BlindAI 0.6 did (blindai_compat.py)
     blindai_ports: tuple[int, int, int] = DEFAULT_BLINDAI_PORTS  # unattested, run, management
     unsafe_blindai_upload_without_key: bool = False  # BlindAI uploads despite an upload key
+    log_format: str = "text"  # or "json": one JSON object per stderr line (logs.py)
 
 
 def make_provider(config: ServerConfig) -> TeeProvider:
@@ -437,18 +438,27 @@ _PR_SET_DUMPABLE = 4
 
 
 def serve(config: ServerConfig) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(config.log_format)
     _keep_secrets_out_of_reach()
     state, access = build_state(config)
+    if config.log_format == "json" and access.generated_key is not None:
+        state.runner.shutdown()
+        state.pools.shutdown()
+        state.service.close()
+        raise ConfigurationError(
+            "--log-format json never writes a token, so it cannot show the upload key this "
+            "start would generate: pass --upload-key-file FILE (blindfold upload-key new)"
+        )
     try:
         companions = _blindai_servers(state, config, access) if config.blindai_compat else []
     except BaseException:
         state.runner.shutdown()
         state.service.close()
         raise
-    print(banner(state, config, access), file=sys.stderr, flush=True)
+    if config.log_format == "json":
+        logger.info("%s", banner(state, config, access))  # one record: every line stays JSON
+    else:
+        print(banner(state, config, access), file=sys.stderr, flush=True)
     app = create_app(state)
     connections = config.connections
     _raise_open_files_limit(connections)
@@ -472,6 +482,7 @@ def _uvicorn_options(config: ServerConfig) -> dict[str, Any]:
     return {
         "access_log": config.access_log,
         "log_level": "info",
+        "log_config": logs.uvicorn_log_config(config.log_format),
         "http": GuardedProtocol.with_limits(config.connections),
         "loop": "uvloop",
         "timeout_keep_alive": config.connections.keep_alive_timeout,

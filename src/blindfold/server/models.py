@@ -28,6 +28,27 @@ def new_token(prefix: str) -> str:
     return f"{prefix}_{secrets.token_urlsafe(32)}"
 
 
+OWNER_SECRET_HEADER = "X-Blindfold-Owner-Token"
+MIN_SECRET_BITS = 128
+HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def check_owner_secret(secret: str) -> None:
+    """An owner token the client chose (tritonclient cannot read the one the server mints)
+    must be as hard to guess as a minted one. Its strength is estimated from its length and
+    alphabet (hex: 4 bits a character, anything else: at most 6), and a secret of fewer than
+    8 distinct characters is refused outright. The message never quotes the secret."""
+    bits_per_char = 4 if set(secret) <= HEX_DIGITS else 6
+    if len(secret) * bits_per_char < MIN_SECRET_BITS or len(set(secret)) < 8:
+        raise RequestRejected(
+            400,
+            f"the owner token chosen by the client is too weak: it needs at least "
+            f"{MIN_SECRET_BITS} random bits ({MIN_SECRET_BITS // 6 + 1} base64url or "
+            f"{MIN_SECRET_BITS // 4} hex characters), e.g. secrets.token_urlsafe(32); "
+            f"this one has {len(secret)} characters",
+        )
+
+
 @dataclass
 class ModelEntry:
     name: str

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -103,6 +104,11 @@ class Session:
         self._budget = budget
         self._cost = cost
         self.closed = False
+
+    @property
+    def admitted_memory(self) -> int:
+        """The memory this session was admitted with (an estimate, see `memory_cost`)."""
+        return self._cost
 
     @property
     def output_names(self) -> list[str]:
@@ -448,6 +454,14 @@ def _specs(raw: Any) -> list[TensorSpec]:
     return specs
 
 
+@dataclass
+class RunTiming:
+    """Where a run's time went, for the metrics: waiting for a slot, then in the model."""
+
+    queued: float = 0.0
+    ran: float = 0.0
+
+
 class InferenceRunner:
     """Admits at most `max_concurrent_inferences` runs at once, makes sessions of the kind
     the server was started with, and runs other blocking work off the event loop."""
@@ -473,10 +487,21 @@ class InferenceRunner:
         )
 
     async def run(
-        self, session: Session, output_names: list[str], feeds: dict[str, np.ndarray]
+        self,
+        session: Session,
+        output_names: list[str],
+        feeds: dict[str, np.ndarray],
+        timing: RunTiming | None = None,
     ) -> list[np.ndarray]:
+        arrived = time.perf_counter()
         async with self._slots:
-            return await session.run(output_names, feeds)
+            started = time.perf_counter()
+            try:
+                return await session.run(output_names, feeds)
+            finally:
+                if timing is not None:
+                    timing.queued = started - arrived
+                    timing.ran = time.perf_counter() - started
 
     async def call(self, function: Any, *args: Any) -> Any:
         """Runs other blocking work (model parsing, session creation) on the same pool."""

@@ -28,6 +28,7 @@ from blindfold.server.models import (
     ModelEntry,
     ModelRegistry,
     check_name,
+    check_owner_secret,
     new_token,
     token_hash,
 )
@@ -117,8 +118,18 @@ def _unavailable(model: UnavailableModel) -> RequestRejected:
 @dataclass(frozen=True)
 class LoadResult:
     entry: ModelEntry
-    owner_token: str | None  # only when the model is new: the server keeps just its hash
+    owner_token: str | None  # only when the server made it: it keeps just its hash
     replaced: bool
+    owner_chosen: bool = False  # the new model's owner token is the one the client sent
+
+
+@dataclass(frozen=True)
+class LoadCredentials:
+    """Who a load request is: `token` authorizes it (upload key, or the owner token of the
+    model it replaces) and `owner_secret`, for a new model, becomes its owner token."""
+
+    token: str | None
+    owner_secret: str | None
 
 
 class ModelService:
@@ -200,10 +211,30 @@ class ModelService:
 
     # --- authorization ---
 
-    def authorize_load(self, name: str, token: str | None) -> None:
-        """Raises unless `token` may load `name`; for work to do before reading any bytes."""
+    def authorize_load(
+        self, name: str, bearer: str | None, owner_header: str | None = None
+    ) -> LoadCredentials:
+        """Raises unless the request may load `name`; for work to do before reading any bytes.
+
+        A client may choose the new model's owner token (tritonclient discards the answer
+        that carries a minted one): the `X-Blindfold-Owner-Token` header, or, where uploads
+        are open and no upload key is needed, the Bearer token itself. For a name that exists
+        the owner token is the credential, in either header."""
         check_name(name)
-        self._check_upload_right(name, token)
+        if self._current(name) is not None:
+            token = owner_header if owner_header is not None else bearer
+            self._check_upload_right(name, token)
+            return LoadCredentials(token, None)
+        if owner_header is not None:
+            check_owner_secret(owner_header)
+            self._require_upload_key(bearer)
+            return LoadCredentials(bearer, owner_header)
+        if self._open_upload and bearer is not None and not self._is_upload_key(bearer):
+            # (An upload key, shared by a team, never becomes an owner token.)
+            check_owner_secret(bearer)
+            return LoadCredentials(bearer, bearer)
+        self._require_upload_key(bearer)
+        return LoadCredentials(bearer, None)
 
     def _check_upload_right(
         self, name: str, token: str | None
@@ -220,8 +251,9 @@ class ModelService:
         return None
 
     def _is_uploader(self, token: str | None) -> bool:
-        if self._open_upload:
-            return True
+        return self._open_upload or self._is_upload_key(token)
+
+    def _is_upload_key(self, token: str | None) -> bool:
         if token is None:
             return False
         digest = token_hash(token)
@@ -350,12 +382,17 @@ class ModelService:
         *,
         public: bool | None = None,
         sha256: str | None = None,
+        owner_secret: str | None = None,
     ) -> LoadResult:
         """Loads `data` as model `name`; `sha256` is its hash when the caller computed it
-        while the bytes arrived (hashing a large model here would stall the event loop)."""
+        while the bytes arrived (hashing a large model here would stall the event loop).
+        `owner_secret` (from `authorize_load`) becomes a new model's owner token; a model
+        that exists meanwhile keeps its owner and needs `token` to be that owner's."""
         check_name(name)
         existing = self._check_upload_right(name, token)
-        return await self._load(name, data, existing, token, public, sha256)
+        if existing is not None:
+            owner_secret = None
+        return await self._load(name, data, existing, token, public, sha256, owner_secret)
 
     async def load_unowned(self, name: str, data: bytes, sha256: str | None = None) -> LoadResult:
         """A public model no token owns: BlindAI 0.6's uploads, which carry no credential
@@ -374,6 +411,7 @@ class ModelService:
         token: str | None,
         public: bool | None,
         sha256: str | None,
+        owner_secret: str | None = None,
         *,
         owned: bool = True,
     ) -> LoadResult:
@@ -389,7 +427,7 @@ class ModelService:
         takeover = isinstance(existing, UnavailableModel) and not existing.metadata_trusted
         inherit = None if takeover else existing
         keeps_owner = inherit is not None or (existing is not None and existing.is_owner(token))
-        owner_token = None if keeps_owner or not owned else new_token("bfo")
+        owner_token = None if keeps_owner or not owned else owner_secret or new_token("bfo")
         record = StoredModel(
             name=name,
             version=existing.version + 1 if existing else 1,
@@ -412,8 +450,17 @@ class ModelService:
             if self.registry.session_for(sha256) is not session:
                 session.close()  # made for this upload only: end its worker
             raise
-        logger.info("model %r version %d loaded (sha256 %s)", name, entry.version, sha256)
-        return LoadResult(entry, owner_token, existing is not None)
+        logger.info(
+            "model %r version %d loaded (sha256 %s)",
+            name,
+            entry.version,
+            sha256,
+            extra={"model": name, "model_sha256": sha256},
+        )
+        chosen = owner_token is not None and owner_token == owner_secret
+        return LoadResult(
+            entry, None if chosen else owner_token, existing is not None, owner_chosen=chosen
+        )
 
     def _commit_load(
         self,
@@ -523,7 +570,9 @@ class ModelService:
             else:
                 self.require_owner(current, token, "unload")
             self._remove(current)
-        logger.info("model %r unloaded", name)
+        logger.info(
+            "model %r unloaded", name, extra={"model": name, "model_sha256": current.sha256}
+        )
         return current
 
     def unload_unowned(self, name: str) -> ModelEntry | UnavailableModel:
