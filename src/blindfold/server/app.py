@@ -10,6 +10,8 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from blindfold.attestation.deployment import Endorsement
 from blindfold.errors import ConfigurationError, EvidenceError, RequestRejected, SealError
 from blindfold.receipts import ReceiptSigner
 from blindfold.sealing import ModelKey, decrypt_model_file
-from blindfold.server import admission, oip
+from blindfold.server import admission, cluster, oip
 from blindfold.server.admission import BodyBudget, read_body
 from blindfold.server.identity import ServerIdentity
 from blindfold.server.limits import Limits
@@ -67,6 +69,10 @@ class ServerState:
         self.started = time.time()
         self.inferences = 0
         self.rejected_requests = 0
+        # A cluster replica (`server.cluster`): its join desk and replicator; and, for a
+        # replica that joined, the peer to copy models from at start and the members it named.
+        self.cluster: tuple[cluster.JoinDesk, cluster.Replicator] | None = None
+        self.join_sync: tuple[str, list[str]] | None = None
 
 
 def bearer_token(request: Request) -> str | None:
@@ -93,6 +99,9 @@ async def live(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     state = state_of(request)
+    if state.cluster is not None and not state.cluster[1].synced.is_set():
+        joining = {"ready": False, "error": "joining: copying the models from the peer replica"}
+        return JSONResponse(joining, status_code=503)
     valid_until = state.identity.provider.collateral_valid_until()
     body: dict[str, Any] = {"ready": True, "tee": state.identity.provider.kind}
     if valid_until is not None:
@@ -117,6 +126,8 @@ async def metrics(request: Request) -> Response:
         f"blindfold_inferences_total {state.inferences}",
         f"blindfold_rejected_requests_total {state.rejected_requests}",
     ]
+    if state.cluster is not None:
+        lines.append(f"blindfold_cluster_members {len(state.cluster[1].members())}")
     valid_until = provider.collateral_valid_until()
     if valid_until is not None:
         lines.append(f"blindfold_collateral_seconds_remaining {valid_until - time.time():.0f}")
@@ -593,7 +604,27 @@ ROUTES = [
 ]
 
 
+@asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    """A replica that joined copies the existing models before it listens (uvicorn runs
+    this first), so it never answers "unknown model" for one its peers serve."""
+    state: ServerState = app.state.blindfold
+    if state.cluster is not None:
+        replicator = state.cluster[1]
+        if state.join_sync is not None:
+            peer, members = state.join_sync
+            copied = await replicator.sync_from(peer, members)
+            logger.info("copied %d models from the peer replica %s", copied, peer)
+        replicator.synced.set()
+    try:
+        yield
+    finally:
+        if state.cluster is not None:
+            state.cluster[1].stop()
+
+
 def create_app(state: ServerState) -> Starlette:
-    app = Starlette(routes=[_guarded(route) for route in ROUTES])
+    routes = ROUTES + (cluster.ROUTES if state.cluster is not None else [])
+    app = Starlette(routes=[_guarded(route) for route in routes], lifespan=_lifespan)
     app.state.blindfold = state
     return app
