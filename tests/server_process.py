@@ -80,3 +80,37 @@ def start_server(
             time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"server did not start within 60 s:\n{server.log()}")
+
+
+def write_cluster_policy(directory: Path, extra: str = "") -> Path:
+    """A cluster policy accepting this checkout's code on the simulation TEE (explicitly,
+    as the cluster policy demands), plus `extra` TOML."""
+    from blindfold.attestation.simulation import measure_package
+
+    path = directory / f"cluster-{time.monotonic_ns()}.toml"
+    path.write_text(
+        "[cluster]\nunsafe_allow_simulation = true\n\n"
+        f'[simulation]\nmeasurement = ["{measure_package()}"]\n{extra}'
+    )
+    return path
+
+
+def start_replica(
+    tmp_path: Path, policy: Path, *args: str, join: ServerProcess | str | None = None
+) -> ServerProcess:
+    """A cluster replica (open upload): the first one without `join`, later ones joining."""
+    extra = ["--join", join if isinstance(join, str) else join.url] if join is not None else []
+    return start_server(tmp_path, "--open-upload", "--cluster-policy", str(policy), *extra, *args)
+
+
+def run_replica_expecting_failure(
+    tmp_path: Path, policy: Path, join: ServerProcess, *args: str, timeout: float = 60
+) -> tuple[int, str]:
+    """Runs a joining replica that must exit (refused at join); returns (code, its output)."""
+    port = free_port()
+    command = [
+        *(sys.executable, "-m", "blindfold", "serve", "--port", str(port), "--open-upload"),
+        *("--cluster-policy", str(policy), "--join", join.url, *args),
+    ]
+    result = subprocess.run(command, capture_output=True, timeout=timeout, text=True)
+    return result.returncode, result.stdout + result.stderr

@@ -1,0 +1,161 @@
+"""Replicas sharing one attested service identity (README "Scaling out"): real server
+processes on loopback, joining each other under a cluster policy."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import blindfold
+from blindfold.errors import BlindfoldError, ConfigurationError
+from blindfold.server.cluster import ClusterPolicy
+
+from onnx_models import add_mul_model, matmul_model
+from server_process import (
+    ServerProcess,
+    run_replica_expecting_failure,
+    start_replica,
+    write_cluster_policy,
+)
+
+A = np.ones((1, 4), np.float32)
+B = np.full((1, 4), 2.0, np.float32)
+
+
+def connect(server: ServerProcess) -> blindfold.Client:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return blindfold.connect(server.url, allow_simulation=True)
+
+
+def eventually(check: Callable[[], bool], what: str, within: float = 20.0) -> None:
+    """Polls `check` until it holds: replication is asynchronous, but bounded."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        time.sleep(0.1)
+
+
+def serves(client: blindfold.Client, model: str, token: str | None = None) -> bool:
+    try:
+        outputs = client.run_model(model, {"a": A, "b": B}, token=token)
+    except BlindfoldError:
+        return False
+    return bool(np.allclose(outputs["sum"], A + B))
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_cluster_policy(tmp_path_factory.mktemp("policy"))
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory: pytest.TempPathFactory, policy: Path) -> Iterator[ServerProcess]:
+    replica = start_replica(tmp_path_factory.mktemp("first"), policy)
+    yield replica
+    replica.stop()
+
+
+def test_a_joiner_presents_the_same_identity_and_serves_every_change(
+    tmp_path: Path, policy: Path, first: ServerProcess
+) -> None:
+    with connect(first) as on_first:
+        early = on_first.upload_model(add_mul_model().SerializeToString(), name="early")
+        second = start_replica(tmp_path, policy, join=first)
+        try:
+            with connect(second) as on_second:
+                # One identity: the same pinned key, each replica with its own evidence.
+                assert on_second.attestation.spki_sha256 == on_first.attestation.spki_sha256
+                assert on_second.attestation.evidence != on_first.attestation.evidence
+                # A replica that joins later gets the existing models, rules included:
+                # restricted, so only the owner token runs it there too.
+                assert serves(on_second, "early", token=early.owner_token)
+                assert not serves(on_second, "early", token="bfo_not-the-owner")
+                # Changes made on one replica reach the other, both ways.
+                late = on_second.upload_model(add_mul_model().SerializeToString(), name="late")
+                eventually(lambda: serves(on_first, "late", late.owner_token), "upload copied")
+                on_first.set_public("early", True, token=early.owner_token)
+                eventually(lambda: serves(on_second, "early"), "access rule copied")
+                key_id, run_key = on_first.create_run_key("late", token=late.owner_token)
+                eventually(lambda: serves(on_second, "late", run_key), "run key copied")
+                on_second.revoke_run_key("late", key_id, token=late.owner_token)
+                eventually(lambda: not serves(on_first, "late", run_key), "revocation copied")
+                # A replaced model is replaced everywhere (the higher version wins).
+                replaced = matmul_model(4).SerializeToString()
+                on_first.upload_model(replaced, name="late", token=late.owner_token)
+                digest = hashlib.sha256(replaced).hexdigest()
+
+                def replaced_there() -> bool:
+                    rows = on_second.list_models(token=late.owner_token)
+                    return any(r["name"] == "late" and r["sha256"] == digest for r in rows)
+
+                eventually(replaced_there, "replacement copied")
+                # A delete is honoured everywhere.
+                on_second.delete_model("early", token=early.owner_token)
+                eventually(lambda: not serves(on_first, "early"), "delete copied")
+        finally:
+            second.stop()
+    assert "released the service identity to a replica" in first.log()
+
+
+def test_a_replica_running_other_code_is_refused_and_gets_nothing(
+    tmp_path: Path, policy: Path, first: ServerProcess
+) -> None:
+    code, output = run_replica_expecting_failure(
+        tmp_path, policy, first, "--unsafe-simulation-measurement", "ab" * 32
+    )
+    assert code != 0
+    assert "join refused" in output and "measurement" in output
+    assert "Blindfold serving on" not in output  # it never served with the identity
+    eventually(lambda: "refused a replica joining" in first.log(), "refusal logged by the peer")
+    refusal = [line for line in first.log().splitlines() if "refused a replica joining" in line]
+    assert "ab" * 32 in refusal[-1]  # the reason names the measurement it claimed
+
+
+def test_a_replica_of_another_deployment_is_refused(tmp_path: Path) -> None:
+    policy = write_cluster_policy(tmp_path, '\n[deployment]\nsimulation_deployment_id = ["prod"]\n')
+    prod = start_replica(tmp_path, policy, "--deployment-id", "prod")
+    try:
+        code, output = run_replica_expecting_failure(
+            tmp_path, policy, prod, "--deployment-id", "staging"
+        )
+        assert code != 0 and "join refused" in output and "staging" in output
+        eventually(lambda: "refused a replica joining" in prod.log(), "refusal logged")
+        # The same deployment is accepted.
+        second = start_replica(tmp_path, policy, "--deployment-id", "prod", join=prod)
+        second.stop()
+    finally:
+        prod.stop()
+
+
+def test_a_joiner_refuses_a_peer_that_fails_its_policy(tmp_path: Path, policy: Path) -> None:
+    """The other direction: the joiner attests the peer first and refuses other code."""
+    other = start_replica(tmp_path, policy, "--unsafe-simulation-measurement", "cd" * 32)
+    try:
+        code, output = run_replica_expecting_failure(tmp_path, policy, other)
+        assert code != 0
+        assert "fails the cluster policy" in output and "cd" * 32 in output
+        assert "released the service identity" not in other.log()
+    finally:
+        other.stop()
+
+
+def test_the_cluster_policy_must_allow_simulation_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[simulation]\nmeasurement = ["' + "00" * 32 + '"]\n')
+    with pytest.raises(ConfigurationError, match="unsafe_allow_simulation"):
+        ClusterPolicy.load(path)
+    path.write_text(
+        '[simulation]\nmeasurement = ["' + "00" * 32 + '"]\n'
+        '[deployment]\noperator_keys = ["sha256:' + "11" * 32 + '"]\n'
+        "[cluster]\nunsafe_allow_simulation = true\n"
+    )
+    with pytest.raises(ConfigurationError, match="no endorsement yet"):
+        ClusterPolicy.load(path)
