@@ -159,3 +159,82 @@ def test_the_cluster_policy_must_allow_simulation_by_name(tmp_path: Path) -> Non
     )
     with pytest.raises(ConfigurationError, match="no endorsement yet"):
         ClusterPolicy.load(path)
+
+
+# --- attacks on the cluster routes, as someone without the service identity would try ---
+
+
+def _post(server: ServerProcess, path: str, body: bytes, headers: dict[str, str] | None = None):
+    import http.client
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=context)
+    try:
+        connection.request("POST" if body is not None else "GET", path, body, headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_replication_routes_refuse_anyone_without_the_replication_key(
+    first: ServerProcess,
+) -> None:
+    from blindfold.server.cluster import encode_change
+    from blindfold.server.service import Change
+    from blindfold.server.store import StoredModel
+
+    data = add_mul_model().SerializeToString()
+    record = StoredModel("planted", 99, hashlib.sha256(data).hexdigest(), len(data), "", True)
+    planted = encode_change(Change("put", record, data))
+    for key in (None, "00" * 32):
+        headers = {} if key is None else {"blindfold-replication": key}
+        # Planting a model, registering oneself as a member (to be sent every model), and
+        # reading every model's bytes are all refused.
+        assert _post(first, "/v2/cluster/apply", planted, headers)[0] == 401
+        assert _post(first, "/v2/cluster/members", b'{"url": "https://evil:1"}', headers)[0] == 401
+        assert _post(first, "/v2/cluster/snapshot", None, headers)[0] == 401
+    with connect(first) as client:
+        assert not serves(client, "planted")
+
+
+def test_join_evidence_must_bind_the_key_and_a_fresh_nonce(first: ServerProcess) -> None:
+    """An attacker relaying a genuine joiner's evidence with its own key, or replaying a
+    nonce, gets nothing (the simulation signer stands in for the joiner's TEE)."""
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    from blindfold.attestation.simulation import SimulationSigner
+    from blindfold.attestation.verdict import Evidence
+    from blindfold.server.service_identity import join_key_binding
+
+    def raw(key: x25519.X25519PrivateKey) -> str:
+        return (
+            key.public_key()
+            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            .hex()
+        )
+
+    status, body = _post(first, "/v2/cluster/challenge", b"{}")
+    nonce = bytes.fromhex(json.loads(body)["nonce"])
+    genuine, attacker = x25519.X25519PrivateKey.generate(), x25519.X25519PrivateKey.generate()
+    evidence = Evidence(
+        "simulation",
+        SimulationSigner().evidence(join_key_binding(genuine.public_key()) + nonce),
+    )
+    request = {"evidence": evidence.to_json(), "nonce": nonce.hex(), "advertise_url": ""}
+    status, body = _post(
+        first, "/v2/cluster/join", json.dumps({**request, "join_key": raw(attacker)}).encode()
+    )
+    assert status == 403 and b"does not bind the join key" in body
+    assert b"identity" not in body
+    # The nonce was used up by that attempt: replaying it, even with the right key, fails.
+    status, body = _post(
+        first, "/v2/cluster/join", json.dumps({**request, "join_key": raw(genuine)}).encode()
+    )
+    assert status == 403 and b"nonce" in body
