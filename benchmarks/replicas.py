@@ -99,6 +99,24 @@ def _throughput(call: Any, threads: int, seconds: float) -> float:
     return sum(counts) / (time.perf_counter() - began)
 
 
+def join_handshake(url: str, policy: Path, rounds: int = 5) -> float:
+    """Median time of the join protocol alone (attest the peer, its nonce, this replica's
+    evidence, verification, the sealed identity), from this process."""
+    from blindfold.server.cluster import ClusterPolicy, join_cluster
+    from blindfold.server.tee.simulation import SimulationProvider
+
+    cluster = ClusterPolicy.load(policy)
+    provider = SimulationProvider()
+    times = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(rounds):
+            began = time.perf_counter()
+            join_cluster(url, cluster, provider, advertise_url="")  # "": not added as member
+            times.append(time.perf_counter() - began)
+    return float(np.median(times))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="blindfold-replicas-"))
     policy = write_cluster_policy(tmp)
@@ -122,6 +140,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             joins.append(time.perf_counter() - began)
         result["join_start_s"] = joins
         result["join_overhead_s"] = float(np.median(joins)) - result["bootstrap_start_s"]
+        result["join_handshake_s"] = join_handshake(first.url, policy)
+        if args.join_only:
+            return result
         balancers = {
             1: start_balancer(tmp, [first.port]),
             3: start_balancer(tmp, [r.port for r in replicas]),
@@ -153,6 +174,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--join-only", action="store_true", help="skip the throughput part")
     args = parser.parse_args()
     result = run(args)
     print(json.dumps(result, indent=2))
@@ -160,7 +182,8 @@ def main() -> int:
     print(
         f"\njoin: bootstrap start {result['bootstrap_start_s']:.2f} s, joiner start "
         f"{np.median(result['join_start_s']):.2f} s (join adds "
-        f"{result['join_overhead_s']:.2f} s, models copied included)"
+        f"{result['join_overhead_s']:.2f} s, models copied included); the join protocol "
+        f"alone {result['join_handshake_s'] * 1000:.0f} ms"
     )
     for key, row in result.items():
         if isinstance(row, dict):
