@@ -238,3 +238,21 @@ def test_join_evidence_must_bind_the_key_and_a_fresh_nonce(first: ServerProcess)
         first, "/v2/cluster/join", json.dumps({**request, "join_key": raw(genuine)}).encode()
     )
     assert status == 403 and b"nonce" in body
+
+
+def test_the_sealed_identity_opens_only_with_the_join_key_and_its_context() -> None:
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    from blindfold.errors import EvidenceError
+    from blindfold.server.service_identity import ServiceIdentity, open_sealed
+
+    identity = ServiceIdentity.create(["127.0.0.1"])
+    joiner, other = x25519.X25519PrivateKey.generate(), x25519.X25519PrivateKey.generate()
+    sealed = identity.seal_for(joiner.public_key(), b"report data")
+    opened = open_sealed(sealed, joiner, b"report data")
+    assert opened.to_bytes() == identity.to_bytes()
+    assert opened.replication_key() == identity.replication_key() != identity.store_key()
+    with pytest.raises(EvidenceError, match="does not decrypt"):
+        open_sealed(sealed, other, b"report data")  # someone else's key
+    with pytest.raises(EvidenceError, match="does not decrypt"):
+        open_sealed(sealed, joiner, b"other report data")  # released for another request
