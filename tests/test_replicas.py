@@ -43,6 +43,12 @@ def eventually(check: Callable[[], bool], what: str, within: float = 20.0) -> No
         time.sleep(0.1)
 
 
+def operator_key():  # type: ignore[no-untyped-def]
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    return ed25519.Ed25519PrivateKey.generate()
+
+
 def serves(client: blindfold.Client, model: str, token: str | None = None) -> bool:
     try:
         outputs = client.run_model(model, {"a": A, "b": B}, token=token)
@@ -97,6 +103,13 @@ def test_a_joiner_presents_the_same_identity_and_serves_every_change(
                     return any(r["name"] == "late" and r["sha256"] == digest for r in rows)
 
                 eventually(replaced_there, "replacement copied")
+                # An operator endorsement posted to one replica holds on every replica.
+                operator = operator_key()
+                on_second.endorse_deployment(operator, "prod-eu")
+                eventually(lambda: "endorsement copied" in first.log(), "endorsement copied")
+                with connect(first) as fresh:
+                    assert fresh.attestation.endorsement is not None
+                    assert fresh.attestation.endorsement.deployment == "prod-eu"
                 # A delete is honoured everywhere.
                 on_second.delete_model("early", token=early.owner_token)
                 eventually(lambda: not serves(on_first, "early"), "delete copied")

@@ -183,6 +183,8 @@ async def endorse_deployment(request: Request) -> Response:
     logger.info(
         "deployment %r endorsed by operator %s", endorsement.deployment, endorsement.operator_key_id
     )
+    if state.cluster is not None:
+        state.cluster[1].share_endorsement(endorsement.to_json())
     return JSONResponse(
         {"deployment": endorsement.deployment, "operator_key": endorsement.operator_key_id}
     )

@@ -343,7 +343,8 @@ def _record_from_json(data: dict[str, Any]) -> StoredModel:
 @dataclass
 class _Member:
     url: str
-    pending: queue.Queue[Change | None] = field(default_factory=queue.Queue)
+    # (route, body, what) to post, in order; None stops the sender.
+    pending: queue.Queue[tuple[str, bytes, str] | None] = field(default_factory=queue.Queue)
     thread: threading.Thread | None = None
 
 
@@ -400,10 +401,19 @@ class Replicator:
 
     def _local_change(self, change: Change) -> None:
         self._keep(change)
+        what = f"{change.op} of model {change.record.name!r}"
+        self._push(("/v2/cluster/apply", encode_change(change), what))
+
+    def share_endorsement(self, endorsement: dict[str, Any]) -> None:
+        """An operator endorsement posted here: it binds the shared key, so it holds for
+        every replica."""
+        self._push(("/v2/cluster/endorsement", json.dumps(endorsement).encode(), "endorsement"))
+
+    def _push(self, item: tuple[str, bytes, str]) -> None:
         with self._lock:
             members = list(self._members.values())
         for member in members:
-            member.pending.put(change)
+            member.pending.put(item)
 
     def _keep(self, change: Change) -> None:
         with self._lock:
@@ -424,15 +434,15 @@ class Replicator:
     def _send_loop(self, member: _Member) -> None:
         transport = self._transport(member.url)
         while True:
-            change = member.pending.get()
-            if change is None:
+            item = member.pending.get()
+            if item is None:
                 transport.close()
                 return
-            body = encode_change(change)
+            route, body, what = item
             failing_since: float | None = None
             while True:
                 try:
-                    response = transport.request("POST", "/v2/cluster/apply", body, self._headers())
+                    response = transport.request("POST", route, body, self._headers())
                 except OSError as exc:
                     now = time.monotonic()
                     failing_since = failing_since or now
@@ -451,10 +461,9 @@ class Replicator:
                     continue
                 if response.status != 200:
                     logger.warning(
-                        "cluster member %s refused %s of model %r: %s",
+                        "cluster member %s refused the %s: %s",
                         member.url,
-                        change.op,
-                        change.record.name,
+                        what,
                         response.body[:300].decode(errors="replace"),
                     )
                 break
@@ -591,6 +600,25 @@ async def apply(request: Request) -> Response:
     return JSONResponse({"changed": changed})
 
 
+async def endorsement(request: Request) -> Response:
+    from blindfold.attestation.deployment import Endorsement
+    from blindfold.server import oip
+    from blindfold.server.admission import read_body
+
+    state = request.app.state.blindfold
+    _, replicator = _cluster_of(request)
+    replicator.authorized(request)
+    body = await read_body(request, state.body_budget, 1 << 16, "request", "fixed")
+    document = oip.parse_json(body, "send an endorsement")
+    try:
+        endorsed = Endorsement.from_json(document)
+    except (ValueError, EvidenceError) as exc:
+        raise RequestRejected(400, f"malformed endorsement: {exc}") from None
+    state.identity.endorse(endorsed)  # verifies it against the shared key, as the route does
+    logger.info("deployment %r endorsement copied from a peer replica", endorsed.deployment)
+    return JSONResponse({"deployment": endorsed.deployment})
+
+
 async def snapshot(request: Request) -> Response:
     import asyncio
 
@@ -606,4 +634,5 @@ ROUTES = [
     Route("/v2/cluster/members", members, methods=["POST"]),
     Route("/v2/cluster/apply", apply, methods=["POST"]),
     Route("/v2/cluster/snapshot", snapshot, methods=["GET"]),
+    Route("/v2/cluster/endorsement", endorsement, methods=["POST"]),
 ]
