@@ -80,3 +80,114 @@ def start_server(
             time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"server did not start within 60 s:\n{server.log()}")
+
+
+def write_cluster_policy(directory: Path, extra: str = "") -> Path:
+    """A cluster policy accepting this checkout's code on the simulation TEE (explicitly,
+    as the cluster policy demands), plus `extra` TOML."""
+    from blindfold.attestation.simulation import measure_package
+
+    path = directory / f"cluster-{time.monotonic_ns()}.toml"
+    path.write_text(
+        "[cluster]\nunsafe_allow_simulation = true\n\n"
+        f'[simulation]\nmeasurement = ["{measure_package()}"]\n{extra}'
+    )
+    return path
+
+
+def start_replica(
+    tmp_path: Path, policy: Path, *args: str, join: ServerProcess | str | None = None
+) -> ServerProcess:
+    """A cluster replica (open upload): the first one without `join`, later ones joining."""
+    extra = ["--join", join if isinstance(join, str) else join.url] if join is not None else []
+    return start_server(tmp_path, "--open-upload", "--cluster-policy", str(policy), *extra, *args)
+
+
+def run_replica_expecting_failure(
+    tmp_path: Path, policy: Path, join: ServerProcess, *args: str, timeout: float = 60
+) -> tuple[int, str]:
+    """Runs a joining replica that must exit (refused at join); returns (code, its output)."""
+    port = free_port()
+    command = [
+        *(sys.executable, "-m", "blindfold", "serve", "--port", str(port), "--open-upload"),
+        *("--cluster-policy", str(policy), "--join", join.url, *args),
+    ]
+    result = subprocess.run(command, capture_output=True, timeout=timeout, text=True)
+    return result.returncode, result.stdout + result.stderr
+
+
+@dataclass
+class Balancer:
+    """HAProxy (Debian package) in front of replicas: round-robin TCP passthrough, so TLS
+    ends in the replica and the client pins the replica's key through it."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_balancer(tmp_path: Path, backends: list[int]) -> Balancer:
+    """Starts `haproxy -db` on a free loopback port; skips the calling test without it."""
+    import shutil
+
+    import pytest
+
+    haproxy = shutil.which("haproxy") or (
+        "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
+    )
+    if haproxy is None:
+        pytest.skip("HAProxy is not installed (apt-get install -y haproxy)")
+    port = free_port()
+    servers = "\n".join(
+        f"  server r{i} 127.0.0.1:{backend} check inter 500 fall 1 rise 2"
+        for i, backend in enumerate(backends)
+    )
+    config = tmp_path / f"haproxy-{port}.cfg"
+    config.write_text(
+        "global\n  maxconn 4096\n"
+        "defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 120s\n"
+        "  timeout server 120s\n  retries 3\n  option redispatch\n"
+        f"frontend replicas\n  bind 127.0.0.1:{port}\n  default_backend replicas\n"
+        f"backend replicas\n  balance roundrobin\n{servers}\n"
+    )
+    log_path = tmp_path / f"haproxy-{port}.log"
+    with log_path.open("wb") as handle:
+        process = subprocess.Popen(
+            [haproxy, "-db", "-f", str(config)], stdout=handle, stderr=subprocess.STDOUT
+        )
+    balancer = Balancer(port, process, log_path)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"haproxy exited: {log_path.read_text(errors='replace')}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return balancer
+        time.sleep(0.05)
+    balancer.stop()
+    raise RuntimeError("haproxy did not listen within 20 s")
+
+
+def inferences_served(server: ServerProcess) -> int:
+    """`blindfold_inferences_total` from the replica's own /metrics."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with urllib.request.urlopen(f"{server.url}/metrics", context=context, timeout=5) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith("blindfold_inferences_total "):
+                return int(float(line.split()[1]))
+    raise AssertionError("no blindfold_inferences_total in /metrics")

@@ -117,6 +117,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             blindai_ports=_blindai_ports(args),
             unsafe_blindai_upload_without_key=args.unsafe_blindai_upload_without_key,
             log_format=args.log_format,
+            cluster_policy=args.cluster_policy,
+            join=args.join,
+            join_or_bootstrap=args.join_or_bootstrap,
+            advertise_url=args.advertise_url,
+            unsafe_simulation_measurement=args.unsafe_simulation_measurement,
         )
     )
     return 0
@@ -712,6 +717,38 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="simulation TEE only: a deployment name put into the evidence, standing in for "
         "SEV-SNP host_data / TDX mr_config_id",
+    )
+    serve.add_argument(
+        "--cluster-policy",
+        type=Path,
+        metavar="P.toml",
+        help="take part in a cluster of replicas sharing one service identity: peers and "
+        "joiners must pass this policy (a client policy plus [cluster]; see README 'Scaling out')",
+    )
+    serve.add_argument(
+        "--join",
+        metavar="URL",
+        default=os.environ.get("BLINDFOLD_JOIN") or None,
+        help="join the replica at URL: attest it and be attested by it under --cluster-policy, "
+        "then receive the service identity and the models (default $BLINDFOLD_JOIN)",
+    )
+    serve.add_argument(
+        "--join-or-bootstrap",
+        action="store_true",
+        help="with --join: when nothing answers at URL (the first replica), start a new "
+        "service identity instead of failing; a refusal still fails",
+    )
+    serve.add_argument(
+        "--advertise-url",
+        default=os.environ.get("BLINDFOLD_ADVERTISE_URL") or None,
+        help="how other replicas reach this one (default https://HOST:PORT, or "
+        "$BLINDFOLD_ADVERTISE_URL)",
+    )
+    serve.add_argument(
+        "--unsafe-simulation-measurement",
+        metavar="HEX",
+        help="simulation TEE, tests only: claim this measurement instead of the package's "
+        "(stands in for a replica running other code)",
     )
     serve.add_argument(
         "--deployment-operator-key",

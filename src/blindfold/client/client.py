@@ -13,10 +13,13 @@ It remembers the owner tokens of the models it uploaded and uses them for those 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
+import logging
 import re
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -52,6 +55,8 @@ from blindfold.errors import (
 )
 from blindfold.receipts import Receipt, ReceiptChainVerifier, SavedReceipt
 from blindfold.sealing import ModelKey
+
+logger = logging.getLogger("blindfold.client")
 
 UPLOAD_CHUNK = 1 << 20
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
@@ -181,7 +186,7 @@ class Client:
             self._reattest(transport)
             transport = self._transport
         try:
-            response = transport.request(method, path, body, send, content_length)
+            response = self._send(transport, method, path, body, send, content_length)
         except PinnedKeyMismatch:
             # The server's key changed (a restart, or someone re-routed us): re-attest, and
             # retry only if it is the same deployment. The mismatch is detected at the
@@ -197,6 +202,33 @@ class Client:
                 message = response.body[:300].decode(errors="replace")
             raise server_error(response.status, message, method=method, path=path)
         return response
+
+    def _send(
+        self,
+        transport: Transport,
+        method: str,
+        path: str,
+        body: Any,
+        headers: Mapping[str, str],
+        content_length: int | None,
+    ) -> HttpResponse:
+        """Sends once; an idempotent request (reads, inference) whose connection failed is
+        sent again on a new connection (behind a balancer, possibly to another replica of the
+        same service). Each new connection checks the pinned key again in its handshake, so
+        a retry reaches only the attested service identity."""
+        # A list of parts (a large inference request) can be sent again; a generator cannot.
+        retry = _idempotent(method, path) and isinstance(body, (bytes, list, type(None)))
+        for attempt in range(RETRIES + 1 if retry else 1):
+            try:
+                return transport.request(method, path, body, headers, content_length)
+            except PinnedKeyMismatch:
+                raise
+            except (ConnectionError, http.client.HTTPException, ssl.SSLError) as exc:
+                if not retry or attempt == RETRIES:
+                    raise
+                logger.info("retrying %s %s after %s", method, path, type(exc).__name__)
+                time.sleep(RETRY_BACKOFF * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def _attestation_expired(self) -> bool:
         valid_until = self.attestation.verdict.valid_until
@@ -565,6 +597,18 @@ class Client:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# Connection failures an idempotent request survives (a replica restarting or being removed
+# from behind a balancer), and the pause before each new attempt.
+RETRIES = 3
+RETRY_BACKOFF = 0.2
+
+
+def _idempotent(method: str, path: str) -> bool:
+    """Reads and inference change nothing on the server (a repeated run gives the same
+    outputs); uploads, deletes and access changes are never sent twice."""
+    return method in ("GET", "HEAD") or path.endswith("/infer") or path == "/v2/repository/index"
 
 
 def _model_path(model: str, version: str | None) -> str:

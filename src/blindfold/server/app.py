@@ -11,6 +11,8 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from blindfold.attestation.deployment import Endorsement
 from blindfold.errors import ConfigurationError, EvidenceError, RequestRejected, SealError
 from blindfold.receipts import ReceiptSigner
 from blindfold.sealing import ModelKey, decrypt_model_file
-from blindfold.server import admission, logs, oip
+from blindfold.server import admission, cluster, logs, oip
 from blindfold.server.admission import BodyBudget, read_body
 from blindfold.server.identity import ServerIdentity
 from blindfold.server.limits import Limits
@@ -71,6 +73,10 @@ class ServerState:
         self.body_budget = BodyBudget(service.limits.inflight_body_bytes())
         self.started = time.time()
         self.metrics = Metrics(self.snapshot)
+        # A cluster replica (`server.cluster`): its join desk and replicator; and, for a
+        # replica that joined, the peer to copy models from at start and the members it named.
+        self.cluster: tuple[cluster.JoinDesk, cluster.Replicator] | None = None
+        self.join_sync: tuple[str, list[str]] | None = None
 
     def snapshot(self) -> Snapshot:
         """What the metrics' live gauges read at each scrape."""
@@ -87,6 +93,7 @@ class ServerState:
             memory_budget_bytes=self.runner.budget.limit,
             collateral_valid_until=provider.collateral_valid_until(),
             evidence_made_at=self.identity.standing_made_at,
+            cluster_members=None if self.cluster is None else len(self.cluster[1].members()),
         )
 
 
@@ -139,6 +146,9 @@ async def live(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     state = state_of(request)
+    if state.cluster is not None and not state.cluster[1].synced.is_set():
+        joining = {"ready": False, "error": "joining: copying the models from the peer replica"}
+        return JSONResponse(joining, status_code=503)
     valid_until = state.identity.provider.collateral_valid_until()
     body: dict[str, Any] = {"ready": True, "tee": state.identity.provider.kind}
     if valid_until is not None:
@@ -220,6 +230,8 @@ async def endorse_deployment(request: Request) -> Response:
     logger.info(
         "deployment %r endorsed by operator %s", endorsement.deployment, endorsement.operator_key_id
     )
+    if state.cluster is not None:
+        state.cluster[1].share_endorsement(endorsement.to_json())
     return JSONResponse(
         {"deployment": endorsement.deployment, "operator_key": endorsement.operator_key_id}
     )
@@ -692,9 +704,31 @@ async def no_route(request: Request, exc: Exception) -> Response:
     return response
 
 
+@asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    """A replica that joined copies the existing models before it listens (uvicorn runs
+    this first), so it never answers "unknown model" for one its peers serve."""
+    state: ServerState = app.state.blindfold
+    if state.cluster is not None:
+        replicator = state.cluster[1]
+        if state.join_sync is not None:
+            peer, members = state.join_sync
+            copied = await replicator.sync_from(peer, members)
+            logger.info("copied %d models from the peer replica %s", copied, peer)
+        replicator.synced.set()
+    try:
+        yield
+    finally:
+        if state.cluster is not None:
+            state.cluster[1].stop()
+
+
 def create_app(state: ServerState) -> Starlette:
+    routes = ROUTES + (cluster.ROUTES if state.cluster is not None else [])
     app = Starlette(
-        routes=[_guarded(route) for route in ROUTES], exception_handlers={HTTPException: no_route}
+        routes=[_guarded(route) for route in routes],
+        exception_handlers={HTTPException: no_route},
+        lifespan=_lifespan,
     )
     app.state.blindfold = state
     return app

@@ -1,5 +1,6 @@
-"""The server's attested identity: a fresh TLS key pair and certificate made at each start,
-and evidence binding the certificate's public key (DESIGN.md, "The attested channel"), and the
+"""The server's attested identity: the service identity (`service_identity.py`: TLS key and
+certificate, made at start or released by a peer replica), and this replica's own evidence
+binding the certificate's public key (DESIGN.md, "The attested channel"), and the
 operator's endorsement naming the deployment that key belongs to (`attestation.deployment`).
 
 The private key only ever lives in process memory. Python's ssl module loads keys only from
@@ -14,9 +15,7 @@ collateral or certificate expires, so clients keep accepting it and receipts kee
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import ipaddress
 import os
 import secrets
 import ssl
@@ -26,15 +25,13 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from blindfold.attestation.binding import public_key_sha256
 from blindfold.attestation.deployment import Endorsement
 from blindfold.attestation.verdict import Evidence
 from blindfold.errors import EvidenceError, RequestRejected
+from blindfold.server.service_identity import ServiceIdentity
 from blindfold.server.tee.base import TeeProvider
 
 
@@ -57,14 +54,17 @@ class ServerIdentity:
         provider: TeeProvider,
         hostnames: list[str],
         operator_key_ids: frozenset[str] = frozenset(),
+        service: ServiceIdentity | None = None,
     ) -> None:
         self.provider = provider
+        # Made here, or (a replica that joined a cluster) released by an attested peer.
+        self.service = service or ServiceIdentity.create(hostnames)
         # Who may endorse this server's key (`--deployment-operator-key`); empty: the first
         # operator to post a valid endorsement, and later only that operator.
         self.operator_key_ids = operator_key_ids
         self.endorsement: Endorsement | None = None
-        self.private_key = ec.generate_private_key(ec.SECP256R1())
-        self.certificate = _self_signed_certificate(self.private_key, hostnames)
+        self.private_key = self.service.tls_key
+        self.certificate = self.service.certificate
         self.certificate_der = self.certificate.public_bytes(serialization.Encoding.DER)
         self.certificate_pem = self.certificate.public_bytes(serialization.Encoding.PEM).decode()
         self.spki_sha256 = public_key_sha256(self.private_key.public_key())
@@ -178,28 +178,3 @@ STANDING_REFRESH_MARGIN = 3600.0
 def _refresh_time(made: float, valid_until: float) -> float:
     """An hour before expiry, or halfway through a lifetime shorter than two hours."""
     return valid_until - min(STANDING_REFRESH_MARGIN, max(valid_until - made, 0) / 2)
-
-
-def _self_signed_certificate(
-    key: ec.EllipticCurvePrivateKey, hostnames: list[str]
-) -> x509.Certificate:
-    names: list[x509.GeneralName] = []
-    for host in hostnames:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    now = datetime.datetime.now(datetime.timezone.utc)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Blindfold attested server")])
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )

@@ -19,9 +19,9 @@ from typing import Any
 
 import uvicorn
 
-from blindfold.attestation.deployment import load_operator_public_key, operator_key_id
+from blindfold.attestation.deployment import Endorsement, load_operator_public_key, operator_key_id
 from blindfold.errors import ConfigurationError
-from blindfold.server import blindai_compat, logs
+from blindfold.server import blindai_compat, cluster, logs
 from blindfold.server.app import ServerState, create_app
 from blindfold.server.blindai_compat import DEFAULT_PORTS as DEFAULT_BLINDAI_PORTS
 from blindfold.server.connections import GuardedProtocol, GuardedServer
@@ -68,6 +68,12 @@ class ServerConfig:
     blindai_ports: tuple[int, int, int] = DEFAULT_BLINDAI_PORTS  # unattested, run, management
     unsafe_blindai_upload_without_key: bool = False  # BlindAI uploads despite an upload key
     log_format: str = "text"  # or "json": one JSON object per stderr line (logs.py)
+    cluster_policy: Path | None = None  # accept joining replicas (and join) under this policy
+    join: str | None = None  # an existing replica's URL: take its service identity and models
+    join_or_bootstrap: bool = False  # no peer reachable at all: start a new identity instead
+    advertise_url: str | None = None  # how other replicas reach this one (default host:port)
+    # Simulation only, for tests: claim another measurement (as other code would have).
+    unsafe_simulation_measurement: str | None = None
 
 
 def make_provider(config: ServerConfig) -> TeeProvider:
@@ -86,8 +92,13 @@ def make_provider(config: ServerConfig) -> TeeProvider:
 
         # With a store, the (insecure) simulation sealing key file lives in the store.
         return SimulationProvider(
-            config.store, config.simulation_evidence_lifetime, config.deployment_id
+            config.store,
+            config.simulation_evidence_lifetime,
+            config.deployment_id,
+            config.unsafe_simulation_measurement,
         )
+    if config.unsafe_simulation_measurement:
+        raise ConfigurationError("--unsafe-simulation-measurement applies only to --tee simulation")
     if config.deployment_id:
         raise ConfigurationError(
             f"--deployment-id only exists for the simulation TEE; on {kind} the deployment is "
@@ -233,9 +244,17 @@ def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
     hostnames = sorted({config.host, "localhost", "127.0.0.1", *config.hostnames})
     if config.blindai_compat:
         hostnames.append(blindai_compat.CERTIFICATE_NAME)
+    cluster_policy, joined = _join(config, provider)
     identity = ServerIdentity(
-        provider, hostnames, read_operator_keys(config.deployment_operator_keys)
+        provider,
+        hostnames,
+        read_operator_keys(config.deployment_operator_keys),
+        None if joined is None else joined.identity,
     )
+    if joined is not None and joined.endorsement is not None:
+        # The operator endorsed the shared key on the peer; it holds here too.
+        with contextlib.suppress(Exception):
+            identity.endorse(Endorsement.from_json(joined.endorsement))
     admin_key_hashes = read_upload_keys(config.admin_key_file, "admin key file")
     store = None
     if config.store is not None:
@@ -267,12 +286,58 @@ def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
     try:
         service.restore()
         state = ServerState(identity, service, runner, config.encrypted_models_dir, pools)
+        if cluster_policy is not None:
+            replicator = cluster.Replicator(identity.service, service, _advertise_url(config))
+            state.cluster = (
+                cluster.JoinDesk(cluster_policy, identity.service, replicator),
+                replicator,
+            )
+            if joined is not None:
+                state.join_sync = (joined.peer_url, joined.members)
         return state, access
     except BaseException:
         service.close()
         runner.shutdown()
         pools.shutdown()
         raise
+
+
+def _advertise_url(config: ServerConfig) -> str:
+    if config.advertise_url:
+        return config.advertise_url.rstrip("/")
+    return f"https://{config.host}:{config.port}"
+
+
+def _join(
+    config: ServerConfig, provider: TeeProvider
+) -> tuple[cluster.ClusterPolicy | None, cluster.Joined | None]:
+    """With --join: the service identity from an attested peer (or, with
+    --join-or-bootstrap and no peer reachable at all, none: this replica starts a new one)."""
+    if config.cluster_policy is None:
+        if config.join:
+            raise ConfigurationError(
+                "--join needs --cluster-policy: the policy the peer must pass, and this "
+                "replica with it"
+            )
+        return None, None
+    policy = cluster.ClusterPolicy.load(config.cluster_policy)
+    if not config.join:
+        return policy, None
+    try:
+        joined = cluster.join_cluster(config.join, policy, provider, _advertise_url(config))
+    except cluster.JoinRefused as exc:
+        if config.join_or_bootstrap and isinstance(exc, cluster.PeerUnreachable):
+            logger.warning(
+                "no replica answers at %s (%s): starting a NEW service identity "
+                "(--join-or-bootstrap); clients pinned to an older one must attest again",
+                config.join,
+                exc,
+            )
+            return policy, None
+        logger.error("join refused: %s", exc)
+        raise
+    logger.info("joined the cluster through %s; members: %s", config.join, joined.members)
+    return policy, joined
 
 
 def check_limits(limits: Limits) -> None:

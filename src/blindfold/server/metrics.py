@@ -64,6 +64,7 @@ class Snapshot:
     memory_budget_bytes: int
     collateral_valid_until: float | None
     evidence_made_at: float | None
+    cluster_members: int | None = None  # None: not a cluster replica
 
 
 class _LiveState(Collector):
@@ -88,6 +89,12 @@ class _LiveState(Collector):
         yield GaugeMetricFamily(
             "blindfold_models", "Models loaded and ready", value=len(state.models)
         )
+        if state.cluster_members is not None:
+            yield GaugeMetricFamily(
+                "blindfold_cluster_members",
+                "Replicas this one knows of and replicates to (itself excluded)",
+                value=state.cluster_members,
+            )
         yield GaugeMetricFamily(
             "blindfold_models_unavailable",
             "Stored models the server could not load",

@@ -116,6 +116,16 @@ def _unavailable(model: UnavailableModel) -> RequestRejected:
 
 
 @dataclass(frozen=True)
+class Change:
+    """One change of the model set, as replicas send it to each other: `put` (with the
+    bytes), `rules` (access rule and run keys of that version) or `delete`."""
+
+    op: str
+    record: StoredModel
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
 class LoadResult:
     entry: ModelEntry
     owner_token: str | None  # only when the server made it: it keeps just its hash
@@ -159,6 +169,9 @@ class ModelService:
         # shows what the disk does not hold.
         self._lock = threading.Lock()
         self._records: dict[str, StoredModel] = {}
+        # Told of every change made through this replica's API (never of changes it applied
+        # from a peer), so `server.cluster` can copy it to the other replicas.
+        self.on_change: Callable[[Change], None] | None = None
 
     def close(self) -> None:
         self.registry.close_sessions()
@@ -457,10 +470,66 @@ class ModelService:
             sha256,
             extra={"model": name, "model_sha256": sha256},
         )
+        if self.on_change is not None:  # copies the bytes only when replicas need them
+            self._notify(Change("put", record, bytes(data)))
         chosen = owner_token is not None and owner_token == owner_secret
         return LoadResult(
             entry, None if chosen else owner_token, existing is not None, owner_chosen=chosen
         )
+
+    def _notify(self, change: Change) -> None:
+        if self.on_change is not None:
+            self.on_change(change)
+
+    # --- changes replicated from a peer replica (`server.cluster`): no token, the peer
+    # authenticated with the replication key; the higher version wins ---
+
+    async def apply_put(self, record: StoredModel, data: bytes) -> bool:
+        """Installs a peer's model version unless this replica already holds it or a newer
+        one; returns whether anything changed."""
+        check_name(record.name)
+        existing = self._current(record.name)
+        if existing is not None and existing.version >= record.version:
+            return False
+        if hashlib.sha256(data).hexdigest() != record.sha256:
+            raise RequestRejected(400, f"replicated model {record.name!r}: bytes do not match")
+        session = await self._session_for(data, record.sha256)
+        entry = _entry(record, session)
+        try:
+            if self.store is None:
+                self._commit_load(existing, record, entry, data)
+            else:
+                await asyncio.to_thread(self._commit_load, existing, record, entry, data)
+        except BaseException:
+            if self.registry.session_for(record.sha256) is not session:
+                session.close()
+            raise
+        logger.info("model %r version %d replicated from a peer", record.name, record.version)
+        return True
+
+    def apply_rules(self, record: StoredModel) -> bool:
+        with self._lock:
+            current = self._current(record.name)
+            if not isinstance(current, ModelEntry) or current.version != record.version:
+                return False
+            self._persist_rules(current, record.public, record.run_keys)
+            current.public = record.public
+            current.run_keys = dict(record.run_keys)
+        return True
+
+    def apply_delete(self, name: str, version: int) -> bool:
+        with self._lock:
+            current = self._current(name)
+            if current is None or current.version > version:
+                return False
+            self._remove(current)
+        logger.info("model %r unloaded by a peer replica", name)
+        return True
+
+    def snapshot(self) -> list[StoredModel]:
+        """What a joining replica copies: every servable model's record."""
+        with self._lock:
+            return [self._records.get(e.name) or _record(e) for e in self.registry.entries()]
 
     def _commit_load(
         self,
@@ -573,6 +642,7 @@ class ModelService:
         logger.info(
             "model %r unloaded", name, extra={"model": name, "model_sha256": current.sha256}
         )
+        self._notify(Change("delete", _removed(current)))
         return current
 
     def unload_unowned(self, name: str) -> ModelEntry | UnavailableModel:
@@ -587,6 +657,7 @@ class ModelService:
                 )
             self._remove(current)
         logger.info("model %r (no owner) unloaded", name)
+        self._notify(Change("delete", _removed(current)))
         return current
 
     def _remove(self, current: ModelEntry | UnavailableModel) -> None:
@@ -618,6 +689,7 @@ class ModelService:
             self.require_owner(entry, token, "change access to")
             self._persist_rules(entry, public, entry.run_keys)
             entry.public = public
+        self._notify(Change("rules", _record(entry)))
         return entry
 
     def create_run_key(self, name: str, token: str | None) -> tuple[str, str]:
@@ -629,6 +701,7 @@ class ModelService:
             digest = token_hash(run_key)
             self._persist_rules(entry, entry.public, {**entry.run_keys, key_id: digest})
             entry.run_keys[key_id] = digest
+        self._notify(Change("rules", _record(entry)))
         return key_id, run_key
 
     def revoke_run_key(self, name: str, token: str | None, key_id: str) -> None:
@@ -640,6 +713,7 @@ class ModelService:
             remaining = {k: v for k, v in entry.run_keys.items() if k != key_id}
             self._persist_rules(entry, entry.public, remaining)
             entry.run_keys.pop(key_id, None)
+        self._notify(Change("rules", _record(entry)))
 
 
 @contextlib.contextmanager
@@ -681,6 +755,12 @@ def _record(entry: ModelEntry) -> StoredModel:
         created=time.time(),
         run_keys=dict(entry.run_keys),
     )
+
+
+def _removed(model: ModelEntry | UnavailableModel) -> StoredModel:
+    if isinstance(model, UnavailableModel):
+        return model.record
+    return _record(model)
 
 
 def _too_large(size: int, limit: int) -> RequestRejected:

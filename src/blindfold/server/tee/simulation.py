@@ -26,8 +26,11 @@ class SimulationProvider:
         state_dir: Path | None = None,
         evidence_lifetime: int | None = None,
         deployment_id: str = "",
+        measurement: str | None = None,  # tests only: claim what other code would measure
     ) -> None:
-        self._signer = SimulationSigner(lifetime=evidence_lifetime, deployment_id=deployment_id)
+        self._signer = SimulationSigner(
+            measurement, lifetime=evidence_lifetime, deployment_id=deployment_id
+        )
         self._state_dir = state_dir
         self.measurement = self._signer.measurement
         logger.warning("%s", WARNING)

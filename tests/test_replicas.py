@@ -1,0 +1,271 @@
+"""Replicas sharing one attested service identity (README "Scaling out"): real server
+processes on loopback, joining each other under a cluster policy."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import blindfold
+from blindfold.errors import BlindfoldError, ConfigurationError
+from blindfold.server.cluster import ClusterPolicy
+
+from onnx_models import add_mul_model, matmul_model
+from server_process import (
+    ServerProcess,
+    run_replica_expecting_failure,
+    start_replica,
+    write_cluster_policy,
+)
+
+A = np.ones((1, 4), np.float32)
+B = np.full((1, 4), 2.0, np.float32)
+
+
+def connect(server: ServerProcess) -> blindfold.Client:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return blindfold.connect(server.url, allow_simulation=True)
+
+
+def eventually(check: Callable[[], bool], what: str, within: float = 20.0) -> None:
+    """Polls `check` until it holds: replication is asynchronous, but bounded."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        time.sleep(0.1)
+
+
+def operator_key():  # type: ignore[no-untyped-def]
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def serves(client: blindfold.Client, model: str, token: str | None = None) -> bool:
+    try:
+        outputs = client.run_model(model, {"a": A, "b": B}, token=token)
+    except BlindfoldError:
+        return False
+    return bool(np.allclose(outputs["sum"], A + B))
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_cluster_policy(tmp_path_factory.mktemp("policy"))
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory: pytest.TempPathFactory, policy: Path) -> Iterator[ServerProcess]:
+    replica = start_replica(tmp_path_factory.mktemp("first"), policy)
+    yield replica
+    replica.stop()
+
+
+def test_a_joiner_presents_the_same_identity_and_serves_every_change(
+    tmp_path: Path, policy: Path, first: ServerProcess
+) -> None:
+    with connect(first) as on_first:
+        early = on_first.upload_model(add_mul_model().SerializeToString(), name="early")
+        second = start_replica(tmp_path, policy, join=first)
+        try:
+            with connect(second) as on_second:
+                # One identity: the same pinned key, each replica with its own evidence.
+                assert on_second.attestation.spki_sha256 == on_first.attestation.spki_sha256
+                assert on_second.attestation.evidence != on_first.attestation.evidence
+                # A replica that joins later gets the existing models, rules included:
+                # restricted, so only the owner token runs it there too.
+                assert serves(on_second, "early", token=early.owner_token)
+                assert not serves(on_second, "early", token="bfo_not-the-owner")
+                # Changes made on one replica reach the other, both ways.
+                late = on_second.upload_model(add_mul_model().SerializeToString(), name="late")
+                eventually(lambda: serves(on_first, "late", late.owner_token), "upload copied")
+                on_first.set_public("early", True, token=early.owner_token)
+                eventually(lambda: serves(on_second, "early"), "access rule copied")
+                key_id, run_key = on_first.create_run_key("late", token=late.owner_token)
+                eventually(lambda: serves(on_second, "late", run_key), "run key copied")
+                on_second.revoke_run_key("late", key_id, token=late.owner_token)
+                eventually(lambda: not serves(on_first, "late", run_key), "revocation copied")
+                # A replaced model is replaced everywhere (the higher version wins).
+                replaced = matmul_model(4).SerializeToString()
+                on_first.upload_model(replaced, name="late", token=late.owner_token)
+                digest = hashlib.sha256(replaced).hexdigest()
+
+                def replaced_there() -> bool:
+                    rows = on_second.list_models(token=late.owner_token)
+                    return any(r["name"] == "late" and r["sha256"] == digest for r in rows)
+
+                eventually(replaced_there, "replacement copied")
+                # An operator endorsement posted to one replica holds on every replica.
+                operator = operator_key()
+                on_second.endorse_deployment(operator, "prod-eu")
+                eventually(lambda: "endorsement copied" in first.log(), "endorsement copied")
+                with connect(first) as fresh:
+                    assert fresh.attestation.endorsement is not None
+                    assert fresh.attestation.endorsement.deployment == "prod-eu"
+                # A delete is honoured everywhere.
+                on_second.delete_model("early", token=early.owner_token)
+                eventually(lambda: not serves(on_first, "early"), "delete copied")
+        finally:
+            second.stop()
+    assert "released the service identity to a replica" in first.log()
+
+
+def test_a_replica_running_other_code_is_refused_and_gets_nothing(
+    tmp_path: Path, policy: Path, first: ServerProcess
+) -> None:
+    code, output = run_replica_expecting_failure(
+        tmp_path, policy, first, "--unsafe-simulation-measurement", "ab" * 32
+    )
+    assert code != 0
+    assert "join refused" in output and "measurement" in output
+    assert "Blindfold serving on" not in output  # it never served with the identity
+    eventually(lambda: "refused a replica joining" in first.log(), "refusal logged by the peer")
+    refusal = [line for line in first.log().splitlines() if "refused a replica joining" in line]
+    assert "ab" * 32 in refusal[-1]  # the reason names the measurement it claimed
+
+
+def test_a_replica_of_another_deployment_is_refused(tmp_path: Path) -> None:
+    policy = write_cluster_policy(tmp_path, '\n[deployment]\nsimulation_deployment_id = ["prod"]\n')
+    prod = start_replica(tmp_path, policy, "--deployment-id", "prod")
+    try:
+        code, output = run_replica_expecting_failure(
+            tmp_path, policy, prod, "--deployment-id", "staging"
+        )
+        assert code != 0 and "join refused" in output and "staging" in output
+        eventually(lambda: "refused a replica joining" in prod.log(), "refusal logged")
+        # The same deployment is accepted.
+        second = start_replica(tmp_path, policy, "--deployment-id", "prod", join=prod)
+        second.stop()
+    finally:
+        prod.stop()
+
+
+def test_a_joiner_refuses_a_peer_that_fails_its_policy(tmp_path: Path, policy: Path) -> None:
+    """The other direction: the joiner attests the peer first and refuses other code."""
+    other = start_replica(tmp_path, policy, "--unsafe-simulation-measurement", "cd" * 32)
+    try:
+        code, output = run_replica_expecting_failure(tmp_path, policy, other)
+        assert code != 0
+        assert "fails the cluster policy" in output and "cd" * 32 in output
+        assert "released the service identity" not in other.log()
+    finally:
+        other.stop()
+
+
+def test_the_cluster_policy_must_allow_simulation_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[simulation]\nmeasurement = ["' + "00" * 32 + '"]\n')
+    with pytest.raises(ConfigurationError, match="unsafe_allow_simulation"):
+        ClusterPolicy.load(path)
+    path.write_text(
+        '[simulation]\nmeasurement = ["' + "00" * 32 + '"]\n'
+        '[deployment]\noperator_keys = ["sha256:' + "11" * 32 + '"]\n'
+        "[cluster]\nunsafe_allow_simulation = true\n"
+    )
+    with pytest.raises(ConfigurationError, match="no endorsement yet"):
+        ClusterPolicy.load(path)
+
+
+# --- attacks on the cluster routes, as someone without the service identity would try ---
+
+
+def _post(server: ServerProcess, path: str, body: bytes, headers: dict[str, str] | None = None):
+    import http.client
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=context)
+    try:
+        connection.request("POST" if body is not None else "GET", path, body, headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_replication_routes_refuse_anyone_without_the_replication_key(
+    first: ServerProcess,
+) -> None:
+    from blindfold.server.cluster import encode_change
+    from blindfold.server.service import Change
+    from blindfold.server.store import StoredModel
+
+    data = add_mul_model().SerializeToString()
+    record = StoredModel("planted", 99, hashlib.sha256(data).hexdigest(), len(data), "", True)
+    planted = encode_change(Change("put", record, data))
+    for key in (None, "00" * 32):
+        headers = {} if key is None else {"blindfold-replication": key}
+        # Planting a model, registering oneself as a member (to be sent every model), and
+        # reading every model's bytes are all refused.
+        assert _post(first, "/v2/cluster/apply", planted, headers)[0] == 401
+        assert _post(first, "/v2/cluster/members", b'{"url": "https://evil:1"}', headers)[0] == 401
+        assert _post(first, "/v2/cluster/snapshot", None, headers)[0] == 401
+    with connect(first) as client:
+        assert not serves(client, "planted")
+
+
+def test_join_evidence_must_bind_the_key_and_a_fresh_nonce(first: ServerProcess) -> None:
+    """An attacker relaying a genuine joiner's evidence with its own key, or replaying a
+    nonce, gets nothing (the simulation signer stands in for the joiner's TEE)."""
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    from blindfold.attestation.simulation import SimulationSigner
+    from blindfold.attestation.verdict import Evidence
+    from blindfold.server.service_identity import join_key_binding
+
+    def raw(key: x25519.X25519PrivateKey) -> str:
+        return (
+            key.public_key()
+            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            .hex()
+        )
+
+    status, body = _post(first, "/v2/cluster/challenge", b"{}")
+    nonce = bytes.fromhex(json.loads(body)["nonce"])
+    genuine, attacker = x25519.X25519PrivateKey.generate(), x25519.X25519PrivateKey.generate()
+    evidence = Evidence(
+        "simulation",
+        SimulationSigner().evidence(join_key_binding(genuine.public_key()) + nonce),
+    )
+    request = {"evidence": evidence.to_json(), "nonce": nonce.hex(), "advertise_url": ""}
+    status, body = _post(
+        first, "/v2/cluster/join", json.dumps({**request, "join_key": raw(attacker)}).encode()
+    )
+    assert status == 403 and b"does not bind the join key" in body
+    assert b"identity" not in body
+    # The nonce was used up by that attempt: replaying it, even with the right key, fails.
+    status, body = _post(
+        first, "/v2/cluster/join", json.dumps({**request, "join_key": raw(genuine)}).encode()
+    )
+    assert status == 403 and b"nonce" in body
+
+
+def test_the_sealed_identity_opens_only_with_the_join_key_and_its_context() -> None:
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    from blindfold.errors import EvidenceError
+    from blindfold.server.service_identity import ServiceIdentity, open_sealed
+
+    identity = ServiceIdentity.create(["127.0.0.1"])
+    joiner, other = x25519.X25519PrivateKey.generate(), x25519.X25519PrivateKey.generate()
+    sealed = identity.seal_for(joiner.public_key(), b"report data")
+    opened = open_sealed(sealed, joiner, b"report data")
+    assert opened.to_bytes() == identity.to_bytes()
+    assert opened.replication_key() == identity.replication_key() != identity.store_key()
+    with pytest.raises(EvidenceError, match="does not decrypt"):
+        open_sealed(sealed, other, b"report data")  # someone else's key
+    with pytest.raises(EvidenceError, match="does not decrypt"):
+        open_sealed(sealed, joiner, b"other report data")  # released for another request
