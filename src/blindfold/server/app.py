@@ -116,6 +116,9 @@ async def metrics(request: Request) -> Response:
         f"blindfold_models {len(state.service.registry.entries())}",
         f"blindfold_sessions {state.service.registry.session_count()}",
         f"blindfold_inferences_total {state.inferences}",
+        f"blindfold_queued_inferences {state.runner.scheduler.queued}",
+        f"blindfold_batches_total {state.runner.scheduler.batches}",
+        f"blindfold_batched_requests_total {state.runner.scheduler.batched_requests}",
         f"blindfold_rejected_requests_total {state.rejected_requests}",
     ]
     valid_until = provider.collateral_valid_until()
