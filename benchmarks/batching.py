@@ -104,7 +104,11 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def concurrent(
-    client: blindfold.Client, model: str, inputs: dict[str, np.ndarray], clients: int, seconds: float
+    client: blindfold.Client,
+    model: str,
+    inputs: dict[str, np.ndarray],
+    clients: int,
+    seconds: float,
 ) -> tuple[int, list[float], float]:
     """`clients` threads calling as fast as they can; returns (count, latencies, elapsed)."""
     latencies: list[float] = []

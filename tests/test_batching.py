@@ -24,6 +24,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_inference import metric
 
 import blindfold
 from blindfold.errors import RequestRejected
@@ -33,7 +34,6 @@ from blindfold.server.scheduler import Scheduler, SchedulingOptions
 
 from onnx_models import add_mul_model, gather_model, identity_model, matmul_model
 from server_process import ServerProcess, start_server
-from test_inference import metric
 
 FAR = 8_000_000  # µs: a fallback delay no test waits for
 
@@ -174,7 +174,9 @@ def test_batched_answers_are_bit_identical_to_running_alone(
         reference = client.run_model(alone.name, inputs)
         feeds = inputs if isinstance(inputs, dict) else {session.get_inputs()[0].name: inputs}
         local = session.run(None, feeds)
-        for (name, got), want, direct in zip(answer.items(), reference.values(), local):
+        for (name, got), want, direct in zip(
+            answer.items(), reference.values(), local, strict=True
+        ):
             assert got.dtype == want.dtype and got.shape == want.shape, name
             assert got.tobytes() == want.tobytes(), f"{kind}: {name} differs from running alone"
             assert got.shape == direct.shape and np.allclose(got, direct, rtol=1e-5, atol=1e-6)
