@@ -369,7 +369,7 @@ async def run(request: Request) -> Response:
     entry = _resolve(state, document)
     session = entry.session
     feeds = read_inputs(document.get("inputs"), session, limits)
-    results = await state.runner.run(session, session.output_names, feeds)
+    results = await state.runner.run(session, session.output_names, feeds, entry.scheduling)
     state.inferences += 1
     outputs = [write_output(n, a) for n, a in zip(session.output_names, results, strict=True)]
     return _cbor({"outputs": outputs})
