@@ -202,6 +202,7 @@ class Scheduler:
         self._free = slots
         self._queues: dict[tuple[int, SchedulingOptions], _ModelQueue] = {}
         self._ring: deque[_ModelQueue] = deque()  # models with waiting requests, in turn
+        self._tasks: set[asyncio.Task[None]] = set()  # running batches (the loop keeps weak refs)
         self.batches = 0  # batched session runs (for /metrics)
         self.batched_requests = 0
 
@@ -282,7 +283,9 @@ class Scheduler:
                 return
             self._free -= 1
             queue.running += 1
-            loop.create_task(self._execute(queue, batch))
+            task = loop.create_task(self._execute(queue, batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _wake_at(self, queue: _ModelQueue, deadline: float) -> None:
         if queue.timer is not None and queue.timer.when() <= deadline:
