@@ -161,6 +161,36 @@ def test_load_infer_index_open_upload(server: ServerProcess, open_cert: Path) ->
             assert len(index[name]["sha256"]) == 64
 
 
+def test_load_with_dynamic_batching(server: ServerProcess, open_cert: Path) -> None:
+    """Scheduling options travel as load query parameters; concurrent Triton requests of
+    1 and 3 rows (4 = max_batch_size) run as one batch and each gets its own rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    name = "triton-batched-identity"
+    with triton(server, open_cert) as client:
+        client.load_model(
+            name,
+            config=config_for(name),
+            files={"file:1/model.onnx": model_bytes(identity_model(TensorProto.INT32, ["N", 2]))},
+            query_params={"public": "true", "max_batch_size": "4", "max_queue_delay_us": "8000000"},
+        )
+        assert client.get_model_metadata(name)["scheduling"]["max_batch_size"] == 4
+
+    def infer(data: np.ndarray) -> np.ndarray:
+        with triton(server, open_cert) as own:
+            tensor = tritonclient_http.InferInput("x", list(data.shape), "INT32")
+            tensor.set_data_from_numpy(data, binary_data=True)
+            out = own.infer(name, [tensor]).as_numpy("y")
+            assert out is not None
+            return out
+
+    requests = [np.array([[1, 2]], np.int32), np.arange(6, dtype=np.int32).reshape(3, 2)]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(infer, requests))
+    for data, out in zip(requests, answers, strict=True):
+        np.testing.assert_array_equal(out, data)
+
+
 def test_multiple_inputs_and_outputs(server: ServerProcess, open_cert: Path) -> None:
     with triton(server, open_cert) as client:
         client.load_model(

@@ -258,7 +258,16 @@ def cmd_upload(args: argparse.Namespace) -> int:
     with _client(args) as client:
         size = args.model.stat().st_size
         progress = _progress_bar("uploading") if size >= 8 << 20 else None
-        model = client.upload_model(args.model, args.name, public=_public(args), progress=progress)
+        model = client.upload_model(
+            args.model,
+            args.name,
+            public=_public(args),
+            progress=progress,
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_us=args.max_queue_delay_us,
+            preferred_batch_sizes=args.preferred_batch_sizes,
+            max_concurrency=args.max_concurrency,
+        )
         _print_json(model.__dict__)
     return 0
 
@@ -821,6 +830,32 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--access", choices=["public", "restricted"])
     upload.add_argument(
         "--public", action="store_true", help="let anyone who attests the server run it"
+    )
+    batching = upload.add_argument_group("scheduling (README: Dynamic batching)")
+    batching.add_argument(
+        "--max-batch-size",
+        type=int,
+        metavar="N",
+        help="run up to N rows of concurrent requests together (every input and output needs "
+        "a dynamic first axis); 0: no batching",
+    )
+    batching.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        metavar="US",
+        help="how long a request may wait for others to batch with (microseconds)",
+    )
+    batching.add_argument(
+        "--preferred-batch-sizes",
+        type=lambda text: [int(size) for size in text.split(",") if size],
+        metavar="N,M",
+        help="batch sizes to send at once when reached, e.g. 4,8",
+    )
+    batching.add_argument(
+        "--max-concurrency",
+        type=int,
+        metavar="N",
+        help="at most N runs of this model at once (default: --max-concurrent-inferences)",
     )
     upload.set_defaults(handler=cmd_upload)
 

@@ -22,11 +22,11 @@ import secrets
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import numpy as np
 from cryptography import x509
@@ -78,6 +78,8 @@ class UploadedModel:
     # Client that uploaded remembers it; keep it to manage the model from elsewhere.
     owner_token: str | None
     public: bool
+    # The scheduling options the server applies (dynamic batching, concurrency), if any.
+    scheduling: dict[str, Any] | None = None
 
     @classmethod
     def from_answer(cls, answer: dict[str, Any], sent: str | None = None) -> UploadedModel:
@@ -90,6 +92,7 @@ class UploadedModel:
             version=answer["version"],
             owner_token=owner,
             public=answer["public"],
+            scheduling=answer.get("scheduling"),
         )
 
 
@@ -339,6 +342,10 @@ class Client:
         public: bool | None = None,
         token: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        max_batch_size: int | None = None,
+        max_queue_delay_us: int | None = None,
+        preferred_batch_sizes: Sequence[int] | None = None,
+        max_concurrency: int | None = None,
     ) -> UploadedModel:
         """Uploads ONNX bytes (a path, bytes or an onnx.ModelProto) and returns its identity.
 
@@ -346,12 +353,30 @@ class Client:
         `public=True`; a replaced model keeps its rule unless `public` is given. `token` is
         the upload key for a new name, or the owner token to replace a model (by default
         the owner token this Client remembers for `name`, else the Client's token).
+
+        Scheduling (README, "Dynamic batching"): `max_batch_size` > 0 lets the server run
+        concurrent requests together (every input and output needs a dynamic first axis),
+        waiting at most `max_queue_delay_us` for company and sending early at one of
+        `preferred_batch_sizes`; `max_concurrency` caps this model's simultaneous runs. A
+        replaced model keeps its options unless one of them is given.
         """
         data, default_name = _model_bytes(model)
         name = name or default_name or f"model-{hashlib.sha256(data).hexdigest()[:12]}"
         path = f"/v2/repository/models/{quote(name, safe='')}/load"
+        query: dict[str, str | int] = {}
         if public is not None:
-            path += f"?public={'true' if public else 'false'}"
+            query["public"] = "true" if public else "false"
+        for option, value in (
+            ("max_batch_size", max_batch_size),
+            ("max_queue_delay_us", max_queue_delay_us),
+            ("max_concurrency", max_concurrency),
+        ):
+            if value is not None:
+                query[option] = value
+        if preferred_batch_sizes is not None:
+            query["preferred_batch_sizes"] = ",".join(str(size) for size in preferred_batch_sizes)
+        if query:
+            path += "?" + urlencode(query)
 
         def chunks() -> Iterator[bytes]:
             view = memoryview(data)

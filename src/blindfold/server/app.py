@@ -37,6 +37,7 @@ from blindfold.server.models import OWNER_SECRET_HEADER, ModelEntry
 from blindfold.server.pools import Pools
 from blindfold.server.responses import parts_response
 from blindfold.server.runtime import InferenceRunner, RunTiming, Session
+from blindfold.server.scheduler import DEFAULT, SchedulingOptions
 from blindfold.server.service import LoadCredentials, LoadResult, ModelService
 
 logger = logging.getLogger("blindfold.server")
@@ -94,6 +95,9 @@ class ServerState:
             collateral_valid_until=provider.collateral_valid_until(),
             evidence_made_at=self.identity.standing_made_at,
             cluster_members=None if self.cluster is None else len(self.cluster[1].members()),
+            queued_inferences=self.runner.scheduler.queued,
+            batches=self.runner.scheduler.batches,
+            batched_requests=self.runner.scheduler.batched_requests,
         )
 
 
@@ -238,7 +242,7 @@ async def endorse_deployment(request: Request) -> Response:
 
 
 def _metadata(entry: ModelEntry) -> dict[str, Any]:
-    return {
+    metadata: dict[str, Any] = {
         "name": entry.name,
         "versions": [str(entry.version)],
         "platform": "onnxruntime_onnx",
@@ -246,6 +250,10 @@ def _metadata(entry: ModelEntry) -> dict[str, Any]:
         "inputs": [spec.metadata() for spec in entry.session.inputs],
         "outputs": [spec.metadata() for spec in entry.session.outputs],
     }
+    if entry.scheduling != DEFAULT:
+        # Users see that their requests may share a session run with other callers'.
+        metadata["scheduling"] = entry.scheduling.to_json()
+    return metadata
 
 
 def _resolve(request: Request) -> ModelEntry:
@@ -292,7 +300,7 @@ async def _infer(
         parsed, names = _decode(body, header_length, limits, session)
     else:
         parsed, names = await state.pools.codec.call(_decode, body, header_length, limits, session)
-    results = await state.runner.run(session, names, dict(parsed.inputs), timing)
+    results = await state.runner.run(session, names, dict(parsed.inputs), entry.scheduling, timing)
     outputs = dict(zip(names, results, strict=True))
     quick = _encodes_quickly(parsed, outputs)
     parameters: dict[str, Any] = {"model_sha256": entry.sha256}
@@ -406,6 +414,7 @@ async def repository_load(request: Request) -> Response:
     public = None
     if "public" in request.query_params:
         public = request.query_params["public"].lower() in ("1", "true", "yes")
+    scheduling = SchedulingOptions.parse(request.query_params)
     hasher = hashlib.sha256()
     if request.headers.get("content-type", "").startswith("application/octet-stream"):
         # Blindfold's raw upload: the body is the ONNX file, no base64 blow-up, hashed as
@@ -424,8 +433,9 @@ async def repository_load(request: Request) -> Response:
     else:
         limit = limits.max_model_bytes * 4 // 3 + JSON_SLACK
         body = await read_body(request, state.body_budget, limit, "model", "--max-model-bytes")
-        data, parameter = await state.pools.loading.call(_model_from_triton_load, body)
+        data, parameter, options = await state.pools.loading.call(_model_from_triton_load, body)
         public = public if parameter is None else parameter
+        scheduling = scheduling if options is None else options
         del body
         hasher = await state.pools.loading.call(hashlib.sha256, data)
     result = await state.service.load(
@@ -435,6 +445,7 @@ async def repository_load(request: Request) -> Response:
         public=public,
         sha256=hasher.hexdigest(),
         owner_secret=credentials.owner_secret,
+        scheduling=scheduling,
     )
     return _load_answer(name, result)
 
@@ -447,6 +458,8 @@ def _load_answer(name: str, result: LoadResult) -> Response:
         "replaced": result.replaced,
         "public": result.entry.public,
     }
+    if result.entry.scheduling != DEFAULT:
+        answer["scheduling"] = result.entry.scheduling.to_json()
     if result.owner_token is not None:
         answer["owner_token"] = result.owner_token
     if result.owner_chosen:  # the client's own secret: never echoed
@@ -454,8 +467,11 @@ def _load_answer(name: str, result: LoadResult) -> Response:
     return JSONResponse(answer)
 
 
-def _model_from_triton_load(body: bytearray) -> tuple[bytes, bool | None]:
-    """Triton's load request: `{"parameters": {"config": ..., "file:<path>": base64}}`."""
+def _model_from_triton_load(
+    body: bytearray,
+) -> tuple[bytes, bool | None, SchedulingOptions | None]:
+    """Triton's load request: `{"parameters": {"config": ..., "file:<path>": base64}}`, with
+    Blindfold's options (`public`, the scheduling options) as further parameters."""
     document = oip.parse_json(body, "the load request is not valid JSON") if body else {}
     parameters = document.get("parameters") if isinstance(document, dict) else None
     if not isinstance(parameters, dict):
@@ -479,7 +495,8 @@ def _model_from_triton_load(body: bytearray) -> tuple[bytes, bool | None]:
     except (binascii.Error, TypeError, ValueError):
         raise RequestRejected(400, f"file parameter {path!r} is not valid base64") from None
     public = parameters.get("public")
-    return data, public if isinstance(public, bool) else None
+    scheduling = SchedulingOptions.parse(parameters)
+    return data, public if isinstance(public, bool) else None, scheduling
 
 
 async def repository_load_encrypted(request: Request) -> Response:

@@ -371,7 +371,9 @@ async def run(request: Request) -> Response:
     session = entry.session
     feeds = read_inputs(document.get("inputs"), session, limits)
     with state.metrics.inference(entry.name, entry.public) as timing:
-        results = await state.runner.run(session, session.output_names, feeds, timing)
+        results = await state.runner.run(
+            session, session.output_names, feeds, entry.scheduling, timing
+        )
     outputs = [write_output(n, a) for n, a in zip(session.output_names, results, strict=True)]
     return _cbor({"outputs": outputs})
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -65,6 +65,9 @@ class Snapshot:
     collateral_valid_until: float | None
     evidence_made_at: float | None
     cluster_members: int | None = None  # None: not a cluster replica
+    queued_inferences: int = 0  # waiting for a slot or a batch (server/scheduler.py)
+    batches: int = 0  # batched session runs
+    batched_requests: int = 0  # requests that ran in them
 
 
 class _LiveState(Collector):
@@ -88,6 +91,19 @@ class _LiveState(Collector):
         )
         yield GaugeMetricFamily(
             "blindfold_models", "Models loaded and ready", value=len(state.models)
+        )
+        yield GaugeMetricFamily(
+            "blindfold_queued_inferences",
+            "Inferences waiting for a slot or for their batch to fill",
+            value=state.queued_inferences,
+        )
+        yield CounterMetricFamily(
+            "blindfold_batches", "Batched session runs (dynamic batching)", value=state.batches
+        )
+        yield CounterMetricFamily(
+            "blindfold_batched_requests",
+            "Requests that ran inside a batched session run",
+            value=state.batched_requests,
         )
         if state.cluster_members is not None:
             yield GaugeMetricFamily(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from blindfold.errors import RequestRejected
 from blindfold.server.runtime import Session
+from blindfold.server.scheduler import DEFAULT, SchedulingOptions
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 HASH_PREFIX = "sha256:"
@@ -57,6 +58,7 @@ class ModelEntry:
     owner_token_sha256: str
     public: bool = True
     run_keys: dict[str, str] = field(default_factory=dict)  # key id -> token hash
+    scheduling: SchedulingOptions = DEFAULT  # batching and concurrency, chosen at upload
 
     @property
     def sha256(self) -> str:

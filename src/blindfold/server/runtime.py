@@ -16,7 +16,6 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from blindfold.errors import RequestRejected
 from blindfold.server import ort_extensions, workers
 from blindfold.server import tensor_frames as frames
 from blindfold.server.limits import Limits, MiB
+from blindfold.server.scheduler import DEFAULT, RunTiming, Scheduler, SchedulingOptions
 from blindfold.server.worker import (
     CONFINED_CHDIR,
     CONFINED_CHROOT,
@@ -454,24 +454,17 @@ def _specs(raw: Any) -> list[TensorSpec]:
     return specs
 
 
-@dataclass
-class RunTiming:
-    """Where a run's time went, for the metrics: waiting for a slot, then in the model."""
-
-    queued: float = 0.0
-    ran: float = 0.0
-
-
 class InferenceRunner:
-    """Admits at most `max_concurrent_inferences` runs at once, makes sessions of the kind
-    the server was started with, and runs other blocking work off the event loop."""
+    """Runs inferences through the scheduler (at most `max_concurrent_inferences` at once,
+    fair across models, batched where a model asks for it), makes sessions of the kind the
+    server was started with, and runs other blocking work off the event loop."""
 
     def __init__(self, limits: Limits, intra_op_threads: int = 0) -> None:
         self.limits = limits
         self.budget = MemoryBudget(limits.max_model_memory)
         self._threads = intra_op_threads
         self._custom_ops = ort_extensions.library_path() if limits.ort_extensions else ""
-        self._slots = asyncio.Semaphore(limits.max_concurrent_inferences)
+        self.scheduler = Scheduler(limits.max_concurrent_inferences)
         self._executor = ThreadPoolExecutor(
             max_workers=limits.max_concurrent_inferences, thread_name_prefix="infer"
         )
@@ -491,17 +484,10 @@ class InferenceRunner:
         session: Session,
         output_names: list[str],
         feeds: dict[str, np.ndarray],
+        options: SchedulingOptions = DEFAULT,
         timing: RunTiming | None = None,
     ) -> list[np.ndarray]:
-        arrived = time.perf_counter()
-        async with self._slots:
-            started = time.perf_counter()
-            try:
-                return await session.run(output_names, feeds)
-            finally:
-                if timing is not None:
-                    timing.queued = started - arrived
-                    timing.ran = time.perf_counter() - started
+        return await self.scheduler.run(session, output_names, feeds, options, timing)
 
     async def call(self, function: Any, *args: Any) -> Any:
         """Runs other blocking work (model parsing, session creation) on the same pool."""

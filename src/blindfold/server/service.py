@@ -35,6 +35,7 @@ from blindfold.server.models import (
 from blindfold.server.onnx_check import check_model
 from blindfold.server.pools import Pool
 from blindfold.server.runtime import InferenceRunner, Session
+from blindfold.server.scheduler import DEFAULT, SchedulingOptions
 from blindfold.server.store import ModelStore, ModelUnavailable, StoredModel, StoreError
 
 logger = logging.getLogger("blindfold.models")
@@ -396,16 +397,20 @@ class ModelService:
         public: bool | None = None,
         sha256: str | None = None,
         owner_secret: str | None = None,
+        scheduling: SchedulingOptions | None = None,
     ) -> LoadResult:
         """Loads `data` as model `name`; `sha256` is its hash when the caller computed it
         while the bytes arrived (hashing a large model here would stall the event loop).
         `owner_secret` (from `authorize_load`) becomes a new model's owner token; a model
-        that exists meanwhile keeps its owner and needs `token` to be that owner's."""
+        that exists meanwhile keeps its owner and needs `token` to be that owner's.
+        `scheduling` (batching, concurrency) None keeps a replaced model's options."""
         check_name(name)
         existing = self._check_upload_right(name, token)
         if existing is not None:
             owner_secret = None
-        return await self._load(name, data, existing, token, public, sha256, owner_secret)
+        return await self._load(
+            name, data, existing, token, public, sha256, owner_secret, scheduling
+        )
 
     async def load_unowned(self, name: str, data: bytes, sha256: str | None = None) -> LoadResult:
         """A public model no token owns: BlindAI 0.6's uploads, which carry no credential
@@ -414,7 +419,7 @@ class ModelService:
         check_name(name)
         if self._current(name) is not None:
             raise RequestRejected(409, f"model {name!r} already exists")
-        return await self._load(name, data, None, None, True, sha256, owned=False)
+        return await self._load(name, data, None, None, True, sha256, None, None, owned=False)
 
     async def _load(
         self,
@@ -424,7 +429,8 @@ class ModelService:
         token: str | None,
         public: bool | None,
         sha256: str | None,
-        owner_secret: str | None = None,
+        owner_secret: str | None,
+        scheduling: SchedulingOptions | None,
         *,
         owned: bool = True,
     ) -> LoadResult:
@@ -453,8 +459,11 @@ class ModelService:
             public=(inherit.public if inherit else False) if public is None else public,
             run_keys=_run_keys(inherit),
         )
-        entry = _entry(record, session)
+        if scheduling is None:
+            scheduling = existing.scheduling if isinstance(existing, ModelEntry) else DEFAULT
+        entry = _entry(record, session, scheduling)
         try:
+            scheduling.check_model(session)
             if self.store is None:
                 self._commit_load(existing, record, entry, data)
             else:
@@ -733,7 +742,9 @@ def _run_keys(existing: ModelEntry | UnavailableModel | None) -> dict[str, str]:
     return dict(existing.run_keys)
 
 
-def _entry(record: StoredModel, session: Session) -> ModelEntry:
+def _entry(
+    record: StoredModel, session: Session, scheduling: SchedulingOptions = DEFAULT
+) -> ModelEntry:
     return ModelEntry(
         name=record.name,
         version=record.version,
@@ -741,6 +752,7 @@ def _entry(record: StoredModel, session: Session) -> ModelEntry:
         owner_token_sha256=record.owner_token_sha256,
         public=record.public,
         run_keys=dict(record.run_keys),
+        scheduling=scheduling,
     )
 
 
