@@ -8,6 +8,9 @@ A Client stays with the deployment it attested: when the server's key changes it
 and continues only if the new evidence proves the same deployment (`attestation.deployment`);
 otherwise it raises `DeploymentChanged` (or asks `on_deployment_change`) and sends nothing.
 It remembers the owner tokens of the models it uploaded and uses them for those models.
+
+`channel="ohttp"` sends every request as an Oblivious HTTP message encrypted to the HPKE key
+the evidence binds (`client.ohttp_channel`), through any TLS-terminating proxy (`verify=`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from blindfold.attestation.deployment import (
 from blindfold.attestation.policy import Policy
 from blindfold.attestation.verdict import Evidence
 from blindfold.attestation.verify import verify_server_evidence
-from blindfold.client.attest import AttestedServer, attest
+from blindfold import ohttp
+from blindfold.client.attest import CHANNELS, AttestedServer, Channel, attest
+from blindfold.client.ohttp_channel import OhttpTransport, VerifyTls, outer_tls_context
 from blindfold.client.inputs import normalize_inputs
 from blindfold.client.protocol import decode_infer_response, encode_infer_request
 from blindfold.client.transport import Endpoint, HttpResponse, Transport, pinned_context
@@ -100,7 +105,15 @@ class Client:
         timeout: float = 300.0,
         follow_key_changes: FollowKeyChanges = "same-deployment",
         on_deployment_change: DeploymentChangeCallback | None = None,
+        channel: Channel = "tls",
+        verify: VerifyTls = True,
+        pad_buckets: tuple[int, ...] = ohttp.DEFAULT_BUCKETS,
     ) -> None:
+        if channel not in CHANNELS:
+            raise ConfigurationError(
+                f"channel={channel!r}: use 'tls' (TLS pinned to the attested key, end to end) "
+                "or 'ohttp' (messages encrypted to the attested HPKE key, through proxies)"
+            )
         if follow_key_changes not in ("same-deployment", "same-code"):
             raise ConfigurationError(
                 f"follow_key_changes={follow_key_changes!r}: use 'same-deployment' (default: "
@@ -122,16 +135,30 @@ class Client:
         self._metadata: dict[str, dict[str, Any]] = {}
         self._receipt_chain = ReceiptChainVerifier()
         self._standing: tuple[bytes, Evidence] | None = None
+        self.channel: Channel = channel
+        self.pad_buckets = pad_buckets
+        # The TLS to a proxy (ohttp channel only; the tls channel pins the attested key).
+        self._outer_context = outer_tls_context(verify) if channel == "ohttp" else None
         self.attestation: AttestedServer = attest(
             self._endpoint,
             self.policy,
             allow_simulation=allow_simulation,
             nonce=nonce,
             timeout=min(timeout, 60.0),
+            channel=channel,
+            context=self._outer_context,
         )
         self._transport = self._pinned_transport()
 
-    def _pinned_transport(self) -> Transport:
+    def _pinned_transport(self) -> Transport | OhttpTransport:
+        if self._outer_context is not None:
+            return OhttpTransport(
+                self._endpoint,
+                self._outer_context,
+                self.attestation.hpke_key_config(),
+                self.pad_buckets,
+                self._timeout,
+            )
         return Transport(
             self._endpoint,
             pinned_context(self.attestation.certificate_pem),
@@ -184,7 +211,7 @@ class Client:
         valid_until = self.attestation.verdict.valid_until
         return valid_until is not None and time.time() >= valid_until
 
-    def _reattest(self, failed: Transport) -> None:
+    def _reattest(self, failed: Transport | OhttpTransport) -> None:
         with self._lock:
             if self._transport is not failed:
                 return  # another thread already re-attested
@@ -195,6 +222,8 @@ class Client:
                 allow_simulation=self.allow_simulation,
                 nonce=self._nonce,
                 check_deployment=False,  # judged below, as a deployment change
+                channel=self.channel,
+                context=self._outer_context,
             )
             self._check_same_deployment(previous, current)
             self.attestation = current
@@ -565,6 +594,9 @@ def connect(
     timeout: float = 300.0,
     follow_key_changes: FollowKeyChanges = "same-deployment",
     on_deployment_change: DeploymentChangeCallback | None = None,
+    channel: Channel = "tls",
+    verify: VerifyTls = True,
+    pad_buckets: tuple[int, ...] = ohttp.DEFAULT_BUCKETS,
 ) -> Client:
     """Attests the server at `url` under `policy` (a Policy or a TOML path; default: the
     simulation TEE running this installed package's code) and returns a pinned Client.
@@ -572,7 +604,12 @@ def connect(
     After the server's key changes the Client continues only with the same deployment
     (see `blindfold.attestation.deployment`); `on_deployment_change(previous, current)`
     may accept another instance the policy accepts, and `follow_key_changes="same-code"`
-    accepts any such instance without asking (the behaviour before deployments existed)."""
+    accepts any such instance without asking (the behaviour before deployments existed).
+
+    `channel="ohttp"` reaches the server through proxies that terminate TLS: requests are
+    Oblivious HTTP messages encrypted to the HPKE key the evidence binds, padded to the
+    sizes in `pad_buckets`; `verify` (True: the system CA bundle, or a bundle path, or an
+    SSLContext) checks the proxy's certificate."""
     if isinstance(policy, (str, Path)):
         policy = Policy.load(policy)
     return Client(
@@ -584,4 +621,7 @@ def connect(
         timeout=timeout,
         follow_key_changes=follow_key_changes,
         on_deployment_change=on_deployment_change,
+        channel=channel,
+        verify=verify,
+        pad_buckets=pad_buckets,
     )

@@ -19,15 +19,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from blindfold import __version__
+from blindfold.attestation.binding import IDENTITY_BINDING
 from blindfold.attestation.deployment import Endorsement
 from blindfold.errors import ConfigurationError, EvidenceError, RequestRejected, SealError
 from blindfold.receipts import ReceiptSigner
 from blindfold.sealing import ModelKey, decrypt_model_file
-from blindfold.server import admission, oip
+from blindfold.server import admission, ohttp_gateway, oip
 from blindfold.server.admission import BodyBudget, read_body
 from blindfold.server.identity import ServerIdentity
 from blindfold.server.limits import Limits
 from blindfold.server.models import ModelEntry
+from blindfold.server.ohttp_gateway import ReplayGuard, gateway
 from blindfold.server.pools import Pools
 from blindfold.server.runtime import InferenceRunner, Session
 from blindfold.server.service import LoadResult, ModelService
@@ -67,6 +69,7 @@ class ServerState:
         self.started = time.time()
         self.inferences = 0
         self.rejected_requests = 0
+        self.ohttp_replays = ReplayGuard()
 
 
 def bearer_token(request: Request) -> str | None:
@@ -151,8 +154,15 @@ async def attestation(request: Request) -> Response:
             nonce = b""
         if len(nonce) != 32:
             raise RequestRejected(400, "nonce must be 64 hex characters (32 bytes)")
+    binding = request.query_params.get("binding")
+    if binding not in (None, "spki", IDENTITY_BINDING):
+        raise RequestRejected(
+            400, f"binding must be 'spki' (the default) or '{IDENTITY_BINDING}'"
+        )
     # Its own pool: a client attests even while every inference slot is busy.
-    document = await state.pools.attestation.call(state.identity.attestation, nonce)
+    document = await state.pools.attestation.call(
+        state.identity.attestation, nonce, binding == IDENTITY_BINDING
+    )
     return JSONResponse(document.to_json())
 
 
@@ -590,6 +600,8 @@ ROUTES = [
     Route(REPO + "/access", set_access, methods=["POST"]),
     Route(REPO + "/keys", create_run_key, methods=["POST"]),
     Route(REPO + "/keys/{key_id}", revoke_run_key, methods=["DELETE"]),
+    # Any of the routes above, as an Oblivious HTTP message encrypted to the TEE.
+    Route(ohttp_gateway.PATH, gateway, methods=["POST"]),
 ]
 
 
