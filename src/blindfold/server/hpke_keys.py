@@ -57,10 +57,10 @@ class HpkeKeyring:
         public = pair.public_key.to_public_bytes()
         return HpkeKey(ohttp.KeyConfig(key_id, public), pair.private_key, self._clock())
 
-    def rotate(self) -> None:
+    def rotate(self, now: float | None = None) -> None:
         """Makes a new current key; the old one is accepted for the grace period."""
         with self._lock:
-            now = self._clock()
+            now = self._clock() if now is None else now
             self._previous = self._current
             self._previous_until = now + self.grace_seconds
             self._current = self._new_key((self._current.config.key_id + 1) % 256)
@@ -68,7 +68,7 @@ class HpkeKeyring:
     def _maintain(self) -> None:
         now = self._clock()
         if now - self._current.created >= self.rotation_seconds:
-            self.rotate()
+            self.rotate(now)
         with self._lock:
             if self._previous is not None and now >= self._previous_until:
                 self._previous = None
