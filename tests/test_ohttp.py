@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_attacks import AttackProxy
 
 import blindfold
 from blindfold import ohttp
@@ -36,7 +37,6 @@ from blindfold.client.transport import Endpoint
 from blindfold.errors import EvidenceError, PinnedKeyMismatch, ReportDataMismatch
 
 from conftest import ServerProcess, free_port, start_server, write_self_signed
-from test_attacks import AttackProxy
 
 pytestmark = pytest.mark.filterwarnings("ignore:SIMULATION TEE")
 
@@ -294,7 +294,9 @@ def test_ohttp_channel_checks_the_proxys_certificate(
 
 
 def _rewriting_proxy(
-    make: Callable[..., AttackProxy], upstream: ServerProcess, rewrite: Callable[[dict[str, Any], str], dict[str, Any]]
+    make: Callable[..., AttackProxy],
+    upstream: ServerProcess,
+    rewrite: Callable[[dict[str, Any], str], dict[str, Any]],
 ) -> AttackProxy:
     def responder(proxy: AttackProxy, method: str, target: str) -> tuple[int, bytes] | None:
         if not target.startswith("/v2/attestation"):
@@ -351,15 +353,16 @@ def test_relay_swapping_in_another_servers_hpke_configuration_is_refused(
         other.stop()
 
 
+def _flip_key_hash(document: str) -> str:
+    """Another TLS key hash in an otherwise genuine document (recomputing nothing)."""
+    at = document.index('"tls_spki_sha256":"') + len('"tls_spki_sha256":"')
+    return document[:at] + ("1" if document[at] == "0" else "0") + document[at + 1 :]
+
+
 @pytest.mark.parametrize(
     "tamper, error, match",
     [
-        # Another TLS key hash in an otherwise genuine document (recomputing nothing).
-        (
-            lambda d: d.replace(d[d.index('"tls_spki_sha256":"') + 19], "0" if d[d.index('"tls_spki_sha256":"') + 19] != "0" else "1", 1),
-            ReportDataMismatch,
-            "does not bind the identity document",
-        ),
+        (_flip_key_hash, ReportDataMismatch, "does not bind the identity document"),
         # The same content, not in canonical form: one identity must have one hash.
         (lambda d: d.replace(",", ", ", 1), EvidenceError, "canonical"),
         (lambda d: "[]", EvidenceError, "not a Blindfold identity document"),
@@ -423,7 +426,9 @@ def test_old_clients_binding_still_holds(gateway_server: ServerProcess) -> None:
 # --- the gateway's own refusals ---
 
 
-def _post(server: ServerProcess, body: bytes, content_type: str = ohttp.REQUEST_MEDIA_TYPE) -> tuple[int, dict[str, str], bytes]:
+def _post(
+    server: ServerProcess, body: bytes, content_type: str = ohttp.REQUEST_MEDIA_TYPE
+) -> tuple[int, dict[str, str], bytes]:
     connection = http.client.HTTPSConnection(
         "127.0.0.1", server.port, context=_unverified(), timeout=30
     )

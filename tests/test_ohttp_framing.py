@@ -146,9 +146,7 @@ def test_altered_or_misdirected_messages_are_refused() -> None:
         ohttp.decapsulate_request(other, ENC_REQUEST)
     _, context = ohttp.decapsulate_request(private_key, ENC_REQUEST)
     with pytest.raises(OhttpError, match="does not decrypt"):
-        ohttp.decapsulate_response(
-            ohttp.ClientContext(context.enc, bytes(16)), ENC_RESPONSE
-        )
+        ohttp.decapsulate_response(ohttp.ClientContext(context.enc, bytes(16)), ENC_RESPONSE)
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,8 @@ from pyhpke import AEADId, CipherSuite, KDFId, KEMId, KEMKeyInterface, KEMKeyPai
 
 from blindfold.errors import BlindfoldError
 
+Buffer = bytes | bytearray | memoryview
+
 REQUEST_MEDIA_TYPE = "message/ohttp-req"
 RESPONSE_MEDIA_TYPE = "message/ohttp-res"
 # RFC 9458 section 8.4's problem type for "the key configuration you used is not (or no
@@ -70,7 +72,7 @@ def encode_varint(value: int) -> bytes:
 class _Reader:
     """A cursor over a message that refuses to read past its end."""
 
-    def __init__(self, data: bytes | memoryview, what: str) -> None:
+    def __init__(self, data: Buffer, what: str) -> None:
         self.data = memoryview(data)
         self.at = 0
         self.what = what
@@ -208,7 +210,7 @@ def _read_content(reader: _Reader, known_length: bool) -> bytes:
         return b""
     if known_length:
         return reader.prefixed("content")
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         size = reader.varint("content chunk length")
         if size == 0:
@@ -228,7 +230,7 @@ def _framing(reader: _Reader, known: int, indeterminate: int, what: str) -> bool
     return framing == known
 
 
-def decode_request(data: bytes | memoryview) -> BinaryRequest:
+def decode_request(data: Buffer) -> BinaryRequest:
     reader = _Reader(data, "binary HTTP request")
     known = _framing(reader, 0, 2, "request")
     control = []
@@ -254,7 +256,7 @@ def decode_request(data: bytes | memoryview) -> BinaryRequest:
     )
 
 
-def decode_response(data: bytes | memoryview) -> BinaryResponse:
+def decode_response(data: Buffer) -> BinaryResponse:
     reader = _Reader(data, "binary HTTP response")
     known = _framing(reader, 1, 3, "response")
     informational: list[tuple[int, Fields]] = []
@@ -305,9 +307,7 @@ class KeyConfig:
         algorithms = reader.take(length, "algorithm list")
         if reader.remaining():
             raise OhttpError("the OHTTP key configuration has bytes after its algorithm list")
-        symmetric = tuple(
-            struct.unpack(">HH", algorithms[i : i + 4]) for i in range(0, length, 4)
-        )
+        symmetric = tuple(struct.unpack(">HH", algorithms[i : i + 4]) for i in range(0, length, 4))
         return cls(key_id, public_key, kem_id, symmetric)
 
     def supports_our_suite(self) -> bool:
@@ -353,7 +353,7 @@ def encapsulate_request(
     return header + enc + sealed, ClientContext(enc, secret)
 
 
-def request_key_id(message: bytes | memoryview) -> int:
+def request_key_id(message: Buffer) -> int:
     """The key id an encapsulated request names, after checking its suite."""
     if len(message) < REQUEST_HEADER_LENGTH + ENC_LENGTH + TAG_LENGTH:
         raise OhttpError(
@@ -371,7 +371,7 @@ def request_key_id(message: bytes | memoryview) -> int:
 
 
 def decapsulate_request(
-    private_key: KEMKeyInterface, message: bytes | memoryview
+    private_key: KEMKeyInterface, message: Buffer
 ) -> tuple[bytes, ServerContext]:
     """Opens an encapsulated request with the private key of the key id it names."""
     view = memoryview(message)
@@ -406,12 +406,14 @@ def encapsulate_response(
     context: ServerContext, response: bytes, *, response_nonce: bytes | None = None
 ) -> bytes:
     """Encrypts a BHTTP response to the request's context (`response_nonce`: test vectors)."""
-    nonce_bytes = response_nonce if response_nonce is not None else os.urandom(RESPONSE_NONCE_LENGTH)
+    nonce_bytes = (
+        response_nonce if response_nonce is not None else os.urandom(RESPONSE_NONCE_LENGTH)
+    )
     aead, nonce = _response_aead(context.secret, context.enc, nonce_bytes)
     return nonce_bytes + aead.encrypt(nonce, response, None)
 
 
-def decapsulate_response(context: ClientContext, message: bytes | memoryview) -> bytes:
+def decapsulate_response(context: ClientContext, message: Buffer) -> bytes:
     view = memoryview(message)
     if len(view) < RESPONSE_NONCE_LENGTH + TAG_LENGTH:
         raise OhttpError(

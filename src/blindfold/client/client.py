@@ -32,6 +32,7 @@ import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from blindfold import ohttp
 from blindfold.attestation.deployment import (
     Endorsement,
     OperatorPrivateKey,
@@ -40,10 +41,9 @@ from blindfold.attestation.deployment import (
 from blindfold.attestation.policy import Policy
 from blindfold.attestation.verdict import Evidence
 from blindfold.attestation.verify import verify_server_evidence
-from blindfold import ohttp
 from blindfold.client.attest import CHANNELS, AttestedServer, Channel, attest
-from blindfold.client.ohttp_channel import OhttpTransport, VerifyTls, outer_tls_context
 from blindfold.client.inputs import normalize_inputs
+from blindfold.client.ohttp_channel import OhttpTransport, VerifyTls, outer_tls_context
 from blindfold.client.protocol import decode_infer_response, encode_infer_request
 from blindfold.client.transport import Endpoint, HttpResponse, Transport, pinned_context
 from blindfold.errors import (

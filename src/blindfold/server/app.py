@@ -156,9 +156,7 @@ async def attestation(request: Request) -> Response:
             raise RequestRejected(400, "nonce must be 64 hex characters (32 bytes)")
     binding = request.query_params.get("binding")
     if binding not in (None, "spki", IDENTITY_BINDING):
-        raise RequestRejected(
-            400, f"binding must be 'spki' (the default) or '{IDENTITY_BINDING}'"
-        )
+        raise RequestRejected(400, f"binding must be 'spki' (the default) or '{IDENTITY_BINDING}'")
     # Its own pool: a client attests even while every inference slot is busy.
     document = await state.pools.attestation.call(
         state.identity.attestation, nonce, binding == IDENTITY_BINDING

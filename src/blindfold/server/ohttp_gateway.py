@@ -158,7 +158,9 @@ async def _run_inner(
     try:
         inner = ohttp.decode_request(data)
     except ohttp.OhttpError as exc:
-        raise _Inner(400, f"{exc} (the encapsulated message must be RFC 9292 binary HTTP)")
+        raise _Inner(
+            400, f"{exc} (the encapsulated message must be RFC 9292 binary HTTP)"
+        ) from None
     del data
     fields = dict(inner.headers)
     sent = fields.get("date")
