@@ -185,7 +185,12 @@ def test_random_garbage_only_ever_raises_ohttp_error() -> None:
 
 def test_padding_buckets() -> None:
     assert ohttp.padded_length(10) == 1024
-    assert ohttp.padded_length(1025) == 4096
+    assert ohttp.padded_length(1025) == 2048
+    assert ohttp.padded_length(100_000) == 128 << 10
     assert ohttp.padded_length((1 << 20) + 1) == 2 << 20
-    padded = ohttp.encode_request(BinaryRequest("POST", "/x", body=b"hi"), 1024)
+    assert ohttp.padded_length(10, (64, 512)) == 64
+    padded = ohttp.encode_request(BinaryRequest("POST", "/x", body=b"hi"), ohttp.DEFAULT_BUCKETS)
     assert len(padded) == 1024 and ohttp.decode_request(padded).body == b"hi"
+    body = bytes(range(256)) * 20
+    padded = ohttp.encode_response(BinaryResponse(200, body=body), ohttp.DEFAULT_BUCKETS)
+    assert len(padded) == 8192 and ohttp.decode_response(padded).body == body

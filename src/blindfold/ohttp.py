@@ -142,38 +142,41 @@ def _prefixed(data: bytes) -> bytes:
     return encode_varint(len(data)) + data
 
 
-def _pad(message: bytes, padded_length: int) -> bytes:
-    """RFC 9292 section 3.8: zero bytes after the message; a reader ignores them."""
-    return message + bytes(max(0, padded_length - len(message)))
+def _joined(parts: list[bytes], buckets: tuple[int, ...] | None) -> bytes:
+    """The message, followed (RFC 9292 section 3.8) by zero bytes up to the smallest of
+    `buckets` that holds it (`padded_length`); one copy of the content."""
+    if buckets is not None:
+        length = sum(len(part) for part in parts)
+        parts.append(bytes(padded_length(length, buckets) - length))
+    return b"".join(parts)
 
 
-def encode_request(request: BinaryRequest, padded_length: int = 0) -> bytes:
-    message = b"".join(
-        [
-            b"\x00",  # known-length request
-            _prefixed(request.method.encode("ascii")),
-            _prefixed(request.scheme.encode("ascii")),
-            _prefixed(request.authority.encode("ascii")),
-            _prefixed(request.path.encode("ascii")),
-            _field_section(request.headers),
-            _prefixed(request.body),
-            _field_section(request.trailers),
-        ]
-    )
-    return _pad(message, padded_length)
+def encode_request(request: BinaryRequest, buckets: tuple[int, ...] | None = None) -> bytes:
+    """The known-length encoding, padded to a size bucket when `buckets` is given."""
+    parts = [
+        b"\x00",  # known-length request
+        _prefixed(request.method.encode("ascii")),
+        _prefixed(request.scheme.encode("ascii")),
+        _prefixed(request.authority.encode("ascii")),
+        _prefixed(request.path.encode("ascii")),
+        _field_section(request.headers),
+        encode_varint(len(request.body)),
+        request.body,
+        _field_section(request.trailers),
+    ]
+    return _joined(parts, buckets)
 
 
-def encode_response(response: BinaryResponse, padded_length: int = 0) -> bytes:
-    message = b"".join(
-        [
-            b"\x01",  # known-length response
-            encode_varint(response.status),
-            _field_section(response.headers),
-            _prefixed(response.body),
-            _field_section(response.trailers),
-        ]
-    )
-    return _pad(message, padded_length)
+def encode_response(response: BinaryResponse, buckets: tuple[int, ...] | None = None) -> bytes:
+    parts = [
+        b"\x01",  # known-length response
+        encode_varint(response.status),
+        _field_section(response.headers),
+        encode_varint(len(response.body)),
+        response.body,
+        _field_section(response.trailers),
+    ]
+    return _joined(parts, buckets)
 
 
 def _read_fields(reader: _Reader, known_length: bool, part: str) -> Fields:
@@ -433,7 +436,9 @@ def decapsulate_response(context: ClientContext, message: Buffer) -> bytes:
 
 # --- padding to size buckets ---
 
-DEFAULT_BUCKETS = (1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20)
+# Powers of two from 1 KiB to 1 MiB, then whole MiB: at most twice the size (a
+# 1 MiB-multiple beyond), and an observer learns only which bucket.
+DEFAULT_BUCKETS = tuple(1 << shift for shift in range(10, 21))
 
 
 def padded_length(length: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> int:

@@ -114,6 +114,11 @@ class Client:
                 f"channel={channel!r}: use 'tls' (TLS pinned to the attested key, end to end) "
                 "or 'ohttp' (messages encrypted to the attested HPKE key, through proxies)"
             )
+        if any(size <= 0 for size in pad_buckets) or list(pad_buckets) != sorted(pad_buckets):
+            raise ConfigurationError(
+                f"pad_buckets={pad_buckets!r}: give increasing positive sizes in bytes, e.g. "
+                "(1024, 4096, 65536); () sends messages unpadded"
+            )
         if follow_key_changes not in ("same-deployment", "same-code"):
             raise ConfigurationError(
                 f"follow_key_changes={follow_key_changes!r}: use 'same-deployment' (default: "

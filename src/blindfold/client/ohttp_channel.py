@@ -101,8 +101,7 @@ class OhttpTransport:
             ("date", email.utils.formatdate(time.time() + self.clock_offset, usegmt=True))
         )
         request = ohttp.BinaryRequest(method, path, fields, data)
-        encoded = ohttp.encode_request(request)
-        encoded = ohttp.encode_request(request, ohttp.padded_length(len(encoded), self.pad_buckets))
+        encoded = ohttp.encode_request(request, self.pad_buckets)
         message, context = ohttp.encapsulate_request(self.key_config, encoded)
         del encoded
         outer = self._outer.request(

@@ -134,8 +134,7 @@ async def gateway(request: Request) -> Response:
     except _Inner as exc:
         status, headers, body = _inner_error(exc.status, exc.message)
     response = ohttp.BinaryResponse(status, headers, body)
-    encoded = ohttp.encode_response(response)
-    encoded = ohttp.encode_response(response, ohttp.padded_length(len(encoded)))
+    encoded = ohttp.encode_response(response, ohttp.DEFAULT_BUCKETS)
     if len(encoded) > INLINE_BYTES:
         sealed = await state.pools.codec.call(ohttp.encapsulate_response, context, encoded)
     else:
