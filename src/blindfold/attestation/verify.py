@@ -90,9 +90,10 @@ def check_identity_binding(
     key_hash = spki_sha256(certificate_der)
     if identity.spki_sha256 != key_hash:
         raise ReportDataMismatch(
-            f"the identity document names TLS key {identity.spki_sha256.hex()}, but the "
-            f"certificate's key hashes to {key_hash.hex()}: the certificate was swapped. "
-            "Nothing was sent."
+            "the evidence binds another public key than the certificate this server presents "
+            f"(its identity document names {identity.spki_sha256.hex()}, the certificate key "
+            f"hashes to {key_hash.hex()}): a proxy or another server may be relaying the "
+            "evidence with its own certificate. Nothing was sent."
         )
     _check_freshness(found, identity_report_data(identity.raw, nonce), nonce)
 

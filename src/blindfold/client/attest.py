@@ -105,9 +105,8 @@ def fetch_attestation(
     certificate the TLS peer presented. `context`: the TLS to a proxy, for the ohttp channel
     (default: none checked, since the evidence authenticates itself)."""
     connection = PinnedConnection(endpoint, context or unverified_context(), None, timeout)
-    path = f"/v2/attestation?binding={IDENTITY_BINDING}" + (
-        f"&nonce={nonce.hex()}" if nonce is not None else ""
-    )
+    nonce_parameter = f"nonce={nonce.hex()}&" if nonce is not None else ""
+    path = f"/v2/attestation?{nonce_parameter}binding={IDENTITY_BINDING}"
     where = f"https://{endpoint.host}:{endpoint.port}"
     try:
         connection.request("GET", path)
