@@ -113,6 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             store_journal=args.store_journal,
             deployment_id=args.deployment_id,
             deployment_operator_keys=args.deployment_operator_key,
+            hpke_rotation_seconds=args.hpke_rotation_seconds,
+            hpke_grace_seconds=args.hpke_grace_seconds,
             blindai_compat=args.blindai_compat,
             blindai_ports=_blindai_ports(args),
             unsafe_blindai_upload_without_key=args.unsafe_blindai_upload_without_key,
@@ -506,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Limits()
     slow = ConnectionLimits()
 
+    from blindfold.server.hpke_keys import DEFAULT_GRACE_SECONDS, DEFAULT_ROTATION_SECONDS
+
     serve = commands.add_parser("serve", help="run the attested inference server")
     # The environment variables set these in the container image, whose health check reads
     # BLINDFOLD_PORT too.
@@ -767,6 +771,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PUBKEY",
         help="PEM public key of an operator who may endorse this server (repeatable; "
         "default: the first operator to endorse it)",
+    )
+    serve.add_argument(
+        "--hpke-rotation-seconds",
+        type=float,
+        default=DEFAULT_ROTATION_SECONDS,
+        help="make a new HPKE key for Oblivious HTTP (channel='ohttp') this often "
+        "(default: %(default)s); clients re-attest when their key is gone",
+    )
+    serve.add_argument(
+        "--hpke-grace-seconds",
+        type=float,
+        default=DEFAULT_GRACE_SECONDS,
+        help="keep accepting the replaced HPKE key this long (default: %(default)s)",
     )
     serve.add_argument(
         "--blindai-compat",

@@ -10,7 +10,12 @@ from __future__ import annotations
 import time
 import warnings
 
-from blindfold.attestation.binding import expected_report_data
+from blindfold.attestation.binding import (
+    IdentityDocument,
+    expected_report_data,
+    identity_report_data,
+    spki_sha256,
+)
 from blindfold.attestation.kinds import VerifierOptions, tee_kind
 from blindfold.attestation.policy import Policy
 from blindfold.attestation.simulation import WARNING
@@ -39,19 +44,49 @@ def verify_server_evidence(
     allow_simulation: bool,
     at: int | None = None,
     options: VerifierOptions | None = None,
+    identity: IdentityDocument | None = None,
 ) -> Verdict:
-    """The whole client-side check of DESIGN.md step 4; raises an AttestationError subclass."""
+    """The whole client-side check of DESIGN.md step 4; raises an AttestationError subclass.
+    With `identity`, the report data must bind that identity document, and the document
+    this certificate's key."""
     if evidence.kind == "simulation" and not allow_simulation:
         raise SimulationNotAllowed(
             "the server offers simulation evidence, which proves nothing (no TEE protects the "
             "data). Pass allow_simulation=True / --allow-simulation only for development."
         )
     verdict = verify_evidence(evidence, at, options)
-    check_report_data(verdict, certificate_der, nonce)
+    if identity is None:
+        check_report_data(verdict, certificate_der, nonce)
+    else:
+        check_identity_binding(verdict, certificate_der, nonce, identity)
     policy.verify(verdict)
     if verdict.kind == "simulation":
         warnings.warn(WARNING, SimulationWarning, stacklevel=3)
     return verdict
+
+
+def check_identity_binding(
+    verdict: Verdict, certificate_der: bytes, nonce: bytes | None, identity: IdentityDocument
+) -> None:
+    """The identity form of the binding: report data = SHA-256(document) || nonce, and the
+    document names the certificate's key. The HPKE configurations are then the TEE's."""
+    found = verdict.report_data
+    if found[:32] != identity.sha256():
+        raise ReportDataMismatch(
+            "the evidence does not bind the identity document the server sent (report data "
+            f"binds {found[:32].hex()}, the document hashes to {identity.sha256().hex()}): "
+            "someone on the path altered the document, e.g. to swap in their own HPKE key. "
+            "Nothing was sent."
+        )
+    key_hash = spki_sha256(certificate_der)
+    if identity.spki_sha256 != key_hash:
+        raise ReportDataMismatch(
+            "the evidence binds another public key than the certificate this server presents "
+            f"(its identity document names {identity.spki_sha256.hex()}, the certificate key "
+            f"hashes to {key_hash.hex()}): a proxy or another server may be relaying the "
+            "evidence with its own certificate. Nothing was sent."
+        )
+    _check_freshness(found, identity_report_data(identity.raw, nonce), nonce)
 
 
 def check_report_data(verdict: Verdict, certificate_der: bytes, nonce: bytes | None) -> None:
@@ -64,6 +99,10 @@ def check_report_data(verdict: Verdict, certificate_der: bytes, nonce: bytes | N
             f"{expected[:32].hex()}): a proxy or another server may be relaying the evidence. "
             "Connect directly to the attested server."
         )
+    _check_freshness(found, expected, nonce)
+
+
+def _check_freshness(found: bytes, expected: bytes, nonce: bytes | None) -> None:
     if found[32:64] != expected[32:]:
         what = "the nonce this client sent" if nonce is not None else "32 zero bytes"
         raise ReportDataMismatch(

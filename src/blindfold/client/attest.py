@@ -2,6 +2,11 @@
 the policy, and return what to pin. Nothing but the attestation request (and a nonce) is
 sent before this succeeds.
 
+The SDK asks for the identity binding (`binding=identity`, `attestation.binding`): the evidence
+then binds a document naming the TLS key and the HPKE key configurations. A server that
+predates it answers with the plain key binding, which the TLS channel still accepts; the
+Oblivious HTTP channel needs the document, since that is what binds the HPKE key.
+
 The attestation answer arrives before any trust exists (anyone on the path can write it), so
 what the SDK reads of it is bounded in size (`MAX_ATTESTATION_BYTES`) and JSON nesting depth
 (`MAX_ATTESTATION_DEPTH`) before it is parsed any further.
@@ -12,13 +17,15 @@ from __future__ import annotations
 import http.client
 import json
 import secrets
+import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from blindfold.attestation.binding import spki_sha256
+from blindfold import ohttp
+from blindfold.attestation.binding import IDENTITY_BINDING, IdentityDocument, spki_sha256
 from blindfold.attestation.deployment import DeploymentIdentity, Endorsement, identify
 from blindfold.attestation.kinds import VerifierOptions
 from blindfold.attestation.policy import Policy
@@ -37,6 +44,12 @@ MAX_ATTESTATION_BYTES = 4 << 20
 # Real documents nest three or four levels deep.
 MAX_ATTESTATION_DEPTH = 16
 
+# "tls": payloads over TLS pinned to the attested key (the default). "ohttp": payloads as
+# Oblivious HTTP messages encrypted to the attested HPKE key, over ordinary TLS to whatever
+# terminates it (a proxy or load balancer).
+Channel = Literal["tls", "ohttp"]
+CHANNELS = ("tls", "ohttp")
+
 
 @dataclass(frozen=True)
 class AttestedServer:
@@ -51,6 +64,28 @@ class AttestedServer:
     nonce: bytes | None
     endorsement: Endorsement | None = None
     deployment: DeploymentIdentity = DeploymentIdentity()
+    # The identity document the evidence binds (None from a server that predates it).
+    identity: IdentityDocument | None = None
+
+    def hpke_key_config(self) -> ohttp.KeyConfig:
+        """The first HPKE key configuration the evidence binds that uses this SDK's suite."""
+        if self.identity is None:
+            raise EvidenceError(
+                "the server's evidence binds no identity document, so no HPKE key: it "
+                "predates the Oblivious HTTP channel (use channel='tls'), or something on the "
+                "path removed the document"
+            )
+        for raw in self.identity.hpke_key_configs:
+            try:
+                config = ohttp.KeyConfig.decode(raw)
+            except ohttp.OhttpError:
+                continue
+            if config.supports_our_suite():
+                return config
+        raise EvidenceError(
+            "the server's identity document names no HPKE key configuration with X25519, "
+            "HKDF-SHA256 and AES-128-GCM"
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -62,11 +97,17 @@ class AttestedServer:
 
 
 def fetch_attestation(
-    endpoint: Endpoint, nonce: bytes | None, timeout: float = 30.0
+    endpoint: Endpoint,
+    nonce: bytes | None,
+    timeout: float = 30.0,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[dict[str, Any], bytes]:
-    """GET /v2/attestation; returns the document and the certificate the TLS peer presented."""
-    connection = PinnedConnection(endpoint, unverified_context(), None, timeout)
-    path = "/v2/attestation" + (f"?nonce={nonce.hex()}" if nonce is not None else "")
+    """GET /v2/attestation (asking for the identity binding); returns the document and the
+    certificate the TLS peer presented. `context`: the TLS to a proxy, for the ohttp channel
+    (default: none checked, since the evidence authenticates itself)."""
+    connection = PinnedConnection(endpoint, context or unverified_context(), None, timeout)
+    nonce_parameter = f"nonce={nonce.hex()}&" if nonce is not None else ""
+    path = f"/v2/attestation?{nonce_parameter}binding={IDENTITY_BINDING}"
     where = f"https://{endpoint.host}:{endpoint.port}"
     try:
         connection.request("GET", path)
@@ -146,12 +187,18 @@ def attest(
     timeout: float = 30.0,
     check_deployment: bool = True,
     options: VerifierOptions | None = None,
+    channel: Channel = "tls",
+    context: ssl.SSLContext | None = None,
 ) -> AttestedServer:
     """Verifies the server's evidence under `policy` (code and, unless `check_deployment`
-    is False, the `[deployment]` pins) and returns what to pin."""
+    is False, the `[deployment]` pins) and returns what to pin: the TLS key for the "tls"
+    channel, the HPKE key configuration for "ohttp"."""
     nonce_bytes = secrets.token_bytes(32) if nonce else None
-    document, peer_certificate = fetch_attestation(endpoint, nonce_bytes, timeout)
+    document, peer_certificate = fetch_attestation(endpoint, nonce_bytes, timeout, context)
     evidence = Evidence.from_json(document)
+    identity = None
+    if document.get("identity_document") is not None:
+        identity = IdentityDocument.parse(str(document["identity_document"]).encode())
     try:
         certificate = x509.load_pem_x509_certificate(str(document["certificate"]).encode())
     except (KeyError, ValueError):
@@ -165,13 +212,17 @@ def attest(
         allow_simulation=allow_simulation,
         at=at,
         options=options,
+        identity=identity,
     )
     pin = spki_sha256(certificate_der)
-    if spki_sha256(peer_certificate) != pin:
+    # Over the ohttp channel the TLS peer is whatever terminates TLS (a proxy); what must be
+    # the attested server's is the HPKE key, which the identity document binds.
+    if channel == "tls" and spki_sha256(peer_certificate) != pin:
         raise PinnedKeyMismatch(
             "the TLS connection that delivered the evidence presented public key "
             f"{spki_sha256(peer_certificate).hex()}, but the evidence binds {pin.hex()}: a "
-            "proxy is relaying another server's evidence. Connect to the attested server directly."
+            "proxy is relaying another server's evidence. Connect to the attested server directly, "
+            "or use channel='ohttp' to go through a proxy."
         )
     endorsement = None
     if document.get("deployment_endorsement") is not None:
@@ -179,7 +230,7 @@ def attest(
         endorsement.verify(pin)
     if check_deployment and policy.deployment is not None:
         policy.deployment.verify(verdict, endorsement)
-    return AttestedServer(
+    attested = AttestedServer(
         verdict=verdict,
         evidence=evidence,
         certificate_pem=certificate.public_bytes(serialization.Encoding.PEM).decode(),
@@ -188,4 +239,8 @@ def attest(
         nonce=nonce_bytes,
         endorsement=endorsement,
         deployment=identify(verdict, endorsement),
+        identity=identity,
     )
+    if channel == "ohttp":
+        attested.hpke_key_config()  # refuses evidence that binds no usable HPKE key
+    return attested

@@ -8,6 +8,9 @@ A Client stays with the deployment it attested: when the server's key changes it
 and continues only if the new evidence proves the same deployment (`attestation.deployment`);
 otherwise it raises `DeploymentChanged` (or asks `on_deployment_change`) and sends nothing.
 It remembers the owner tokens of the models it uploaded and uses them for those models.
+
+`channel="ohttp"` sends every request as an Oblivious HTTP message encrypted to the HPKE key
+the evidence binds (`client.ohttp_channel`), through any TLS-terminating proxy (`verify=`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from blindfold import ohttp
 from blindfold.attestation.deployment import (
     Endorsement,
     OperatorPrivateKey,
@@ -41,8 +45,9 @@ from blindfold.attestation.kinds import VerifierOptions
 from blindfold.attestation.policy import Policy
 from blindfold.attestation.verdict import Evidence
 from blindfold.attestation.verify import verify_server_evidence
-from blindfold.client.attest import AttestedServer, attest
+from blindfold.client.attest import CHANNELS, AttestedServer, Channel, attest
 from blindfold.client.inputs import normalize_inputs
+from blindfold.client.ohttp_channel import OhttpTransport, VerifyTls, outer_tls_context
 from blindfold.client.protocol import decode_infer_response, encode_infer_request
 from blindfold.client.transport import Endpoint, HttpResponse, Transport, pinned_context
 from blindfold.errors import (
@@ -124,7 +129,20 @@ class Client:
         follow_key_changes: FollowKeyChanges = "same-deployment",
         on_deployment_change: DeploymentChangeCallback | None = None,
         verifier_options: VerifierOptions | None = None,
+        channel: Channel = "tls",
+        verify: VerifyTls = True,
+        pad_buckets: tuple[int, ...] = ohttp.DEFAULT_BUCKETS,
     ) -> None:
+        if channel not in CHANNELS:
+            raise ConfigurationError(
+                f"channel={channel!r}: use 'tls' (TLS pinned to the attested key, end to end) "
+                "or 'ohttp' (messages encrypted to the attested HPKE key, through proxies)"
+            )
+        if any(size <= 0 for size in pad_buckets) or list(pad_buckets) != sorted(pad_buckets):
+            raise ConfigurationError(
+                f"pad_buckets={pad_buckets!r}: give increasing positive sizes in bytes, e.g. "
+                "(1024, 4096, 65536); () sends messages unpadded"
+            )
         if follow_key_changes not in ("same-deployment", "same-code"):
             raise ConfigurationError(
                 f"follow_key_changes={follow_key_changes!r}: use 'same-deployment' (default: "
@@ -147,6 +165,10 @@ class Client:
         self._metadata: dict[str, dict[str, Any]] = {}
         self._receipt_chain = ReceiptChainVerifier()
         self._standing: tuple[bytes, Evidence] | None = None
+        self.channel: Channel = channel
+        self.pad_buckets = pad_buckets
+        # The TLS to a proxy (ohttp channel only; the tls channel pins the attested key).
+        self._outer_context = outer_tls_context(verify) if channel == "ohttp" else None
         self.attestation: AttestedServer = attest(
             self._endpoint,
             self.policy,
@@ -154,10 +176,20 @@ class Client:
             nonce=nonce,
             timeout=min(timeout, 60.0),
             options=verifier_options,
+            channel=channel,
+            context=self._outer_context,
         )
         self._transport = self._pinned_transport()
 
-    def _pinned_transport(self) -> Transport:
+    def _pinned_transport(self) -> Transport | OhttpTransport:
+        if self._outer_context is not None:
+            return OhttpTransport(
+                self._endpoint,
+                self._outer_context,
+                self.attestation.hpke_key_config(),
+                self.pad_buckets,
+                self._timeout,
+            )
         return Transport(
             self._endpoint,
             pinned_context(self.attestation.certificate_pem),
@@ -208,7 +240,7 @@ class Client:
 
     def _send(
         self,
-        transport: Transport,
+        transport: Transport | OhttpTransport,
         method: str,
         path: str,
         body: Any,
@@ -237,7 +269,7 @@ class Client:
         valid_until = self.attestation.verdict.valid_until
         return valid_until is not None and time.time() >= valid_until
 
-    def _reattest(self, failed: Transport) -> None:
+    def _reattest(self, failed: Transport | OhttpTransport) -> None:
         with self._lock:
             if self._transport is not failed:
                 return  # another thread already re-attested
@@ -249,6 +281,8 @@ class Client:
                 nonce=self._nonce,
                 check_deployment=False,  # judged below, as a deployment change
                 options=self.verifier_options,
+                channel=self.channel,
+                context=self._outer_context,
             )
             self._check_same_deployment(previous, current)
             self.attestation = current
@@ -674,6 +708,9 @@ def connect(
     follow_key_changes: FollowKeyChanges = "same-deployment",
     on_deployment_change: DeploymentChangeCallback | None = None,
     verifier_options: VerifierOptions | None = None,
+    channel: Channel = "tls",
+    verify: VerifyTls = True,
+    pad_buckets: tuple[int, ...] = ohttp.DEFAULT_BUCKETS,
 ) -> Client:
     """Attests the server at `url` under `policy` (a Policy or a TOML path; default: the
     simulation TEE running this installed package's code) and returns a pinned Client.
@@ -683,7 +720,12 @@ def connect(
     may accept another instance the policy accepts, and `follow_key_changes="same-code"`
     accepts any such instance without asking (the behaviour before deployments existed).
     `verifier_options` reach the TEE verifiers, e.g.
-    `VerifierOptions(vcek_cache_dir=...)` for SEV-SNP servers that do not publish their VCEK."""
+    `VerifierOptions(vcek_cache_dir=...)` for SEV-SNP servers that do not publish their VCEK.
+
+    `channel="ohttp"` reaches the server through proxies that terminate TLS: requests are
+    Oblivious HTTP messages encrypted to the HPKE key the evidence binds, padded to the
+    sizes in `pad_buckets`; `verify` (True: the system CA bundle, or a bundle path, or an
+    SSLContext) checks the proxy's certificate."""
     if isinstance(policy, (str, Path)):
         policy = Policy.load(policy)
     return Client(
@@ -696,4 +738,7 @@ def connect(
         follow_key_changes=follow_key_changes,
         on_deployment_change=on_deployment_change,
         verifier_options=verifier_options,
+        channel=channel,
+        verify=verify,
+        pad_buckets=pad_buckets,
     )

@@ -76,6 +76,8 @@ class PinnedConnection(http.client.HTTPSConnection):
         try:
             super().connect()
         except ssl.SSLCertVerificationError as exc:
+            if self._pin is None:
+                raise  # a proxy's certificate (the ohttp channel), checked against a CA bundle
             raise PinnedKeyMismatch(
                 f"the server at {self.host}:{self.port} presented a certificate other than the "
                 f"attested one ({exc.verify_message}); it restarted or someone is in the "

@@ -23,17 +23,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from blindfold import __version__
+from blindfold.attestation.binding import IDENTITY_BINDING
 from blindfold.attestation.deployment import Endorsement
 from blindfold.errors import ConfigurationError, EvidenceError, RequestRejected, SealError
 from blindfold.receipts import ReceiptSigner
 from blindfold.sealing import ModelKey, decrypt_model_file
-from blindfold.server import admission, cluster, logs, oip
+from blindfold.server import admission, cluster, logs, ohttp_gateway, oip
 from blindfold.server.admission import BodyBudget, read_body
 from blindfold.server.identity import ServerIdentity
 from blindfold.server.limits import Limits
 from blindfold.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from blindfold.server.metrics import LoadedModel, Metrics, Snapshot
 from blindfold.server.models import OWNER_SECRET_HEADER, ModelEntry
+from blindfold.server.ohttp_gateway import ReplayGuard, gateway
 from blindfold.server.pools import Pools
 from blindfold.server.responses import parts_response
 from blindfold.server.runtime import InferenceRunner, RunTiming, Session
@@ -78,6 +80,7 @@ class ServerState:
         # replica that joined, the peer to copy models from at start and the members it named.
         self.cluster: tuple[cluster.JoinDesk, cluster.Replicator] | None = None
         self.join_sync: tuple[str, list[str]] | None = None
+        self.ohttp_replays = ReplayGuard()
 
     def snapshot(self) -> Snapshot:
         """What the metrics' live gauges read at each scrape."""
@@ -208,10 +211,15 @@ async def attestation(request: Request) -> Response:
             nonce = b""
         if len(nonce) != 32:
             raise RequestRejected(400, "nonce must be 64 hex characters (32 bytes)")
+    binding = request.query_params.get("binding")
+    if binding not in (None, "spki", IDENTITY_BINDING):
+        raise RequestRejected(400, f"binding must be 'spki' (the default) or '{IDENTITY_BINDING}'")
     # Its own pool: a client attests even while every inference slot is busy.
     outcome = "failed"
     try:
-        document = await state.pools.attestation.call(state.identity.attestation, nonce)
+        document = await state.pools.attestation.call(
+            state.identity.attestation, nonce, binding == IDENTITY_BINDING
+        )
         outcome = "ok"
     finally:
         state.metrics.attestations.labels("fresh" if nonce else "standing", outcome).inc()
@@ -703,6 +711,8 @@ ROUTES = [
     Route(REPO + "/access", set_access, methods=["POST"]),
     Route(REPO + "/keys", create_run_key, methods=["POST"]),
     Route(REPO + "/keys/{key_id}", revoke_run_key, methods=["DELETE"]),
+    # Any of the routes above, as an Oblivious HTTP message encrypted to the TEE.
+    Route(ohttp_gateway.PATH, gateway, methods=["POST"]),
 ]
 
 

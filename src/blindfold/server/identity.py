@@ -11,6 +11,11 @@ as it is loaded: whatever storage the file lands on learns nothing of the key.
 
 The standing (nonce-less) evidence, which receipts name by hash, is made again before its
 collateral or certificate expires, so clients keep accepting it and receipts keep verifying.
+
+Clients that ask for the identity binding get evidence over the identity document instead
+(`attestation.binding`): the same key hash plus the HPKE key configurations of `hpke`
+(`server.hpke_keys`), which Oblivious HTTP requests are encrypted to. Its standing form is
+made again whenever the document changes (an HPKE key rotation).
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from blindfold.attestation.binding import public_key_sha256
+from blindfold.attestation.binding import identity_document, public_key_sha256
 from blindfold.attestation.deployment import Endorsement
 from blindfold.attestation.verdict import Evidence
 from blindfold.errors import EvidenceError, RequestRejected
+from blindfold.server.hpke_keys import DEFAULT_GRACE_SECONDS, DEFAULT_ROTATION_SECONDS, HpkeKeyring
 from blindfold.server.service_identity import ServiceIdentity
 from blindfold.server.tee.base import TeeProvider
 
@@ -40,11 +46,15 @@ class AttestationDocument:
     evidence: Evidence
     certificate_pem: str
     endorsement: Endorsement | None = None
+    # The canonical identity document the evidence binds, when the client asked for it.
+    identity_document: bytes | None = None
 
     def to_json(self) -> dict[str, Any]:
         document = {**self.evidence.to_json(), "certificate": self.certificate_pem}
         if self.endorsement is not None:
             document["deployment_endorsement"] = self.endorsement.to_json()
+        if self.identity_document is not None:
+            document["identity_document"] = self.identity_document.decode()
         return document
 
 
@@ -55,10 +65,14 @@ class ServerIdentity:
         hostnames: list[str],
         operator_key_ids: frozenset[str] = frozenset(),
         service: ServiceIdentity | None = None,
+        hpke_schedule: tuple[float, float] = (DEFAULT_ROTATION_SECONDS, DEFAULT_GRACE_SECONDS),
     ) -> None:
         self.provider = provider
         # Made here, or (a replica that joined a cluster) released by an attested peer.
         self.service = service or ServiceIdentity.create(hostnames)
+        # Derived from the service identity: every replica holds the same gateway keys.
+        rotation, grace = hpke_schedule
+        self.hpke = HpkeKeyring(rotation, grace, seed=self.service.hpke_seed())
         # Who may endorse this server's key (`--deployment-operator-key`); empty: the first
         # operator to post a valid endorsement, and later only that operator.
         self.operator_key_ids = operator_key_ids
@@ -72,12 +86,51 @@ class ServerIdentity:
         self._standing: AttestationDocument | None = None
         self._standing_refresh_at: float | None = None
         self.standing_made_at: float | None = None  # for the evidence-age metric
+        self._standing_identity: AttestationDocument | None = None
+        self._standing_identity_refresh_at: float | None = None
 
-    def attestation(self, nonce: bytes | None = None) -> AttestationDocument:
-        """Evidence for `SHA-256(SPKI) || nonce`, or the standing evidence for 32 zero bytes."""
+    def attestation(
+        self, nonce: bytes | None = None, identity: bool = False
+    ) -> AttestationDocument:
+        """Evidence for `SHA-256(SPKI) || nonce`, or the standing evidence for 32 zero bytes;
+        with `identity`, evidence for `SHA-256(identity document) || nonce` instead."""
+        if identity:
+            if nonce is None:
+                return replace(self.standing_identity(), endorsement=self.endorsement)
+            return self._identity_document(nonce, self.identity_document())
         if nonce is None:
             return replace(self.standing(), endorsement=self.endorsement)
         return self._document(nonce)
+
+    def identity_document(self) -> bytes:
+        """The TLS key hash and the HPKE key configurations accepted now."""
+        configs = [config.encode() for config in self.hpke.configs()]
+        return identity_document(self.spki_sha256, configs)
+
+    def standing_identity(self) -> AttestationDocument:
+        """The nonce-less identity evidence, made again when the document changes or nears
+        expiry."""
+        document = self.identity_document()
+        with self._lock:
+            now = time.time()
+            cached = self._standing_identity
+            refresh_at = self._standing_identity_refresh_at
+            if (
+                cached is None
+                or cached.identity_document != document
+                or (refresh_at is not None and now >= refresh_at)
+            ):
+                cached = self._identity_document(bytes(32), document)
+                valid_until = self.provider.collateral_valid_until()
+                self._standing_identity = cached
+                self._standing_identity_refresh_at = (
+                    None if valid_until is None else _refresh_time(now, valid_until)
+                )
+            return cached
+
+    def _identity_document(self, freshness: bytes, document: bytes) -> AttestationDocument:
+        evidence = self.provider.evidence(hashlib.sha256(document).digest() + freshness)
+        return AttestationDocument(evidence, self.certificate_pem, self.endorsement, document)
 
     def standing(self) -> AttestationDocument:
         """The nonce-less evidence, cached, and made again once it nears expiry."""

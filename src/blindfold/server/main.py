@@ -25,6 +25,10 @@ from blindfold.server import blindai_compat, cluster, logs
 from blindfold.server.app import ServerState, create_app
 from blindfold.server.blindai_compat import DEFAULT_PORTS as DEFAULT_BLINDAI_PORTS
 from blindfold.server.connections import GuardedProtocol, GuardedServer
+from blindfold.server.hpke_keys import (
+    DEFAULT_GRACE_SECONDS,
+    DEFAULT_ROTATION_SECONDS,
+)
 from blindfold.server.identity import ServerIdentity
 from blindfold.server.limits import ConnectionLimits, Limits
 from blindfold.server.models import new_token, token_hash
@@ -64,6 +68,8 @@ class ServerConfig:
     store_journal: str = "auto"  # "wal", "delete", or "auto": delete under Gramine SGX
     deployment_id: str = ""  # simulation only: stands in for SNP host_data / TDX mr_config_id
     deployment_operator_keys: list[Path] = field(default_factory=list)  # PEM public keys
+    hpke_rotation_seconds: float = DEFAULT_ROTATION_SECONDS  # a new OHTTP key this often
+    hpke_grace_seconds: float = DEFAULT_GRACE_SECONDS  # the replaced key is accepted this long
     blindai_compat: bool = False  # also listen as BlindAI 0.6 did (blindai_compat.py)
     blindai_ports: tuple[int, int, int] = DEFAULT_BLINDAI_PORTS  # unattested, run, management
     unsafe_blindai_upload_without_key: bool = False  # BlindAI uploads despite an upload key
@@ -244,12 +250,17 @@ def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
     hostnames = sorted({config.host, "localhost", "127.0.0.1", *config.hostnames})
     if config.blindai_compat:
         hostnames.append(blindai_compat.CERTIFICATE_NAME)
+    if config.hpke_rotation_seconds <= 0 or config.hpke_grace_seconds < 0:
+        raise ConfigurationError(
+            "--hpke-rotation-seconds must be positive and --hpke-grace-seconds not negative"
+        )
     cluster_policy, joined = _join(config, provider)
     identity = ServerIdentity(
         provider,
         hostnames,
         read_operator_keys(config.deployment_operator_keys),
         None if joined is None else joined.identity,
+        (config.hpke_rotation_seconds, config.hpke_grace_seconds),
     )
     if joined is not None and joined.endorsement is not None:
         # The operator endorsed the shared key on the peer; it holds here too.

@@ -7,7 +7,9 @@ replica holds it (issue 11, section 2).
   same key and travels with it;
 - a 256-bit root secret, from which the store key (`store_key()`) and the key replicas use
   to authenticate to each other (`replication_key()`) are derived;
-- the HPKE private keys, when the server has them (section 1 slots them into `hpke_keys`).
+- the HPKE keys of the Oblivious HTTP gateway: derived from the root secret, one per rotation
+  period (`hpke_seed()`, `server.hpke_keys`), so every replica holds the same keys and rotates
+  them at the same moments without talking to the others.
 
 The first replica creates it inside its TEE (`ServiceIdentity.create`). A joining replica
 gets it from an existing one only after both attested each other under the cluster policy
@@ -46,7 +48,6 @@ class ServiceIdentity:
     tls_key: ec.EllipticCurvePrivateKey
     certificate: x509.Certificate
     secret: bytes
-    hpke_keys: tuple[bytes, ...] = ()  # serialized HPKE private key configurations, if any
 
     @classmethod
     def create(cls, hostnames: list[str]) -> ServiceIdentity:
@@ -61,6 +62,10 @@ class ServiceIdentity:
 
     def store_key(self) -> bytes:
         return _derive(self.secret, b"blindfold store key")
+
+    def hpke_seed(self) -> bytes:
+        """What the gateway's HPKE keys are derived from (`server.hpke_keys.HpkeKeyring`)."""
+        return _derive(self.secret, b"blindfold hpke seed")
 
     def replication_key(self) -> bytes:
         """What replicas present to each other (over TLS pinned to the shared certificate)."""
@@ -78,7 +83,6 @@ class ServiceIdentity:
             ),
             "certificate": _b64(self.certificate.public_bytes(serialization.Encoding.DER)),
             "secret": _b64(self.secret),
-            "hpke_keys": [_b64(key) for key in self.hpke_keys],
         }
         return json.dumps(document).encode()
 
@@ -91,7 +95,6 @@ class ServiceIdentity:
             key = serialization.load_der_private_key(_unb64(document["tls_key"]), None)
             certificate = x509.load_der_x509_certificate(_unb64(document["certificate"]))
             secret = _unb64(document["secret"])
-            hpke = tuple(_unb64(item) for item in document.get("hpke_keys", []))
         except (ValueError, KeyError, TypeError) as exc:
             raise EvidenceError(f"the released service identity is malformed ({exc})") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey) or len(secret) != 32:
@@ -102,7 +105,7 @@ class ServiceIdentity:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ):
             raise EvidenceError("the released certificate does not match the released TLS key")
-        return cls(key, certificate, secret, hpke)
+        return cls(key, certificate, secret)
 
     def seal_for(self, recipient: x25519.X25519PublicKey, context: bytes) -> dict[str, str]:
         """Encrypts the identity to `recipient` (ephemeral-static X25519, HKDF-SHA256,
