@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
@@ -157,7 +158,7 @@ class _Pending:
     arrival: float
     rows: int  # its size along the batch axis
     key: Hashable | None  # what must agree for requests to share a batch; None: runs alone
-    started: float = 0.0  # loop time its run began
+    started: float = 0.0  # perf_counter() when its run began
 
 
 @dataclass(eq=False)
@@ -228,7 +229,7 @@ class Scheduler:
         timing: RunTiming | None = None,
     ) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
-        arrival = loop.time()
+        arrival = time.perf_counter()  # not loop.time(): uvloop's counts whole milliseconds
         limited = 0 < options.max_concurrency < self.slots
         if self._free and not self._ring and not options.max_queue_delay_us:
             # Nothing waits anywhere: run now, in this task. Only a model with its own
@@ -243,10 +244,10 @@ class Scheduler:
                 finally:
                     self._finished(queue)
                     if timing is not None:
-                        timing.ran = loop.time() - arrival
+                        timing.ran = time.perf_counter() - arrival
         queue = self._queue(session, options)
         rows, key = _batch_key(output_names, feeds) if options.batching else (0, None)
-        pending = _Pending(output_names, feeds, loop.create_future(), arrival, rows, key)
+        pending = _Pending(output_names, feeds, loop.create_future(), loop.time(), rows, key)
         if not queue.waiting:
             self._ring.append(queue)
         queue.waiting.append(pending)
@@ -261,7 +262,7 @@ class Scheduler:
             raise
         if timing is not None and pending.started:
             timing.queued = pending.started - arrival
-            timing.ran = loop.time() - pending.started
+            timing.ran = time.perf_counter() - pending.started
         return result
 
     def _queue(self, session: Session, options: SchedulingOptions) -> _ModelQueue:
@@ -317,7 +318,7 @@ class Scheduler:
         queue.timer = asyncio.get_running_loop().call_at(deadline, wake)
 
     async def _execute(self, queue: _ModelQueue, batch: list[_Pending]) -> None:
-        started = asyncio.get_running_loop().time()
+        started = time.perf_counter()
         for item in batch:
             item.started = started
         try:
