@@ -562,10 +562,10 @@ def test_stale_key_is_an_attestation_error_before_anything_is_read() -> None:
 def test_keyring_rotates_on_schedule_and_keeps_the_old_key_for_the_grace_period() -> None:
     from blindfold.server.hpke_keys import HpkeKeyring
 
-    now = [1000.0]
+    now = [1010.0]  # periods of 100 s start at multiples of 100; 1010 is past the grace
     keyring = HpkeKeyring(rotation_seconds=100, grace_seconds=10, clock=lambda: now[0])
     (first,) = keyring.configs()
-    now[0] += 99
+    now[0] += 89
     assert keyring.configs() == [first]
     now[0] += 1
     second, previous = keyring.configs()
@@ -575,3 +575,7 @@ def test_keyring_rotates_on_schedule_and_keeps_the_old_key_for_the_grace_period(
     assert keyring.configs() == [second]
     with pytest.raises(ohttp.UnknownKeyError, match="rotated away"):
         keyring.private_key(first.key_id)
+    # Replicas sharing the seed (the service identity's) derive the same keys.
+    twin = HpkeKeyring(100, 10, clock=lambda: now[0], seed=b"s" * 32)
+    again = HpkeKeyring(100, 10, clock=lambda: now[0], seed=b"s" * 32)
+    assert twin.configs() == again.configs() != keyring.configs()
