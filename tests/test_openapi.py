@@ -37,6 +37,14 @@ EXAMPLES_PER_ROUTE = int(os.environ.get("BLINDFOLD_OPENAPI_EXAMPLES", "25"))
 SCHEMA = schemathesis.openapi.from_path(DOCUMENT)
 
 
+@schemathesis.serializer("message/ohttp-req")
+def _as_bytes(_context: object, value: object) -> bytes:
+    """Random bytes as an Oblivious HTTP request: the gateway must refuse them with a 4xx."""
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode()
+
+
 def document() -> dict:
     return json.loads(DOCUMENT.read_text())
 
