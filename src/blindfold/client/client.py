@@ -35,7 +35,7 @@ import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from blindfold import ohttp
+from blindfold import ohttp, oip
 from blindfold.attestation.deployment import (
     Endorsement,
     OperatorPrivateKey,
@@ -48,9 +48,9 @@ from blindfold.attestation.verify import verify_server_evidence
 from blindfold.client.attest import CHANNELS, AttestedServer, Channel, attest
 from blindfold.client.inputs import normalize_inputs
 from blindfold.client.ohttp_channel import OhttpTransport, VerifyTls, outer_tls_context
-from blindfold.client.protocol import decode_infer_response, encode_infer_request
 from blindfold.client.transport import Endpoint, HttpResponse, Transport, pinned_context
 from blindfold.errors import (
+    BlindfoldError,
     ConfigurationError,
     DeploymentChanged,
     InputError,
@@ -530,39 +530,45 @@ class Client:
         arrays = normalize_inputs(inputs, metadata["inputs"], dtype)
         nonce = secrets.token_hex(16) if receipt else ""
         parameters = {"receipt": True, "receipt_nonce": nonce} if receipt else None
-        parts, header_length, total = encode_infer_request(arrays, outputs, parameters)
+        encoded = oip.encode_infer_request(arrays, outputs, parameters)
+        parts = encoded.parts
         # Large tensors go out straight from the arrays' memory; small ones in one write.
         body: bytes | list[bytes | memoryview] = (
-            b"".join(parts) if total < _JOIN_BELOW or len(parts) == 1 else parts
+            b"".join(parts) if encoded.total < _JOIN_BELOW or len(parts) == 1 else parts
         )
         response = self._request(
             "POST",
             _model_path(model, version) + "/infer",
             body,
-            {
-                "Inference-Header-Content-Length": str(header_length),
-                "Content-Type": "application/octet-stream",
-            },
+            encoded.headers(),
             token=token,
-            content_length=total,
+            content_length=encoded.total,
         )
-        decoded, header = decode_infer_response(
-            response.body, response.headers.get("inference-header-content-length")
-        )
+        try:
+            answer = oip.decode_infer_response(
+                response.body, response.headers.get(oip.HEADER_LENGTH)
+            )
+        except oip.MalformedMessage as exc:
+            raise BlindfoldError(
+                f"the server's infer response is malformed ({exc}); is it a Blindfold server?"
+            ) from None
+        decoded = answer.outputs
         result = Outputs(decoded)
         if receipt:
-            result.receipt = self._check_receipt(header, metadata["sha256"], arrays, decoded, nonce)
+            result.receipt = self._check_receipt(
+                answer.parameters, metadata["sha256"], arrays, decoded, nonce
+            )
         return result
 
     def _check_receipt(
         self,
-        header: dict[str, Any],
+        parameters: dict[str, Any],
         model_sha256: str,
         inputs: Mapping[str, np.ndarray],
         outputs: Mapping[str, np.ndarray],
         nonce: str,
     ) -> SavedReceipt:
-        document = (header.get("parameters") or {}).get("receipt")
+        document = parameters.get("receipt")
         if document is None:
             raise ReceiptError("the server sent no receipt although one was requested")
         receipt = Receipt.from_json(document)

@@ -325,7 +325,7 @@ async def _infer(
     return parts_response(
         parts,
         "application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(header_out)},
+        headers={oip.HEADER_LENGTH: str(header_out)},
     )
 
 
