@@ -26,10 +26,11 @@ from onnx import TensorProto, helper
 
 import blindfold
 from blindfold.client.attest import fetch_attestation
-from blindfold.client.transport import Endpoint
+from blindfold.client.transport import Endpoint, Transport, pinned_context
 
 from conftest import ServerProcess, free_port, start_server, write_self_signed
 from onnx_models import identity_model
+from transports import Recording, send
 
 pytestmark = pytest.mark.filterwarnings("ignore:SIMULATION TEE")
 
@@ -619,17 +620,28 @@ def test_deployment_change_callback_decides(
             return accept
 
         proxy = make_proxy(first.port, mode="tcp")
-        with connect(proxy.url, policy=policy_of(first), on_deployment_change=decide) as client:
+        recording = Recording()
+        with connect(
+            proxy.url, policy=policy_of(first), on_deployment_change=decide, transport=recording
+        ) as client:
             mine = client.upload_model(identity_model(TensorProto.FLOAT), name="mine")
             before = client.attestation.spki_sha256
+            sent_before = len(recording.requests())
             proxy.upstream_port = second.port
             proxy.drop_connections()
             watch = LogWatch(second)
             if accept:
                 client.upload_model(identity_model(TensorProto.FLOAT), name="accepted")
                 assert client.attestation.spki_sha256 != before
-                # The first deployment's owner token is not offered to the second one.
-                assert mine.owner_token not in client._owner_tokens.values()
+                # The first deployment's owner token is not offered to the second one, not
+                # even for the model it was issued for.
+                with pytest.raises(blindfold.ServerError):
+                    client.delete_model("mine")
+                assert len(recording.attested) == 2
+                after = recording.requests()[sent_before:]
+                assert after and "/v2/repository/models/mine/unload" in [r.path for r in after]
+                assert mine.owner_token
+                assert not any(mine.owner_token in str(r.headers) for r in after)
             else:
                 with pytest.raises(blindfold.DeploymentChanged, match="refused"):
                     client.upload_model(identity_model(TensorProto.FLOAT), name="refused")
@@ -749,17 +761,20 @@ def test_endorsements_cannot_be_forged_copied_or_taken_over(tmp_path: Path) -> N
             # An endorsement of another server's key is refused (copied from elsewhere).
             with connect(other.url, policy=policy_of(other)) as elsewhere:
                 copied = Endorsement.sign(key, "prod", elsewhere.attestation.spki_sha256)
-            with pytest.raises(blindfold.ServerError, match="copied from another server") as e:
-                client._json("POST", "/v2/deployment/endorsement", copied.to_json())
-            assert e.value.status == 400
+
+            def endorse(body: bytes) -> tuple[int, str]:
+                response = send(client, "POST", "/v2/deployment/endorsement", body)
+                return response.status, json.loads(response.body).get("error", "")
+
+            status, error = endorse(json.dumps(copied.to_json()).encode())
+            assert status == 400 and "copied from another server" in error
             # A tampered one does not verify.
             forged = Endorsement.sign(key, "prod", mine).to_json() | {"deployment": "other"}
-            with pytest.raises(blindfold.ServerError, match="does not verify"):
-                client._json("POST", "/v2/deployment/endorsement", forged)
+            status, error = endorse(json.dumps(forged).encode())
+            assert status == 400 and "does not verify" in error
             for junk in (b"not json", b"[" * 60_000, b"[]", b'{"format": 1}'):
-                with pytest.raises(blindfold.ServerError) as e:
-                    client._request("POST", "/v2/deployment/endorsement", junk)
-                assert e.value.status == 400 and "blindfold deployment endorse" in e.value.message
+                status, error = endorse(junk)
+                assert status == 400 and "blindfold deployment endorse" in error
             client.endorse_deployment(key, "prod")
             # Another operator cannot replace the first one's endorsement.
             with pytest.raises(blindfold.ServerError, match="already endorsed") as e:
@@ -852,9 +867,9 @@ def test_owner_token_of_another_model_has_no_rights(keyed: ServerProcess) -> Non
         key_id_a, run_key_a = client.create_run_key("model-a", token=a.owner_token)
 
         def index_of_a() -> list[dict[str, object]]:  # restricted: listed for its owner
-            rows: list[dict[str, object]] = client._json(
-                "POST", "/v2/repository/index", {}, token=a.owner_token
-            )
+            response = send(client, "POST", "/v2/repository/index", b"{}", token=a.owner_token)
+            assert response.status == 200, response.body
+            rows: list[dict[str, object]] = json.loads(response.body)
             return rows
 
         index_before = index_of_a()
@@ -885,8 +900,8 @@ def test_owner_token_of_another_model_has_no_rights(keyed: ServerProcess) -> Non
                 for reference in ("model-a", f"sha256:{a.sha256}"):
                     with pytest.raises(blindfold.NotFoundError):
                         other.run_model(reference, X)
-                    with pytest.raises(blindfold.NotFoundError):
-                        other._request("POST", f"/v2/models/{reference}/infer", b"{}")
+                    path = f"/v2/models/{reference}/infer"
+                    assert send(other, "POST", path, b"{}", token=token).status == 404
 
         # nothing changed: model a still runs for its owner and its run key
         assert index_of_a() == index_before
@@ -965,11 +980,14 @@ def test_ca_environment_variables_are_ignored(
     watch = LogWatch(victim)
     with pytest.raises(blindfold.PinnedKeyMismatch):
         attempt_payload(proxy.url, policy=policy_of(victim))
+
     # And after attesting the real server, the pinned channel does not trust the proxy.
-    with connect(victim.url, policy=policy_of(victim)) as client:
-        client._endpoint = Endpoint("127.0.0.1", proxy.port)
-        client._transport.close()
-        client._transport = client._pinned_transport()
+    def via_proxy(attested: blindfold.AttestedServer, _: object) -> Transport:
+        """The attested server's pin, but connections go to the proxy."""
+        context = pinned_context(attested.certificate_pem)
+        return Transport(Endpoint("127.0.0.1", proxy.port), context, attested.spki_sha256)
+
+    with connect(victim.url, policy=policy_of(victim), transport=via_proxy) as client:
         with pytest.raises(blindfold.AttestationError):
             client.run_model(victim_model, X)
     assert all(line.startswith("GET /v2/attestation") for line in proxy.seen())

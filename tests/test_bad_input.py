@@ -28,6 +28,7 @@ from onnx_models import (
     identity_model,
     matmul_model,
 )
+from transports import send
 
 FLOAT_SENTINEL = 1234.5678
 FLOAT_SENTINEL_TEXT = "1234.56"
@@ -50,7 +51,7 @@ def raw(
     method: str = "POST",
 ) -> tuple[int, str]:
     """Sends a hand-made request over the pinned transport; returns (status, error message)."""
-    response = client._transport.request(method, path, body, headers or {})
+    response = send(client, method, path, body, headers or {})
     if response.status < 400:
         return response.status, ""
     document = json.loads(response.body)
@@ -627,7 +628,7 @@ def test_tensor_contents_never_appear_in_errors_or_logs(
     log = server.log()
     for sentinel in (BYTES_SENTINEL, FLOAT_SENTINEL_TEXT, MODEL_SENTINEL):
         assert sentinel not in log
-    metrics = bad._transport.request("GET", "/metrics").body.decode()
+    metrics = send(bad, "GET", "/metrics").body.decode()
     assert BYTES_SENTINEL not in metrics and FLOAT_SENTINEL_TEXT not in metrics
 
 
@@ -635,7 +636,7 @@ def test_rejections_are_counted(bad: blindfold.Client) -> None:
     def rejected() -> int:
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = bad._transport.request("GET", "/metrics").body.decode()
+        text = send(bad, "GET", "/metrics").body.decode()
         return sum(
             int(sample.value)
             for family in text_string_to_metric_families(text)

@@ -34,6 +34,7 @@ from blindfold.server.scheduler import Scheduler, SchedulingOptions
 
 from onnx_models import add_mul_model, gather_model, identity_model, matmul_model
 from server_process import ServerProcess, start_server
+from transports import send
 
 FAR = 8_000_000  # µs: a fallback delay no test waits for
 
@@ -284,7 +285,8 @@ def test_bad_options_are_refused_before_the_body(
     client: blindfold.Client, query: str, words: str
 ) -> None:
     data = matmul_model(8).SerializeToString()
-    response = client._transport.request(
+    response = send(
+        client,
         "POST",
         f"/v2/repository/models/opt/load?{query}",
         data,
@@ -292,7 +294,7 @@ def test_bad_options_are_refused_before_the_body(
     )
     assert response.status == 400, response.body
     assert words in json.loads(response.body)["error"]
-    assert client._transport.request("GET", "/v2/health/live").status == 200
+    assert send(client, "GET", "/v2/health/live").status == 200
 
 
 def test_triton_load_parameters_and_metadata(client: blindfold.Client) -> None:
@@ -309,7 +311,8 @@ def test_triton_load_parameters_and_metadata(client: blindfold.Client) -> None:
             "max_concurrency": 2,
         }
     }
-    response = client._transport.request(
+    response = send(
+        client,
         "POST",
         "/v2/repository/models/triton-batched/load",
         json.dumps(document).encode(),

@@ -18,12 +18,13 @@ import blindfold
 from blindfold import tensors
 
 from onnx_models import add_mul_model, identity_model, product_sum_model
+from transports import send
 
 # --- helpers ---
 
 
 def metric(client: blindfold.Client, name: str) -> float:
-    response = client._transport.request("GET", "/metrics")
+    response = send(client, "GET", "/metrics")
     assert response.status == 200
     match = re.search(rf"^{re.escape(name)} (\S+)$", response.body.decode(), re.MULTILINE)
     assert match, f"metric {name} missing"
@@ -36,7 +37,7 @@ def post_json(
     """POSTs a JSON (non-binary) OIP request; returns status, JSON header, binary tail,
     response headers."""
     body = json.dumps(document).encode()
-    response = client._transport.request("POST", path, body, {"Content-Type": "application/json"})
+    response = send(client, "POST", path, body, {"Content-Type": "application/json"})
     length = response.headers.get("inference-header-content-length")
     split = int(length) if length is not None else len(response.body)
     return (
@@ -572,7 +573,8 @@ def test_json_and_binary_inputs_mix(client: blindfold.Client, json_models: None)
         ]
     }
     header = json.dumps(document).encode()
-    response = client._transport.request(
+    response = send(
+        client,
         "POST",
         "/v2/models/inf-json-add-mul/infer",
         header + b.tobytes(),

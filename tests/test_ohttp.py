@@ -32,7 +32,7 @@ import blindfold
 from blindfold import ohttp
 from blindfold.attestation.binding import identity_document
 from blindfold.client.attest import fetch_attestation
-from blindfold.client.ohttp_channel import KeyConfigurationStale
+from blindfold.client.ohttp_channel import KeyConfigurationStale, OhttpTransport
 from blindfold.client.transport import Endpoint
 from blindfold.errors import EvidenceError, PinnedKeyMismatch, ReportDataMismatch
 
@@ -513,13 +513,24 @@ def test_stale_request_is_refused_and_the_sdk_corrects_its_clock(
     stale = _open(context, answer)
     assert stale.status == 400 and "replay window" in json.loads(stale.body)["error"]
     assert "date" in dict(stale.headers)
+    made: list[OhttpTransport] = []
+
+    def keep(_: blindfold.AttestedServer, default: blindfold.BaseTransport) -> OhttpTransport:
+        assert isinstance(default, OhttpTransport)  # the OHTTP channel is just a transport
+        made.append(default)
+        return default
+
     client = blindfold.connect(
-        gateway_server.url, allow_simulation=True, channel="ohttp", verify=_unverified()
+        gateway_server.url,
+        allow_simulation=True,
+        channel="ohttp",
+        verify=_unverified(),
+        transport=keep,
     )
     with client:
-        client._transport.clock_offset = -3600.0  # type: ignore[union-attr]
+        made[0].clock_offset = -3600.0
         assert client.is_ready()
-        assert abs(client._transport.clock_offset) < 60  # type: ignore[union-attr]
+        assert abs(made[0].clock_offset) < 60
 
 
 def test_inner_errors_are_the_routes_own(gateway_server: ServerProcess) -> None:

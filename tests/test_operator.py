@@ -19,6 +19,7 @@ import blindfold
 
 from conftest import ServerProcess, start_server
 from onnx_models import identity_model
+from transports import send
 
 FLOAT_SENTINEL = 8765.4321  # a recognisable tensor value: it must never reach logs or metrics
 BYTES_SENTINEL = "TENSOR-SENTINEL-qz7"
@@ -34,7 +35,7 @@ def scrape(
     client: blindfold.Client,
 ) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
     """The raw text and every sample by (name, sorted labels)."""
-    response = client._transport.request("GET", "/metrics")
+    response = send(client, "GET", "/metrics")
     assert response.status == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.body.decode()
@@ -72,8 +73,8 @@ def test_metrics_count_real_requests(metrics_server: ServerProcess) -> None:
         client.run_model(restricted_name, x)
         # A wrong datatype (sent raw: the SDK would refuse it itself) is a rejected inference.
         wrong = {"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], "data": [1]}]}
-        refused = client._transport.request(
-            "POST", "/v2/models/public-identity/infer", json.dumps(wrong).encode()
+        refused = send(
+            client, "POST", "/v2/models/public-identity/infer", json.dumps(wrong).encode()
         )
         assert refused.status == 400
         text, after = scrape(client)
@@ -126,17 +127,15 @@ def test_json_logs_request_ids_and_no_secrets(json_server: ServerProcess) -> Non
     owner = secrets.token_urlsafe(32)
     wrong = f"wrong-token-{secrets.token_urlsafe(16)}"
     with connect(json_server, token=key) as client:
-        transport = client._transport
 
         def post(path: str, token: str, headers: dict[str, str] | None = None) -> int:
-            sent = {"Authorization": f"Bearer {token}", **(headers or {})}
-            return transport.request("POST", path, b"{}", sent).status
+            return send(client, "POST", path, b"{}", headers, token=token).status
 
         # A sane incoming id is echoed and logged; an insane one is replaced.
-        echoed = transport.request("GET", "/v2/health/live", headers={"X-Request-Id": "trace-42"})
+        echoed = send(client, "GET", "/v2/health/live", headers={"X-Request-Id": "trace-42"})
         assert echoed.headers["x-request-id"] == "trace-42"
-        replaced = transport.request(
-            "GET", "/v2/health/live", headers={"X-Request-Id": "bad id\twith spaces"}
+        replaced = send(
+            client, "GET", "/v2/health/live", headers={"X-Request-Id": "bad id\twith spaces"}
         )
         assert len(replaced.headers["x-request-id"]) == 32
         assert replaced.headers["x-request-id"] != "bad id\twith spaces"

@@ -11,6 +11,7 @@ on another medium) or a monotonic counter backs it."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -49,6 +50,7 @@ from blindfold.server.tee.simulation import SEALING_KEY_FILE
 
 from conftest import ServerProcess, start_server
 from onnx_models import identity_model, matmul_model
+from transports import send
 
 X = np.arange(6, dtype=np.float32).reshape(2, 3)
 
@@ -560,7 +562,9 @@ def restart(
 
 def index(client: blindfold.Client, token: str | None = None) -> dict[str, dict[str, Any]]:
     """The repository index as `token` (default: the client's) sees it."""
-    rows = client._json("POST", "/v2/repository/index", {}, token=token)
+    response = send(client, "POST", "/v2/repository/index", b"{}", token=token or client.token)
+    assert response.status == 200, response.body
+    rows = json.loads(response.body)
     return {row["name"]: row for row in rows}
 
 

@@ -20,6 +20,7 @@ import blindfold
 
 from conftest import ServerProcess, start_server, write_self_signed
 from onnx_models import add_mul_model, identity_model
+from transports import send
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -372,7 +373,7 @@ def test_open_upload_owner_secret_in_bearer(server: ServerProcess, open_cert: Pa
         assert not client.is_model_ready("owned-by-secret", headers=bearer(mine))
     assert not any(mine in e or theirs in e for e in errors)
     assert mine not in server.log() and theirs not in server.log()
-    metrics = sdk(server)._transport.request("GET", "/metrics").body.decode()
+    metrics = send(sdk(server), "GET", "/metrics").body.decode()
     assert mine not in metrics and theirs not in metrics
 
 

@@ -16,7 +16,8 @@ from blindfold.attestation.kinds import VerifierOptions
 from blindfold.attestation.policy import Policy
 from blindfold.attestation.verdict import Evidence, Verdict
 from blindfold.client.attest import AttestedServer
-from blindfold.client.client import Client, Outputs, UploadedModel, connect
+from blindfold.client.client import Client, Outputs, TransportFactory, UploadedModel, connect
+from blindfold.client.transport import BaseTransport, HttpRequest, HttpResponse
 from blindfold.errors import (
     AttestationError,
     AuthenticationError,
@@ -43,12 +44,15 @@ __all__ = [
     "AttestationError",
     "AttestedServer",
     "AuthenticationError",
+    "BaseTransport",
     "BlindfoldError",
     "Client",
     "ConfigurationError",
     "DeploymentChanged",
     "Evidence",
     "EvidenceError",
+    "HttpRequest",
+    "HttpResponse",
     "InputError",
     "MeasurementMismatch",
     "NotFoundError",
@@ -65,6 +69,7 @@ __all__ = [
     "SimulationNotAllowed",
     "SimulationWarning",
     "TeeKindNotAllowed",
+    "TransportFactory",
     "UploadedModel",
     "Verdict",
     "VerifierOptions",

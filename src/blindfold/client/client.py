@@ -11,6 +11,8 @@ It remembers the owner tokens of the models it uploaded and uses them for those 
 
 `channel="ohttp"` sends every request as an Oblivious HTTP message encrypted to the HPKE key
 the evidence binds (`client.ohttp_channel`), through any TLS-terminating proxy (`verify=`).
+Both channels are transports (`client.transport.BaseTransport`); `transport=` wraps or
+replaces them, e.g. to record every exchange.
 """
 
 from __future__ import annotations
@@ -48,7 +50,14 @@ from blindfold.attestation.verify import verify_server_evidence
 from blindfold.client.attest import CHANNELS, AttestedServer, Channel, attest
 from blindfold.client.inputs import normalize_inputs
 from blindfold.client.ohttp_channel import OhttpTransport, VerifyTls, outer_tls_context
-from blindfold.client.transport import Endpoint, HttpResponse, Transport, pinned_context
+from blindfold.client.transport import (
+    BaseTransport,
+    Endpoint,
+    HttpRequest,
+    HttpResponse,
+    Transport,
+    pinned_context,
+)
 from blindfold.errors import (
     BlindfoldError,
     ConfigurationError,
@@ -72,6 +81,10 @@ FollowKeyChanges = Literal["same-deployment", "same-code"]
 # Called with (previous, current) when the server's new key passes the policy but cannot be
 # shown to belong to the deployment attested first; True accepts the new server.
 DeploymentChangeCallback = Callable[[AttestedServer, AttestedServer], bool]
+# Called after each attestation with the attested server and the default transport to it
+# (TLS pinned to its key, or the OHTTP channel); returns the transport to send through: the
+# default, a wrapper of it (recording, tracing, ...) or a replacement.
+TransportFactory = Callable[[AttestedServer, BaseTransport], BaseTransport]
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,7 @@ class Client:
         channel: Channel = "tls",
         verify: VerifyTls = True,
         pad_buckets: tuple[int, ...] = ohttp.DEFAULT_BUCKETS,
+        transport: TransportFactory | None = None,
     ) -> None:
         if channel not in CHANNELS:
             raise ConfigurationError(
@@ -179,9 +193,24 @@ class Client:
             channel=channel,
             context=self._outer_context,
         )
-        self._transport = self._pinned_transport()
+        self._transport_factory = transport
+        self._transport = self._new_transport()
 
-    def _pinned_transport(self) -> Transport | OhttpTransport:
+    @property
+    def transport(self) -> BaseTransport:
+        """The transport this Client sends through (rebuilt after each attestation, since the
+        pin changes with it). `client.transport.handle_request(HttpRequest(...))` sends a
+        hand-made request over the same attested channel, e.g. to a route the Client has no
+        method for (`GET /metrics`); the Client's token is not added to it."""
+        return self._transport
+
+    def _new_transport(self) -> BaseTransport:
+        default = self._default_transport()
+        if self._transport_factory is None:
+            return default
+        return self._transport_factory(self.attestation, default)
+
+    def _default_transport(self) -> BaseTransport:
         if self._outer_context is not None:
             return OhttpTransport(
                 self._endpoint,
@@ -229,7 +258,9 @@ class Client:
             self._reattest(transport)
             if body_factory is not None:
                 body = body_factory()
-            response = self._transport.request(method, path, body, send, content_length)
+            response = self._transport.handle_request(
+                HttpRequest(method, path, send, body, content_length)
+            )
         if response.status >= 400:
             try:
                 message = json.loads(response.body)["error"]
@@ -240,7 +271,7 @@ class Client:
 
     def _send(
         self,
-        transport: Transport | OhttpTransport,
+        transport: BaseTransport,
         method: str,
         path: str,
         body: Any,
@@ -255,7 +286,9 @@ class Client:
         retry = _idempotent(method, path) and isinstance(body, (bytes, list, type(None)))
         for attempt in range(RETRIES + 1 if retry else 1):
             try:
-                return transport.request(method, path, body, headers, content_length)
+                return transport.handle_request(
+                    HttpRequest(method, path, headers, body, content_length)
+                )
             except PinnedKeyMismatch:
                 raise
             except (ConnectionError, http.client.HTTPException, ssl.SSLError) as exc:
@@ -269,7 +302,7 @@ class Client:
         valid_until = self.attestation.verdict.valid_until
         return valid_until is not None and time.time() >= valid_until
 
-    def _reattest(self, failed: Transport | OhttpTransport) -> None:
+    def _reattest(self, failed: BaseTransport) -> None:
         with self._lock:
             if self._transport is not failed:
                 return  # another thread already re-attested
@@ -286,7 +319,7 @@ class Client:
             )
             self._check_same_deployment(previous, current)
             self.attestation = current
-            self._transport = self._pinned_transport()
+            self._transport = self._new_transport()
             self._metadata.clear()
             failed.close()
 
@@ -717,6 +750,7 @@ def connect(
     channel: Channel = "tls",
     verify: VerifyTls = True,
     pad_buckets: tuple[int, ...] = ohttp.DEFAULT_BUCKETS,
+    transport: TransportFactory | None = None,
 ) -> Client:
     """Attests the server at `url` under `policy` (a Policy or a TOML path; default: the
     simulation TEE running this installed package's code) and returns a pinned Client.
@@ -731,7 +765,11 @@ def connect(
     `channel="ohttp"` reaches the server through proxies that terminate TLS: requests are
     Oblivious HTTP messages encrypted to the HPKE key the evidence binds, padded to the
     sizes in `pad_buckets`; `verify` (True: the system CA bundle, or a bundle path, or an
-    SSLContext) checks the proxy's certificate."""
+    SSLContext) checks the proxy's certificate.
+
+    `transport(attested, default)` is called after each attestation with the default
+    transport to the attested server and returns the one to send through (see
+    `blindfold.client.transport.BaseTransport`), e.g. a wrapper that records exchanges."""
     if isinstance(policy, (str, Path)):
         policy = Policy.load(policy)
     return Client(
@@ -747,4 +785,5 @@ def connect(
         channel=channel,
         verify=verify,
         pad_buckets=pad_buckets,
+        transport=transport,
     )

@@ -15,11 +15,11 @@ import email.utils
 import json
 import ssl
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from blindfold import ohttp
-from blindfold.client.transport import Endpoint, HttpResponse, Transport
+from blindfold.client.transport import Endpoint, HttpRequest, HttpResponse, Transport
 from blindfold.errors import ConfigurationError, PinnedKeyMismatch, ServerError
 
 GATEWAY_PATH = "/v2/ohttp"
@@ -52,7 +52,7 @@ class KeyConfigurationStale(PinnedKeyMismatch):
 
 
 class OhttpTransport:
-    """Same interface as `Transport`: request(method, path, body, headers, content_length)."""
+    """A `BaseTransport`: each request as an OHTTP message through the gateway route."""
 
     def __init__(
         self,
@@ -68,20 +68,15 @@ class OhttpTransport:
         self.clock_offset = 0.0
         self._outer = Transport(endpoint, context, None, timeout)
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | Iterable[bytes] | None = None,
-        headers: Mapping[str, str] | None = None,
-        content_length: int | None = None,
-    ) -> HttpResponse:
+    def handle_request(self, request: HttpRequest) -> HttpResponse:
+        body = request.body
         if body is None:
             data = b""
         elif isinstance(body, bytes):
             data = body
         else:
             data = b"".join(body)
+        method, path, headers = request.method, request.path, request.headers
         response = self._exchange(method, path, data, headers)
         if response.status == 400 and "date" in response.headers and _clock_refusal(response):
             server_time = email.utils.parsedate_to_datetime(response.headers["date"]).timestamp()

@@ -1,4 +1,11 @@
-"""HTTPS transport pinned to one attested public key.
+"""How the SDK's requests reach the server: the transport contract (`BaseTransport`, in the
+manner of httpx's: one `handle_request` method, one request in, one response out) and its
+default implementation, HTTPS pinned to one attested public key.
+
+A `Client` builds its transport after each attestation (the pin is what the evidence binds);
+`Client(transport=...)` injects a factory that may wrap or replace that default, e.g. to
+record every exchange. The Oblivious HTTP channel (`client.ohttp_channel`) is another
+transport.
 
 Uses the standard library's `http.client` with keep-alive (measured several times cheaper
 per request than httpx on this workload). The TLS context is built from scratch: it trusts
@@ -14,8 +21,9 @@ import queue
 import select
 import socket
 import ssl
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from blindfold.attestation.binding import spki_sha256
@@ -39,11 +47,36 @@ class Endpoint:
         return cls(parts.hostname, parts.port or 8443)
 
 
+# A request body: bytes; a list of parts (written one by one, and sent again on a retry); or
+# an iterable of chunks (written once, as they come). Parts and chunks need `content_length`.
+Body = bytes | Sequence[bytes | memoryview] | Iterable[bytes] | None
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: str
+    path: str  # with the query string, e.g. "/v2/models/m/infer"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: Body = None
+    content_length: int | None = None
+
+
 @dataclass
 class HttpResponse:
     status: int
-    headers: Mapping[str, str]
+    headers: Mapping[str, str]  # names in lowercase
     body: bytes
+
+
+class BaseTransport(Protocol):
+    """Sends one request to the attested server and returns its response. Raises
+    `PinnedKeyMismatch` when the server no longer holds the attested key (before sending a
+    byte), and ConnectionError, http.client.HTTPException or ssl.SSLError when the
+    connection fails."""
+
+    def handle_request(self, request: HttpRequest) -> HttpResponse: ...
+
+    def close(self) -> None: ...
 
 
 def unverified_context() -> ssl.SSLContext:
@@ -105,7 +138,8 @@ def _readable(sock: socket.socket) -> bool:
 
 
 class Transport:
-    """A small thread-safe pool of keep-alive connections sharing one TLS context."""
+    """The default transport: a small thread-safe pool of keep-alive connections sharing one
+    TLS context, each checking the pin in its handshake."""
 
     def __init__(
         self, endpoint: Endpoint, context: ssl.SSLContext, pin: bytes | None, timeout: float = 300.0
@@ -120,16 +154,21 @@ class Transport:
         self,
         method: str,
         path: str,
-        body: bytes | Iterable[bytes] | None = None,
+        body: Body = None,
         headers: Mapping[str, str] | None = None,
         content_length: int | None = None,
     ) -> HttpResponse:
+        """`handle_request` spelled as arguments."""
+        return self.handle_request(HttpRequest(method, path, headers or {}, body, content_length))
+
+    def handle_request(self, request: HttpRequest) -> HttpResponse:
         connection = self._checkout()
+        body = request.body
         try:
-            send_headers = dict(headers or {})
+            send_headers = dict(request.headers)
             if body is not None and not isinstance(body, bytes):
-                send_headers["Content-Length"] = str(content_length)
-            connection.request(method, path, body=body, headers=send_headers)
+                send_headers["Content-Length"] = str(request.content_length)
+            connection.request(request.method, request.path, body=body, headers=send_headers)
             response = connection.getresponse()
             data = response.read()
         except Exception:
