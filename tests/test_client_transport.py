@@ -74,7 +74,7 @@ def test_factory_wraps_the_pinned_default_and_sees_every_request(
 def _parts(request: HttpRequest) -> list[bytes | memoryview]:
     body = request.body
     assert body is not None
-    return [body] if isinstance(body, bytes) else list(body)  # type: ignore[arg-type]
+    return [body] if isinstance(body, bytes) else list(body)
 
 
 class _Tamper:

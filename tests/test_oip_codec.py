@@ -35,9 +35,11 @@ def _sample(datatype: str, shape: tuple[int, ...]) -> np.ndarray:
         return array.reshape(shape)
     dtype = tensors.oip_to_np_dtype(datatype)
     if datatype == "BOOL":
-        return (np.arange(count) % 3 == 0).reshape(shape)
+        flags: np.ndarray = np.arange(count) % 3 == 0
+        return flags.reshape(shape)
     if dtype.kind == "f":
-        return (np.arange(count, dtype=dtype) * dtype.type(0.5) - 1).reshape(shape)
+        floats: np.ndarray = np.arange(count, dtype=dtype) * dtype.type(0.5) - 1
+        return floats.reshape(shape)
     info = np.iinfo(dtype)
     values = np.array([info.min, info.max, 0, 1, 7], dtype=dtype)
     return np.resize(values, count).reshape(shape)
@@ -87,7 +89,7 @@ def test_fp16_and_bool_keep_their_wire_types() -> None:
     half = np.array([[1.5, -2.0, 65504.0]], dtype=np.float16)
     flags = np.array([True, False, True])
     encoded = oip.encode_infer_request({"h": half, "b": flags})
-    header = json.loads(encoded.parts[0])
+    header = json.loads(bytes(encoded.parts[0]))
     assert [(i["datatype"], i["parameters"]["binary_data_size"]) for i in header["inputs"]] == [
         ("FP16", 6),
         ("BOOL", 3),
@@ -144,12 +146,12 @@ def test_bytes_tensors_are_length_prefixed() -> None:
 # --- malformed messages ---
 
 
-def _request(inputs: list[dict[str, Any]], binary: bytes = b"", **extra: Any) -> tuple[bytes, str]:
+def _request(inputs: list[Any], binary: bytes = b"", **extra: Any) -> tuple[bytes, str]:
     header = json.dumps({"inputs": inputs, **extra}).encode()
     return header + binary, str(len(header))
 
 
-def _f32(shape: list[Any], size: Any = None, datatype: str = "FP32") -> dict[str, Any]:
+def _f32(shape: Any, size: Any = None, datatype: str = "FP32") -> dict[str, Any]:
     parameters = {} if size is None else {"binary_data_size": size}
     return {"name": "x", "datatype": datatype, "shape": shape, "parameters": parameters}
 

@@ -8,14 +8,14 @@ import threading
 from dataclasses import dataclass, field
 
 import blindfold
-from blindfold.client.transport import BaseTransport, Body, HttpRequest, HttpResponse
+from blindfold.client.transport import BaseTransport, HttpRequest, HttpResponse
 
 
 def send(
     client: blindfold.Client,
     method: str,
     path: str,
-    body: Body = None,
+    body: bytes | list[bytes | memoryview] | None = None,
     headers: dict[str, str] | None = None,
     *,
     token: str | None = None,
@@ -25,7 +25,7 @@ def send(
     sent = dict(headers or {})
     if token:
         sent["Authorization"] = f"Bearer {token}"
-    length = None if body is None or isinstance(body, bytes) else sum(map(len, body))
+    length = None if body is None or isinstance(body, bytes) else sum(len(p) for p in body)
     return client.transport.handle_request(HttpRequest(method, path, sent, body, length))
 
 
