@@ -269,3 +269,54 @@ def test_the_sealed_identity_opens_only_with_the_join_key_and_its_context() -> N
         open_sealed(sealed, other, b"report data")  # someone else's key
     with pytest.raises(EvidenceError, match="does not decrypt"):
         open_sealed(sealed, joiner, b"other report data")  # released for another request
+
+
+def test_a_flood_of_join_challenges_is_bounded_and_evicts_no_honest_nonce(
+    tmp_path: Path, policy: Path
+) -> None:
+    """Anyone may ask for a join nonce: a flood must neither grow the replica's memory nor
+    push out the nonce an honest joiner is about to answer. When the desk is full it answers
+    429 with Retry-After; issued nonces stay valid until they expire or are used."""
+    import http.client
+    import json
+    import ssl
+
+    from blindfold.attestation.simulation import SimulationSigner
+    from blindfold.attestation.verdict import Evidence
+    from blindfold.server.cluster import MAX_CHALLENGES
+
+    replica = start_replica(tmp_path, policy)  # its own: the flood fills its join desk
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    connection = http.client.HTTPSConnection("127.0.0.1", replica.port, context=context)
+
+    def ask() -> tuple[int, bytes, str | None]:
+        connection.request("POST", "/v2/cluster/challenge", b"{}")
+        response = connection.getresponse()
+        return response.status, response.read(), response.getheader("Retry-After")
+
+    try:
+        status, body, _ = ask()
+        assert status == 200
+        honest = json.loads(body)["nonce"]
+        statuses = [ask()[0] for _ in range(MAX_CHALLENGES + 20)]
+        assert statuses.count(200) <= MAX_CHALLENGES - 1  # the honest one holds a slot
+        status, body, retry_after = ask()
+        assert status == 429 and retry_after is not None
+        assert b"join nonces" in body and b"retry" in body.lower()
+        # The honest joiner's nonce was not evicted by the flood: answering it reaches the
+        # evidence check (not "unknown or expired join nonce").
+        evidence = Evidence("simulation", SimulationSigner().evidence(bytes(64)))
+        request = {
+            "evidence": evidence.to_json(),
+            "nonce": honest,
+            "join_key": "11" * 32,
+            "advertise_url": "",
+        }
+        status, body = _post(replica, "/v2/cluster/join", json.dumps(request).encode())
+        assert status == 403 and b"unknown or expired" not in body
+        assert b"does not bind the join key" in body
+    finally:
+        connection.close()
+        replica.stop()

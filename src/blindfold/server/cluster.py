@@ -60,7 +60,7 @@ logger = logging.getLogger("blindfold.cluster")
 
 REPLICATION_HEADER = "blindfold-replication"
 CHALLENGE_LIFETIME = 120.0  # seconds a join nonce stays valid
-MAX_CHALLENGES = 256  # outstanding join nonces; the oldest are dropped beyond it
+MAX_CHALLENGES = 256  # outstanding join nonces; beyond it new ones are refused (429)
 MAX_JOIN_BODY = 4 << 20  # evidence with collateral is tens of KiB
 MEMBER_GIVE_UP = 30.0  # seconds a peer may stay unreachable before it is dropped
 
@@ -225,13 +225,32 @@ class JoinDesk:
         self._lock = threading.Lock()
 
     def challenge(self) -> bytes:
+        """A fresh join nonce. Anyone may ask, so the nonces kept are bounded: expired ones
+        are forgotten, and when MAX_CHALLENGES are outstanding the request is refused (429)
+        rather than evicting one, which would let a flood void every honest joiner's nonce."""
         nonce = secrets.token_bytes(32)
         now = time.monotonic()
         with self._lock:
-            for old in [n for n, at in self._challenges.items() if now - at > CHALLENGE_LIFETIME]:
-                del self._challenges[old]
-            while len(self._challenges) >= MAX_CHALLENGES:
-                del self._challenges[next(iter(self._challenges))]
+            # Insertion order is issue order: the expired ones are at the front.
+            while self._challenges:
+                oldest, issued = next(iter(self._challenges.items()))
+                if now - issued <= CHALLENGE_LIFETIME:
+                    break
+                del self._challenges[oldest]
+            if len(self._challenges) >= MAX_CHALLENGES:
+                wait = CHALLENGE_LIFETIME - (now - next(iter(self._challenges.values())))
+                logger.warning(
+                    "join nonce refused: %d outstanding, the most this replica keeps "
+                    "(a flood of join attempts?)",
+                    MAX_CHALLENGES,
+                )
+                raise RequestRejected(
+                    429,
+                    f"this replica already holds {MAX_CHALLENGES} unanswered join nonces, the "
+                    "most it keeps; retry after the Retry-After seconds (unanswered nonces "
+                    f"expire {CHALLENGE_LIFETIME:.0f} s after they are issued)",
+                    {"Retry-After": str(max(1, int(wait) + 1))},
+                )
             self._challenges[nonce] = now
         return nonce
 
