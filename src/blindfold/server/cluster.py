@@ -20,10 +20,12 @@ Owns three things:
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
 import queue
+import re
 import secrets
 import struct
 import threading
@@ -63,6 +65,9 @@ CHALLENGE_LIFETIME = 120.0  # seconds a join nonce stays valid
 MAX_CHALLENGES = 256  # outstanding join nonces; beyond it new ones are refused (429)
 MAX_JOIN_BODY = 4 << 20  # evidence with collateral is tens of KiB
 MEMBER_GIVE_UP = 30.0  # seconds a peer may stay unreachable before it is dropped
+EVIDENCE_TIMEOUT = 5.0  # seconds to wait for a member's standing evidence
+MAX_EVIDENCE_KEPT = 64  # other members' standing evidence remembered (members x renewals)
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class JoinRefused(BlindfoldError):
@@ -378,6 +383,8 @@ class Replicator:
         self._key = identity.replication_key()
         self._members: dict[str, _Member] = {}
         self._blobs: dict[str, bytes] = {}
+        # Other members' standing evidence by hash (`find_evidence`), oldest first.
+        self._evidence: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._stopped = False
         self.synced = threading.Event()
@@ -443,9 +450,12 @@ class Replicator:
                 for digest in [d for d in self._blobs if d not in live]:
                     del self._blobs[digest]
 
-    def _transport(self, url: str) -> Transport:
+    def _transport(self, url: str, timeout: float | None = None) -> Transport:
         certificate = self.identity.certificate.public_bytes(serialization.Encoding.PEM).decode()
-        return Transport(Endpoint.parse(url), pinned_context(certificate), _spki(self.identity))
+        context = pinned_context(certificate)
+        if timeout is None:
+            return Transport(Endpoint.parse(url), context, _spki(self.identity))
+        return Transport(Endpoint.parse(url), context, _spki(self.identity), timeout)
 
     def _headers(self) -> dict[str, str]:
         return {REPLICATION_HEADER: self._key.hex(), "Content-Type": "application/octet-stream"}
@@ -541,6 +551,39 @@ class Replicator:
                 await asyncio.to_thread(self._announce, url)
         self.synced.set()
         return copied
+
+    def find_evidence(self, sha256: str) -> dict[str, Any] | None:
+        """Another member's standing evidence with that hash (what its receipts name), asked
+        of every member in turn; remembered, since clients ask again for each receipt."""
+        with self._lock:
+            known = self._evidence.get(sha256)
+        if known is not None:
+            return known
+        for url in self.members():
+            transport = self._transport(url, EVIDENCE_TIMEOUT)
+            try:
+                response = transport.request(
+                    "GET", f"/v2/cluster/evidence/{sha256}", None, self._headers()
+                )
+            except OSError:
+                continue
+            finally:
+                transport.close()
+            if response.status != 200:
+                continue
+            try:
+                document = json.loads(response.body)
+                evidence = Evidence.from_json(document)
+            except (ValueError, EvidenceError):
+                continue
+            if hashlib.sha256(evidence.evidence).hexdigest() != sha256:
+                continue
+            with self._lock:
+                while len(self._evidence) >= MAX_EVIDENCE_KEPT:
+                    del self._evidence[next(iter(self._evidence))]
+                self._evidence[sha256] = document
+            return dict(document)
+        return None
 
     def _announce(self, url: str) -> None:
         transport = self._transport(url)
@@ -647,6 +690,35 @@ async def snapshot(request: Request) -> Response:
     return Response(frames, media_type="application/octet-stream")
 
 
+async def standing_evidence(request: Request) -> Response:
+    """The standing evidence of any replica of this service, by hash: receipts name the
+    evidence of the replica that signed them, and behind a balancer the client's next request
+    may reach another one. Evidence is public (clients verify it against the pinned key). A
+    replica asking (with the replication key) gets only the answering replica's own."""
+    import asyncio
+
+    state = request.app.state.blindfold
+    _, replicator = _cluster_of(request)
+    digest = str(request.path_params["sha256"])
+    if not _SHA256_HEX.fullmatch(digest):
+        raise RequestRejected(400, "name the evidence by its SHA-256: 64 lowercase hex digits")
+    own = await asyncio.to_thread(state.identity.standing)  # may make evidence: blocking
+    if hashlib.sha256(own.evidence.evidence).hexdigest() == digest:
+        return JSONResponse(own.to_json())
+    if REPLICATION_HEADER in request.headers:
+        replicator.authorized(request)
+        document = None  # a peer asks only for this replica's own: no asking around
+    else:
+        document = await asyncio.to_thread(replicator.find_evidence, digest)
+    if document is None:
+        raise RequestRejected(
+            404,
+            f"no replica of this service holds standing evidence {digest}: the replica that "
+            "signed the receipt renewed its evidence or stopped; run the request again",
+        )
+    return JSONResponse(document)
+
+
 ROUTES = [
     Route("/v2/cluster/challenge", challenge, methods=["POST"]),
     Route("/v2/cluster/join", join, methods=["POST"]),
@@ -654,4 +726,5 @@ ROUTES = [
     Route("/v2/cluster/apply", apply, methods=["POST"]),
     Route("/v2/cluster/snapshot", snapshot, methods=["GET"]),
     Route("/v2/cluster/endorsement", endorsement, methods=["POST"]),
+    Route("/v2/cluster/evidence/{sha256}", standing_evidence, methods=["GET"]),
 ]
