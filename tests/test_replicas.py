@@ -320,3 +320,51 @@ def test_a_flood_of_join_challenges_is_bounded_and_evicts_no_honest_nonce(
     finally:
         connection.close()
         replica.stop()
+
+
+def test_a_replica_store_is_sealed_under_the_service_key(
+    tmp_path: Path, policy: Path, first: ServerProcess
+) -> None:
+    """Issue 11: a shared sealed store is sealed under the service identity's store key. A
+    replica restarted (or replacing another, elsewhere) that joins again opens the store its
+    cluster wrote; the host, holding only the machine's key, opens nothing."""
+    import subprocess
+    import sys
+
+    from blindfold.server.store import ModelStore, StoreError
+    from blindfold.server.tee.simulation import SimulationProvider
+
+    store = tmp_path / "store"
+    second = start_replica(tmp_path, policy, "--store", str(store), join=first)
+    try:
+        with connect(first) as on_first, connect(second) as on_second:
+            model = on_first.upload_model(add_mul_model().SerializeToString(), name="kept")
+            eventually(lambda: serves(on_second, "kept", model.owner_token), "copied")
+    finally:
+        second.stop()
+    assert not (store / "INSECURE-simulation-sealing.key").exists()
+    # The host's attack: the machine's own sealing key (for the simulation TEE, the key file
+    # it would make next to the store) does not open it.
+    machine_key = SimulationProvider(tmp_path / "machine").sealing_key()
+    assert machine_key is not None
+    with pytest.raises(StoreError, match="different sealing key"):
+        ModelStore(store, machine_key)
+    # A replacement replica joining the same cluster opens it: the model is restored from the
+    # store itself (before any copy from the peer).
+    third = start_replica(tmp_path, policy, "--store", str(store), join=first)
+    try:
+        assert "1 models restored" in third.log()
+        with connect(third) as on_third:
+            assert serves(on_third, "kept", model.owner_token)
+    finally:
+        third.stop()
+    # A replica that starts a new service identity cannot open it, and says why.
+    command = [sys.executable, "-m", "blindfold", "serve", "--port", "0", "--open-upload"]
+    result = subprocess.run(
+        [*command, "--cluster-policy", str(policy), "--store", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "another service identity" in result.stderr and "--join" in result.stderr

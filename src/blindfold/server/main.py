@@ -275,6 +275,10 @@ def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
             epoch_file=config.epoch_file,
             unsafe_reset_epoch=config.unsafe_reset_store_epoch,
             journal=store_journal(config.store_journal, provider),
+            # A replica seals under the service identity, not its machine: any replica of the
+            # cluster (restarted, or replacing this one elsewhere) opens what it wrote, and the
+            # machine key alone opens nothing.
+            service_key=None if cluster_policy is None else identity.service.store_key(),
         )
     if config.limits.isolation and not hasattr(os, "memfd_create"):
         raise ConfigurationError(
@@ -393,6 +397,15 @@ _NO_SEALING_KEY = {
 }
 
 
+CLUSTER_KEY_CHANGES = (
+    "a cluster replica seals its store under the service identity's store key, and this store "
+    "was written under another service identity (a cluster whose replicas all stopped, or "
+    "written before this replica joined a cluster, or by a replica that started a new "
+    "identity). Join a live replica of the cluster that wrote it (--join), or start with "
+    "another --store directory: the models reach this replica from its peers"
+)
+
+
 def store_journal(choice: str, provider: TeeProvider) -> str:
     """SQLite's WAL needs a shared-memory index, which Gramine cannot map from host files:
     under SGX (always Gramine here) `auto` picks the rollback journal instead."""
@@ -408,10 +421,22 @@ def open_store(
     epoch_file: Path | None = None,
     unsafe_reset_epoch: bool = False,
     journal: str = "wal",
+    service_key: bytes | None = None,
 ) -> ModelStore:
-    """The sealed store in `directory`, under the provider's measurement-bound sealing key.
-    A deployment with a monotonic counter the host cannot rewind passes it here as
-    `ModelStore(..., external_counter=...)` (see `blindfold.server.store.EpochCounter`)."""
+    """The sealed store in `directory`, under the provider's measurement-bound sealing key,
+    or, for a cluster replica, under `service_key` (the service identity's store key, which
+    only TEEs passing the cluster policy ever hold). A deployment with a monotonic counter
+    the host cannot rewind passes it here as `ModelStore(..., external_counter=...)` (see
+    `blindfold.server.store.EpochCounter`)."""
+    if service_key is not None:
+        return ModelStore(
+            directory,
+            service_key,
+            epoch_file=epoch_file,
+            unsafe_reset_epoch=unsafe_reset_epoch,
+            journal=journal,
+            key_changes=CLUSTER_KEY_CHANGES,
+        )
     key = provider.sealing_key()
     if key is None:
         reason = _NO_SEALING_KEY.get(
@@ -495,7 +520,10 @@ def banner(state: ServerState, config: ServerConfig, access: UploadAccess) -> st
     else:
         ready = len(state.service.registry.entries())
         unavailable = len(state.service.registry.unavailable)
-        note = " -- INSECURE simulation sealing key file" if kind == "simulation" else ""
+        if config.cluster_policy is not None:
+            note = " under the service identity's store key"
+        else:
+            note = " -- INSECURE simulation sealing key file" if kind == "simulation" else ""
         lines.append(
             f"  model store: {store.directory} (sealed; epoch {store.epoch}; {ready} models "
             f"restored, {unavailable} unavailable){note}"
