@@ -368,3 +368,41 @@ def test_a_replica_store_is_sealed_under_the_service_key(
     )
     assert result.returncode != 0
     assert "another service identity" in result.stderr and "--join" in result.stderr
+
+
+def test_scheduling_options_reach_every_replica(
+    tmp_path: Path, policy: Path, first: ServerProcess
+) -> None:
+    """An owner's batching and concurrency options travel with the model: to a replica that
+    joins later (the snapshot) and to one that is already a member (the push)."""
+    options = {
+        "max_batch_size": 4,
+        "max_queue_delay_us": 1500,
+        "preferred_batch_sizes": [2, 4],
+        "max_concurrency": 2,
+    }
+    x = np.ones((1, 4), np.float32)
+    with connect(first) as on_first:
+        early = on_first.upload_model(
+            matmul_model(4).SerializeToString(), name="sched-early", **options
+        )
+        second = start_replica(tmp_path, policy, join=first)
+        try:
+            late = on_first.upload_model(
+                matmul_model(4, seed=1).SerializeToString(), name="sched-late", **options
+            )
+            with connect(second) as on_second:
+                for model in (early, late):
+
+                    def copied(name: str = model.name, token: str = model.owner_token) -> bool:
+                        try:
+                            on_second.run_model(name, x, token=token)
+                        except BlindfoldError:
+                            return False
+                        return True
+
+                    eventually(copied, f"{model.name} copied")
+                    metadata = on_second.model_metadata(model.name, token=model.owner_token)
+                    assert metadata.get("scheduling") == options, model.name
+        finally:
+            second.stop()

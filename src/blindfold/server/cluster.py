@@ -53,6 +53,7 @@ from blindfold.errors import (
     EvidenceError,
     RequestRejected,
 )
+from blindfold.server.scheduler import DEFAULT, SchedulingOptions
 from blindfold.server.service import Change, ModelService
 from blindfold.server.service_identity import ServiceIdentity, join_key_binding, open_sealed
 from blindfold.server.store import StoredModel
@@ -317,7 +318,10 @@ def _measurement(verdict: Verdict) -> str:
 
 def encode_change(change: Change) -> bytes:
     """`u32 header length || JSON header || model bytes` (bytes only for `put`)."""
-    header = json.dumps({"op": change.op, "record": _record_json(change.record)}).encode()
+    document: dict[str, Any] = {"op": change.op, "record": _record_json(change.record)}
+    if change.op == "put":
+        document["scheduling"] = change.scheduling.to_json()
+    header = json.dumps(document).encode()
     return struct.pack(">I", len(header)) + header + change.data
 
 
@@ -327,12 +331,17 @@ def decode_change(body: bytes | bytearray) -> Change:
         header = json.loads(bytes(body[4 : 4 + length]))
         op = header["op"]
         record = _record_from_json(header["record"])
+        options = header.get("scheduling", {})
+        if not isinstance(options, dict):
+            raise TypeError("scheduling is not an object")
         data = bytes(body[4 + length :])
     except (struct.error, ValueError, KeyError, TypeError) as exc:
         raise RequestRejected(400, f"malformed replicated change ({exc})") from None
     if op not in ("put", "rules", "delete"):
         raise RequestRejected(400, f"unknown replicated change {op!r}")
-    return Change(op, record, data)
+    # Checked as an upload's options are (a 400 naming the option).
+    scheduling = SchedulingOptions.parse(options) or DEFAULT
+    return Change(op, record, data, scheduling)
 
 
 def _record_json(record: StoredModel) -> dict[str, Any]:
@@ -501,7 +510,7 @@ class Replicator:
 
     async def apply(self, change: Change) -> bool:
         if change.op == "put":
-            changed = await self.service.apply_put(change.record, change.data)
+            changed = await self.service.apply_put(change.record, change.data, change.scheduling)
             if changed:
                 self._keep(change)
             return changed
@@ -513,14 +522,14 @@ class Replicator:
 
     def snapshot(self) -> Iterator[bytes]:
         """Every model this replica serves, as `u64 length || change` frames."""
-        for record in self.service.snapshot():
+        for record, scheduling in self.service.snapshot():
             data = self._blobs.get(record.sha256)
             if data is None and self.service.store is not None:
                 data = self.service.store.read_model(record, self.service.limits.max_model_bytes)
             if data is None:
                 logger.warning("no bytes kept for model %r; not in the snapshot", record.name)
                 continue
-            frame = encode_change(Change("put", record, data))
+            frame = encode_change(Change("put", record, data, scheduling))
             yield struct.pack(">Q", len(frame)) + frame
 
     async def sync_from(self, peer_url: str, members: list[str]) -> int:
