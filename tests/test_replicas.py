@@ -406,3 +406,66 @@ def test_scheduling_options_reach_every_replica(
                     assert metadata.get("scheduling") == options, model.name
         finally:
             second.stop()
+
+
+def test_replicas_starting_together_make_one_identity(tmp_path: Path, policy: Path) -> None:
+    """Two replicas started together, each told to join the other with --join-or-bootstrap,
+    both find nobody. Only the one --bootstrap-replica names starts an identity; the other
+    keeps trying (and says so) until it can join it: one identity, not two."""
+    import subprocess
+    import sys
+
+    from server_process import free_port, start_server
+
+    first_port, second_port = free_port(), free_port()
+
+    def args(name: str, peer_port: int) -> list[str]:
+        return [
+            *("--open-upload", "--cluster-policy", str(policy)),
+            *("--join", f"https://127.0.0.1:{peer_port}", "--join-or-bootstrap"),
+            *("--bootstrap-replica", "replica-0", "--replica-name", name),
+        ]
+
+    log_path = tmp_path / "waiting.log"
+    with log_path.open("wb") as handle:
+        command = [sys.executable, "-m", "blindfold", "serve", "--port", str(second_port)]
+        process = subprocess.Popen(
+            [*command, *args("replica-1", first_port)], stdout=handle, stderr=subprocess.STDOUT
+        )
+    waiting = ServerProcess(second_port, process, log_path)
+    bootstrapped = None
+    try:
+        bootstrapped = start_server(tmp_path, *args("replica-0", second_port), port=first_port)
+        assert "starting a NEW service identity" in bootstrapped.log()
+        eventually(lambda: "joined the cluster" in waiting.log(), "the other joins", 90)
+        assert "waits to join" in waiting.log() and "NEW service identity" not in waiting.log()
+        eventually(lambda: _live(waiting), "the joiner serves", 60)
+        with connect(bootstrapped) as a, connect(waiting) as b:
+            assert a.attestation.spki_sha256 == b.attestation.spki_sha256
+    finally:
+        waiting.stop()
+        if bootstrapped is not None:
+            bootstrapped.stop()
+
+
+def test_join_or_bootstrap_needs_the_one_replica_that_may_bootstrap(policy: Path) -> None:
+    from blindfold.server.main import ServerConfig, _join
+    from blindfold.server.tee.simulation import SimulationProvider
+
+    config = ServerConfig(cluster_policy=policy, join="https://127.0.0.1:1", join_or_bootstrap=True)
+    with pytest.raises(ConfigurationError, match="--bootstrap-replica NAME"):
+        _join(config, SimulationProvider())
+
+
+def _live(server: ServerProcess) -> bool:
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(f"{server.url}/v2/health/live", context=context) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False

@@ -12,6 +12,7 @@ import resource
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,9 @@ class ServerConfig:
     cluster_policy: Path | None = None  # accept joining replicas (and join) under this policy
     join: str | None = None  # an existing replica's URL: take its service identity and models
     join_or_bootstrap: bool = False  # no peer reachable at all: start a new identity instead
+    bootstrap_replica: str | None = None  # the only replica name that may start one
+    replica_name: str | None = None  # this replica's name; None: the host name
+    join_wait: float = 300.0  # seconds a replica that may not bootstrap keeps trying to join
     advertise_url: str | None = None  # how other replicas reach this one (default host:port)
     # Simulation only, for tests: claim another measurement (as other code would have).
     unsafe_simulation_measurement: str | None = None
@@ -327,7 +331,8 @@ def _join(
     config: ServerConfig, provider: TeeProvider
 ) -> tuple[cluster.ClusterPolicy | None, cluster.Joined | None]:
     """With --join: the service identity from an attested peer (or, with
-    --join-or-bootstrap and no peer reachable at all, none: this replica starts a new one)."""
+    --join-or-bootstrap, for the one replica --bootstrap-replica names and no peer reachable
+    at all, none: this replica starts a new one)."""
     if config.cluster_policy is None:
         if config.join:
             raise ConfigurationError(
@@ -335,24 +340,75 @@ def _join(
                 "replica with it"
             )
         return None, None
+    may_bootstrap = _may_bootstrap(config)
     policy = cluster.ClusterPolicy.load(config.cluster_policy)
     if not config.join:
         return policy, None
-    try:
-        joined = cluster.join_cluster(config.join, policy, provider, _advertise_url(config))
-    except cluster.JoinRefused as exc:
-        if config.join_or_bootstrap and isinstance(exc, cluster.PeerUnreachable):
+    delay, deadline = JOIN_RETRY_FIRST, time.monotonic() + config.join_wait
+    while True:
+        try:
+            joined = cluster.join_cluster(config.join, policy, provider, _advertise_url(config))
+            break
+        except cluster.PeerUnreachable as exc:
+            if may_bootstrap:
+                logger.warning(
+                    "no replica answers at %s (%s): starting a NEW service identity "
+                    "(--join-or-bootstrap, this replica is --bootstrap-replica %s); clients "
+                    "pinned to an older one must attest again",
+                    config.join,
+                    exc,
+                    config.bootstrap_replica,
+                )
+                return policy, None
+            if not config.join_or_bootstrap or time.monotonic() + delay > deadline:
+                logger.error("join failed: %s", exc)
+                raise
             logger.warning(
-                "no replica answers at %s (%s): starting a NEW service identity "
-                "(--join-or-bootstrap); clients pinned to an older one must attest again",
+                "no replica answers at %s yet (%s); retrying in %.1f s. Only replica %r "
+                "starts a new service identity, so this one (%r) waits to join",
                 config.join,
                 exc,
+                delay,
+                config.bootstrap_replica,
+                _replica_name(config),
             )
-            return policy, None
-        logger.error("join refused: %s", exc)
-        raise
+            time.sleep(delay)
+            delay = min(delay * 2, JOIN_RETRY_MAX)
+        except cluster.JoinRefused as exc:
+            logger.error("join refused: %s", exc)
+            raise
     logger.info("joined the cluster through %s; members: %s", config.join, joined.members)
     return policy, joined
+
+
+JOIN_RETRY_FIRST = 0.5  # seconds before the first retry of an unreachable peer; doubles
+JOIN_RETRY_MAX = 10.0
+
+
+def _replica_name(config: ServerConfig) -> str:
+    return config.replica_name or socket.gethostname()
+
+
+def _may_bootstrap(config: ServerConfig) -> bool:
+    """Whether this replica may start a new service identity when no peer answers. Exactly
+    one replica may (a deterministic rule): two replicas starting together would otherwise
+    both find nobody and start two identities."""
+    if not config.join_or_bootstrap:
+        if config.bootstrap_replica:
+            raise ConfigurationError("--bootstrap-replica applies only with --join-or-bootstrap")
+        return False
+    if not config.join:
+        raise ConfigurationError("--join-or-bootstrap needs --join URL (the peers to join)")
+    if not config.bootstrap_replica:
+        raise ConfigurationError(
+            "--join-or-bootstrap needs --bootstrap-replica NAME: the one replica that may start "
+            "a new service identity when no peer answers (e.g. the StatefulSet's first pod, "
+            "blindfold-0); every other replica waits to join, so replicas starting together "
+            "never make two identities"
+        )
+    if config.join_wait <= 0:
+        raise ConfigurationError("--join-wait must be a positive number of seconds")
+    return _replica_name(config) == config.bootstrap_replica
 
 
 def check_limits(limits: Limits) -> None:
