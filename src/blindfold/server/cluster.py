@@ -16,6 +16,8 @@ Owns three things:
   delete, access rule, run keys) is pushed to every other member over TLS pinned to the
   shared certificate, authenticated with the replication key the identity derives; a
   joiner first copies every existing model from its peer. The higher model version wins.
+  Members also find each other's standing evidence by hash (`Replicator.find_evidence`), so
+  a receipt signed by one replica verifies through whichever replica the client reaches.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ MAX_JOIN_BODY = 4 << 20  # evidence with collateral is tens of KiB
 MEMBER_GIVE_UP = 30.0  # seconds a peer may stay unreachable before it is dropped
 EVIDENCE_TIMEOUT = 5.0  # seconds to wait for a member's standing evidence
 MAX_EVIDENCE_KEPT = 64  # other members' standing evidence remembered (members x renewals)
+MAX_EVIDENCE_LOOKUPS = 4  # concurrent lookups of other members' evidence; beyond: 503
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -394,6 +397,7 @@ class Replicator:
         self._blobs: dict[str, bytes] = {}
         # Other members' standing evidence by hash (`find_evidence`), oldest first.
         self._evidence: dict[str, dict[str, Any]] = {}
+        self._lookups = threading.BoundedSemaphore(MAX_EVIDENCE_LOOKUPS)
         self._lock = threading.Lock()
         self._stopped = False
         self.synced = threading.Event()
@@ -568,6 +572,19 @@ class Replicator:
             known = self._evidence.get(sha256)
         if known is not None:
             return known
+        # Anyone may ask, and each miss asks every member: a few lookups at a time, no more.
+        if not self._lookups.acquire(blocking=False):
+            raise RequestRejected(
+                503,
+                "this replica is already looking up other replicas' evidence; retry shortly",
+                {"Retry-After": "1"},
+            )
+        try:
+            return self._ask_members_for_evidence(sha256)
+        finally:
+            self._lookups.release()
+
+    def _ask_members_for_evidence(self, sha256: str) -> dict[str, Any] | None:
         for url in self.members():
             transport = self._transport(url, EVIDENCE_TIMEOUT)
             try:
