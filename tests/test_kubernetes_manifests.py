@@ -70,6 +70,12 @@ def test_the_server_accepts_the_statefulset_arguments() -> None:
     container = _statefulset()["spec"]["template"]["spec"]["containers"][0]
     args = build_parser().parse_args(["serve", *container["args"]])
     assert args.join == "https://blindfold-peers:8443" and args.join_or_bootstrap
+    # Only the first pod may start the service identity; the others wait to join it.
+    statefulset = _statefulset()
+    assert args.bootstrap_replica == f"{statefulset['metadata']['name']}-0"
+    assert args.replica_name == "$(POD_NAME)"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert args.cluster_policy == Path("/etc/blindfold/cluster-policy.toml")
     probes = {container[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe")}
     assert probes == {"/v2/health/ready", "/v2/health/live"}

@@ -4,6 +4,7 @@ processes on loopback, joining each other under a cluster policy."""
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -269,3 +270,205 @@ def test_the_sealed_identity_opens_only_with_the_join_key_and_its_context() -> N
         open_sealed(sealed, other, b"report data")  # someone else's key
     with pytest.raises(EvidenceError, match="does not decrypt"):
         open_sealed(sealed, joiner, b"other report data")  # released for another request
+
+
+def test_a_flood_of_join_challenges_is_bounded_and_evicts_no_honest_nonce(
+    tmp_path: Path, policy: Path
+) -> None:
+    """Anyone may ask for a join nonce: a flood must neither grow the replica's memory nor
+    push out the nonce an honest joiner is about to answer. When the desk is full it answers
+    429 with Retry-After; issued nonces stay valid until they expire or are used."""
+    import http.client
+    import json
+    import ssl
+
+    from blindfold.attestation.simulation import SimulationSigner
+    from blindfold.attestation.verdict import Evidence
+    from blindfold.server.cluster import MAX_CHALLENGES
+
+    replica = start_replica(tmp_path, policy)  # its own: the flood fills its join desk
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    connection = http.client.HTTPSConnection("127.0.0.1", replica.port, context=context)
+
+    def ask() -> tuple[int, bytes, str | None]:
+        connection.request("POST", "/v2/cluster/challenge", b"{}")
+        response = connection.getresponse()
+        return response.status, response.read(), response.getheader("Retry-After")
+
+    try:
+        status, body, _ = ask()
+        assert status == 200
+        honest = json.loads(body)["nonce"]
+        statuses = [ask()[0] for _ in range(MAX_CHALLENGES + 20)]
+        assert statuses.count(200) <= MAX_CHALLENGES - 1  # the honest one holds a slot
+        status, body, retry_after = ask()
+        assert status == 429 and retry_after is not None
+        assert b"join nonces" in body and b"retry" in body.lower()
+        # The honest joiner's nonce was not evicted by the flood: answering it reaches the
+        # evidence check (not "unknown or expired join nonce").
+        evidence = Evidence("simulation", SimulationSigner().evidence(bytes(64)))
+        request = {
+            "evidence": evidence.to_json(),
+            "nonce": honest,
+            "join_key": "11" * 32,
+            "advertise_url": "",
+        }
+        status, body = _post(replica, "/v2/cluster/join", json.dumps(request).encode())
+        assert status == 403 and b"unknown or expired" not in body
+        assert b"does not bind the join key" in body
+    finally:
+        connection.close()
+        replica.stop()
+
+
+def test_a_replica_store_is_sealed_under_the_service_key(
+    tmp_path: Path, policy: Path, first: ServerProcess
+) -> None:
+    """Issue 11: a shared sealed store is sealed under the service identity's store key. A
+    replica restarted (or replacing another, elsewhere) that joins again opens the store its
+    cluster wrote; the host, holding only the machine's key, opens nothing."""
+    import subprocess
+    import sys
+
+    from blindfold.server.store import ModelStore, StoreError
+    from blindfold.server.tee.simulation import SimulationProvider
+
+    store = tmp_path / "store"
+    second = start_replica(tmp_path, policy, "--store", str(store), join=first)
+    try:
+        with connect(first) as on_first, connect(second) as on_second:
+            model = on_first.upload_model(add_mul_model().SerializeToString(), name="kept")
+            eventually(lambda: serves(on_second, "kept", model.owner_token), "copied")
+    finally:
+        second.stop()
+    assert not (store / "INSECURE-simulation-sealing.key").exists()
+    # The host's attack: the machine's own sealing key (for the simulation TEE, the key file
+    # it would make next to the store) does not open it.
+    machine_key = SimulationProvider(tmp_path / "machine").sealing_key()
+    assert machine_key is not None
+    with pytest.raises(StoreError, match="different sealing key"):
+        ModelStore(store, machine_key)
+    # A replacement replica joining the same cluster opens it: the model is restored from the
+    # store itself (before any copy from the peer).
+    third = start_replica(tmp_path, policy, "--store", str(store), join=first)
+    try:
+        restored = re.search(r"(\d+) models restored, 0 unavailable", third.log())
+        assert restored is not None and int(restored.group(1)) >= 1
+        with connect(third) as on_third:
+            assert serves(on_third, "kept", model.owner_token)
+        assert "model 'kept' version 1 replicated from a peer" not in third.log()
+    finally:
+        third.stop()
+    # A replica that starts a new service identity cannot open it, and says why.
+    command = [sys.executable, "-m", "blindfold", "serve", "--port", "0", "--open-upload"]
+    result = subprocess.run(
+        [*command, "--cluster-policy", str(policy), "--store", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "another service identity" in result.stderr and "--join" in result.stderr
+
+
+def test_scheduling_options_reach_every_replica(
+    tmp_path: Path, policy: Path, first: ServerProcess
+) -> None:
+    """An owner's batching and concurrency options travel with the model: to a replica that
+    joins later (the snapshot) and to one that is already a member (the push)."""
+    options = {
+        "max_batch_size": 4,
+        "max_queue_delay_us": 1500,
+        "preferred_batch_sizes": [2, 4],
+        "max_concurrency": 2,
+    }
+    x = np.ones((1, 4), np.float32)
+    with connect(first) as on_first:
+        early = on_first.upload_model(
+            matmul_model(4).SerializeToString(), name="sched-early", **options
+        )
+        second = start_replica(tmp_path, policy, join=first)
+        try:
+            late = on_first.upload_model(
+                matmul_model(4, seed=1).SerializeToString(), name="sched-late", **options
+            )
+            with connect(second) as on_second:
+                for model in (early, late):
+
+                    def copied(name: str = model.name, token: str = model.owner_token) -> bool:
+                        try:
+                            on_second.run_model(name, x, token=token)
+                        except BlindfoldError:
+                            return False
+                        return True
+
+                    eventually(copied, f"{model.name} copied")
+                    metadata = on_second.model_metadata(model.name, token=model.owner_token)
+                    assert metadata.get("scheduling") == options, model.name
+        finally:
+            second.stop()
+
+
+def test_replicas_starting_together_make_one_identity(tmp_path: Path, policy: Path) -> None:
+    """Two replicas started together, each told to join the other with --join-or-bootstrap,
+    both find nobody. Only the one --bootstrap-replica names starts an identity; the other
+    keeps trying (and says so) until it can join it: one identity, not two."""
+    import subprocess
+    import sys
+
+    from server_process import free_port, start_server
+
+    first_port, second_port = free_port(), free_port()
+
+    def args(name: str, peer_port: int) -> list[str]:
+        return [
+            *("--open-upload", "--cluster-policy", str(policy)),
+            *("--join", f"https://127.0.0.1:{peer_port}", "--join-or-bootstrap"),
+            *("--bootstrap-replica", "replica-0", "--replica-name", name),
+        ]
+
+    log_path = tmp_path / "waiting.log"
+    with log_path.open("wb") as handle:
+        command = [sys.executable, "-m", "blindfold", "serve", "--port", str(second_port)]
+        process = subprocess.Popen(
+            [*command, *args("replica-1", first_port)], stdout=handle, stderr=subprocess.STDOUT
+        )
+    waiting = ServerProcess(second_port, process, log_path)
+    bootstrapped = None
+    try:
+        bootstrapped = start_server(tmp_path, *args("replica-0", second_port), port=first_port)
+        assert "starting a NEW service identity" in bootstrapped.log()
+        eventually(lambda: "joined the cluster" in waiting.log(), "the other joins", 90)
+        assert "waits to join" in waiting.log() and "NEW service identity" not in waiting.log()
+        eventually(lambda: _live(waiting), "the joiner serves", 60)
+        with connect(bootstrapped) as a, connect(waiting) as b:
+            assert a.attestation.spki_sha256 == b.attestation.spki_sha256
+    finally:
+        waiting.stop()
+        if bootstrapped is not None:
+            bootstrapped.stop()
+
+
+def test_join_or_bootstrap_needs_the_one_replica_that_may_bootstrap(policy: Path) -> None:
+    from blindfold.server.main import ServerConfig, _join
+    from blindfold.server.tee.simulation import SimulationProvider
+
+    config = ServerConfig(cluster_policy=policy, join="https://127.0.0.1:1", join_or_bootstrap=True)
+    with pytest.raises(ConfigurationError, match="--bootstrap-replica NAME"):
+        _join(config, SimulationProvider())
+
+
+def _live(server: ServerProcess) -> bool:
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(f"{server.url}/v2/health/live", context=context) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False

@@ -4,10 +4,17 @@ through it while one replica is killed, a fourth joins later, and other code is 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import signal
+import ssl
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -18,6 +25,7 @@ import blindfold
 
 from onnx_models import matmul_model
 from server_process import (
+    ServerProcess,
     inferences_served,
     run_replica_expecting_failure,
     start_balancer,
@@ -131,3 +139,77 @@ def _serves(client: blindfold.Client, sha256: str) -> bool:
         return True
     except blindfold.BlindfoldError:
         return False
+
+
+def test_receipts_through_the_balancer_verify_whichever_replica_signed(tmp_path: Path) -> None:
+    """Every replica signs receipts with the shared key but keeps its own chain and standing
+    evidence: one client whose connections the balancer spreads over the replicas verifies
+    every receipt, and each saved receipt verifies offline as for a single server."""
+    from blindfold.attestation.verdict import Evidence
+    from blindfold.receipts import SavedReceipt
+
+    policy = write_cluster_policy(tmp_path)
+    first = start_replica(tmp_path, policy)
+    replicas = [first]
+    balancer = None
+    try:
+        replicas.append(start_replica(tmp_path, policy, join=first))
+        balancer = start_balancer(tmp_path, [r.port for r in replicas])
+        model = matmul_model(16, seed=5)
+        with connect(balancer.url) as client:
+            uploaded = client.upload_model(model.SerializeToString(), name="mm", public=True)
+            for replica in replicas:
+                with connect(replica.url) as direct:
+                    wait_until(lambda c=direct: _serves(c, uploaded.sha256), "replicated")
+
+            saved: list[SavedReceipt] = []
+            for index in range(12):
+                x = np.full((1, 16), float(index), np.float32)
+                outputs = client.run_model(f"sha256:{uploaded.sha256}", x, receipt=True)
+                saved.append(outputs.receipt)  # verified on arrival, or run_model raised
+                # The next request opens a new connection, which the round-robin balancer
+                # sends to the other replica: one client, receipts of two chains interleaved.
+                client._transport.close()
+        signers = {s.receipt.evidence_sha256 for s in saved}
+        assert len(signers) == len(replicas), "both replicas should have signed some"
+        # Any replica finds the standing evidence another replica's receipts name (where a
+        # client's next connection lands is the balancer's choice).
+        for replica in replicas:
+            for digest in signers:
+                document = _get_json(replica, f"/v2/cluster/evidence/{digest}")
+                evidence = Evidence.from_json(document)
+                assert hashlib.sha256(evidence.evidence).hexdigest() == digest
+        assert _get_status(first, "/v2/cluster/evidence/" + "ab" * 32) == 404
+        # Offline, as an auditor would: one receipt of each replica through the CLI.
+        for number, digest in enumerate(sorted(signers)):
+            path = tmp_path / f"receipt-{number}.json"
+            next(s for s in saved if s.receipt.evidence_sha256 == digest).save(path)
+            command = [sys.executable, "-m", "blindfold", "receipt", "verify", str(path)]
+            result = subprocess.run(
+                [*command, "--allow-simulation"], capture_output=True, text=True, timeout=60
+            )
+            assert result.returncode == 0, result.stderr
+            assert '"verified": true' in result.stdout
+    finally:
+        if balancer is not None:
+            balancer.stop()
+        for replica in replicas:
+            replica.stop()
+
+
+def _get_status(server: ServerProcess, path: str) -> int:
+    try:
+        _get_json(server, path)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    return 200
+
+
+def _get_json(server: ServerProcess, path: str) -> dict[str, object]:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with urllib.request.urlopen(server.url + path, context=context, timeout=30) as answer:
+        document = json.loads(answer.read())
+    assert isinstance(document, dict)
+    return document

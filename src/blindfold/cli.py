@@ -122,6 +122,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cluster_policy=args.cluster_policy,
             join=args.join,
             join_or_bootstrap=args.join_or_bootstrap,
+            bootstrap_replica=args.bootstrap_replica,
+            replica_name=args.replica_name,
+            join_wait=args.join_wait,
             advertise_url=args.advertise_url,
             unsafe_simulation_measurement=args.unsafe_simulation_measurement,
         )
@@ -748,8 +751,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--join-or-bootstrap",
         action="store_true",
-        help="with --join: when nothing answers at URL (the first replica), start a new "
-        "service identity instead of failing; a refusal still fails",
+        help="with --join and --bootstrap-replica: when nothing answers at URL, the replica "
+        "named by --bootstrap-replica starts a new service identity; every other replica keeps "
+        "trying to join (up to --join-wait) and never starts one; a refusal still fails",
+    )
+    serve.add_argument(
+        "--bootstrap-replica",
+        metavar="NAME",
+        help="with --join-or-bootstrap: the one replica (by --replica-name) that may start a "
+        "new service identity, so that replicas starting together never make two",
+    )
+    serve.add_argument(
+        "--replica-name",
+        metavar="NAME",
+        help="this replica's name for --bootstrap-replica (default: the host name, which is "
+        "the pod name in a Kubernetes StatefulSet)",
+    )
+    serve.add_argument(
+        "--join-wait",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="with --join-or-bootstrap, on a replica that may not bootstrap: how long to keep "
+        "trying to reach a peer before giving up (default 300)",
     )
     serve.add_argument(
         "--advertise-url",

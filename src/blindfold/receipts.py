@@ -41,6 +41,8 @@ ZERO_SHA256 = "0" * 64
 _TENSOR_DOMAIN = b"blindfold-tensor/v1"
 _TENSORS_DOMAIN = b"blindfold-tensors/v1"
 _HEX = frozenset("0123456789abcdef")
+# Chains a ReceiptChainVerifier remembers (replicas times evidence renewals); oldest dropped.
+MAX_CHAINS = 256
 
 
 # --- digests ---
@@ -360,7 +362,10 @@ def verify_receipt(
 
 
 class ReceiptChainVerifier:
-    """Checks a client's stream of receipts, remembering the last one per server key.
+    """Checks a client's stream of receipts, remembering the last one per chain: per server
+    key and standing evidence. Replicas sharing one service key (README "Scaling out") each
+    sign their own chain and each has its own standing evidence, which the receipt names, so
+    the evidence tells their chains apart; a server renewing its evidence starts a new one.
 
     A client sees only its own requests' receipts, a subsequence of the server's chain, unless
     it is the server's only client. So sequences must strictly increase (a decrease or repeat
@@ -374,12 +379,17 @@ class ReceiptChainVerifier:
 
     def __init__(self, *, allow_gaps: bool = True) -> None:
         self.allow_gaps = allow_gaps
-        self._last: dict[str, Receipt] = {}
+        self._last: dict[tuple[str, str], Receipt] = {}
         self._lock = threading.Lock()
 
-    def last(self, server_key_sha256: str) -> Receipt | None:
+    def last(self, server_key_sha256: str, evidence_sha256: str | None = None) -> Receipt | None:
+        """The last receipt of that chain; without `evidence_sha256`, the latest one verified
+        under the key."""
         with self._lock:
-            return self._last.get(server_key_sha256)
+            if evidence_sha256 is not None:
+                return self._last.get((server_key_sha256, evidence_sha256))
+            under_key = [r for (key, _), r in self._last.items() if key == server_key_sha256]
+            return under_key[-1] if under_key else None
 
     def verify(
         self,
@@ -393,7 +403,8 @@ class ReceiptChainVerifier:
     ) -> None:
         """Verifies `receipt` and, only if it passes, remembers it as the last one."""
         with self._lock:
-            last = self._last.get(receipt.server_key_sha256)
+            chain = (receipt.server_key_sha256, receipt.evidence_sha256)
+            last = self._last.get(chain)
             follows = last is not None and receipt.sequence == last.sequence + 1
             # Signature and data first, so a forged receipt is reported as forged, not as
             # out of order.
@@ -420,7 +431,10 @@ class ReceiptChainVerifier:
                     receipt.sequence,
                     "receipts were dropped (allow_gaps=False)",
                 )
-            self._last[receipt.server_key_sha256] = receipt
+            self._last.pop(chain, None)  # re-inserted last: the newest chain is last
+            self._last[chain] = receipt
+            while len(self._last) > MAX_CHAINS:  # evidence renewals over a long life
+                del self._last[next(iter(self._last))]
 
 
 # --- offline bundle ---

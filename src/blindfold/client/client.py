@@ -65,6 +65,7 @@ from blindfold.errors import (
     InputError,
     PinnedKeyMismatch,
     ReceiptError,
+    ServerError,
     server_error,
 )
 from blindfold.receipts import Receipt, ReceiptChainVerifier, SavedReceipt
@@ -76,6 +77,8 @@ UPLOAD_CHUNK = 1 << 20
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 # Request bodies below this go out in one joined write; larger ones part by part.
 _JOIN_BELOW = 64 * 1024
+# Standing evidence kept for receipts: one per replica behind a balancer, and renewals.
+MAX_STANDING_CACHED = 16
 
 FollowKeyChanges = Literal["same-deployment", "same-code"]
 # Called with (previous, current) when the server's new key passes the policy but cannot be
@@ -178,7 +181,8 @@ class Client:
         self._lock = threading.Lock()
         self._metadata: dict[str, dict[str, Any]] = {}
         self._receipt_chain = ReceiptChainVerifier()
-        self._standing: tuple[bytes, Evidence] | None = None
+        # (pinned key hash, evidence hash) -> verified standing evidence, oldest first.
+        self._standing: dict[tuple[bytes, str], Evidence] = {}
         self.channel: Channel = channel
         self.pad_buckets = pad_buckets
         # The TLS to a proxy (ohttp channel only; the tls channel pins the attested key).
@@ -625,18 +629,22 @@ class Client:
         return SavedReceipt(receipt, standing, self.attestation.certificate_pem)
 
     def _standing_evidence(self, named_sha256: str) -> Evidence:
-        """The server's nonce-less evidence (what receipts point to), verified. Cached, and
-        fetched again when a receipt names other evidence: the server renews its standing
-        evidence before it expires."""
-        cached = self._standing
-        if (
-            cached is not None
-            and cached[0] == self.attestation.spki_sha256
-            and hashlib.sha256(cached[1].evidence).hexdigest() == named_sha256
-        ):
-            return cached[1]
-        document = self._json("GET", "/v2/attestation")
-        evidence = Evidence.from_json(document)
+        """The standing (nonce-less) evidence a receipt names, verified. Cached per evidence,
+        and fetched again when a receipt names other evidence: the server renews its standing
+        evidence before it expires, and replicas sharing the service key (behind a balancer)
+        each have their own, which any of them finds by hash (`/v2/cluster/evidence/`)."""
+        spki = self.attestation.spki_sha256
+        cached = self._standing.get((spki, named_sha256))
+        if cached is not None:
+            return cached
+        evidence = Evidence.from_json(self._json("GET", "/v2/attestation"))
+        if hashlib.sha256(evidence.evidence).hexdigest() != named_sha256:
+            try:
+                document = self._json("GET", f"/v2/cluster/evidence/{named_sha256}")
+            except ServerError:
+                pass  # not a replica, or no replica holds it: refused by the caller
+            else:
+                evidence = Evidence.from_json(document)
         verify_server_evidence(
             evidence,
             self.attestation.certificate_der,
@@ -645,7 +653,11 @@ class Client:
             allow_simulation=self.allow_simulation,
             options=self.verifier_options,
         )
-        self._standing = (self.attestation.spki_sha256, evidence)
+        digest = hashlib.sha256(evidence.evidence).hexdigest()
+        with self._lock:
+            while len(self._standing) >= MAX_STANDING_CACHED:
+                del self._standing[next(iter(self._standing))]
+            self._standing[(spki, digest)] = evidence
         return evidence
 
     def load_encrypted_model(

@@ -16,14 +16,18 @@ Owns three things:
   delete, access rule, run keys) is pushed to every other member over TLS pinned to the
   shared certificate, authenticated with the replication key the identity derives; a
   joiner first copies every existing model from its peer. The higher model version wins.
+  Members also find each other's standing evidence by hash (`Replicator.find_evidence`), so
+  a receipt signed by one replica verifies through whichever replica the client reaches.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
 import queue
+import re
 import secrets
 import struct
 import threading
@@ -51,6 +55,7 @@ from blindfold.errors import (
     EvidenceError,
     RequestRejected,
 )
+from blindfold.server.scheduler import DEFAULT, SchedulingOptions
 from blindfold.server.service import Change, ModelService
 from blindfold.server.service_identity import ServiceIdentity, join_key_binding, open_sealed
 from blindfold.server.store import StoredModel
@@ -60,9 +65,13 @@ logger = logging.getLogger("blindfold.cluster")
 
 REPLICATION_HEADER = "blindfold-replication"
 CHALLENGE_LIFETIME = 120.0  # seconds a join nonce stays valid
-MAX_CHALLENGES = 256  # outstanding join nonces; the oldest are dropped beyond it
+MAX_CHALLENGES = 256  # outstanding join nonces; beyond it new ones are refused (429)
 MAX_JOIN_BODY = 4 << 20  # evidence with collateral is tens of KiB
 MEMBER_GIVE_UP = 30.0  # seconds a peer may stay unreachable before it is dropped
+EVIDENCE_TIMEOUT = 5.0  # seconds to wait for a member's standing evidence
+MAX_EVIDENCE_KEPT = 64  # other members' standing evidence remembered (members x renewals)
+MAX_EVIDENCE_LOOKUPS = 4  # concurrent lookups of other members' evidence; beyond: 503
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class JoinRefused(BlindfoldError):
@@ -225,13 +234,32 @@ class JoinDesk:
         self._lock = threading.Lock()
 
     def challenge(self) -> bytes:
+        """A fresh join nonce. Anyone may ask, so the nonces kept are bounded: expired ones
+        are forgotten, and when MAX_CHALLENGES are outstanding the request is refused (429)
+        rather than evicting one, which would let a flood void every honest joiner's nonce."""
         nonce = secrets.token_bytes(32)
         now = time.monotonic()
         with self._lock:
-            for old in [n for n, at in self._challenges.items() if now - at > CHALLENGE_LIFETIME]:
-                del self._challenges[old]
-            while len(self._challenges) >= MAX_CHALLENGES:
-                del self._challenges[next(iter(self._challenges))]
+            # Insertion order is issue order: the expired ones are at the front.
+            while self._challenges:
+                oldest, issued = next(iter(self._challenges.items()))
+                if now - issued <= CHALLENGE_LIFETIME:
+                    break
+                del self._challenges[oldest]
+            if len(self._challenges) >= MAX_CHALLENGES:
+                wait = CHALLENGE_LIFETIME - (now - next(iter(self._challenges.values())))
+                logger.warning(
+                    "join nonce refused: %d outstanding, the most this replica keeps "
+                    "(a flood of join attempts?)",
+                    MAX_CHALLENGES,
+                )
+                raise RequestRejected(
+                    429,
+                    f"this replica already holds {MAX_CHALLENGES} unanswered join nonces, the "
+                    "most it keeps; retry after the Retry-After seconds (unanswered nonces "
+                    f"expire {CHALLENGE_LIFETIME:.0f} s after they are issued)",
+                    {"Retry-After": str(max(1, int(wait) + 1))},
+                )
             self._challenges[nonce] = now
         return nonce
 
@@ -293,7 +321,10 @@ def _measurement(verdict: Verdict) -> str:
 
 def encode_change(change: Change) -> bytes:
     """`u32 header length || JSON header || model bytes` (bytes only for `put`)."""
-    header = json.dumps({"op": change.op, "record": _record_json(change.record)}).encode()
+    document: dict[str, Any] = {"op": change.op, "record": _record_json(change.record)}
+    if change.op == "put":
+        document["scheduling"] = change.scheduling.to_json()
+    header = json.dumps(document).encode()
     return struct.pack(">I", len(header)) + header + change.data
 
 
@@ -303,12 +334,17 @@ def decode_change(body: bytes | bytearray) -> Change:
         header = json.loads(bytes(body[4 : 4 + length]))
         op = header["op"]
         record = _record_from_json(header["record"])
+        options = header.get("scheduling", {})
+        if not isinstance(options, dict):
+            raise TypeError("scheduling is not an object")
         data = bytes(body[4 + length :])
     except (struct.error, ValueError, KeyError, TypeError) as exc:
         raise RequestRejected(400, f"malformed replicated change ({exc})") from None
     if op not in ("put", "rules", "delete"):
         raise RequestRejected(400, f"unknown replicated change {op!r}")
-    return Change(op, record, data)
+    # Checked as an upload's options are (a 400 naming the option).
+    scheduling = SchedulingOptions.parse(options) or DEFAULT
+    return Change(op, record, data, scheduling)
 
 
 def _record_json(record: StoredModel) -> dict[str, Any]:
@@ -359,6 +395,9 @@ class Replicator:
         self._key = identity.replication_key()
         self._members: dict[str, _Member] = {}
         self._blobs: dict[str, bytes] = {}
+        # Other members' standing evidence by hash (`find_evidence`), oldest first.
+        self._evidence: dict[str, dict[str, Any]] = {}
+        self._lookups = threading.BoundedSemaphore(MAX_EVIDENCE_LOOKUPS)
         self._lock = threading.Lock()
         self._stopped = False
         self.synced = threading.Event()
@@ -424,9 +463,12 @@ class Replicator:
                 for digest in [d for d in self._blobs if d not in live]:
                     del self._blobs[digest]
 
-    def _transport(self, url: str) -> Transport:
+    def _transport(self, url: str, timeout: float | None = None) -> Transport:
         certificate = self.identity.certificate.public_bytes(serialization.Encoding.PEM).decode()
-        return Transport(Endpoint.parse(url), pinned_context(certificate), _spki(self.identity))
+        context = pinned_context(certificate)
+        if timeout is None:
+            return Transport(Endpoint.parse(url), context, _spki(self.identity))
+        return Transport(Endpoint.parse(url), context, _spki(self.identity), timeout)
 
     def _headers(self) -> dict[str, str]:
         return {REPLICATION_HEADER: self._key.hex(), "Content-Type": "application/octet-stream"}
@@ -472,7 +514,7 @@ class Replicator:
 
     async def apply(self, change: Change) -> bool:
         if change.op == "put":
-            changed = await self.service.apply_put(change.record, change.data)
+            changed = await self.service.apply_put(change.record, change.data, change.scheduling)
             if changed:
                 self._keep(change)
             return changed
@@ -484,14 +526,14 @@ class Replicator:
 
     def snapshot(self) -> Iterator[bytes]:
         """Every model this replica serves, as `u64 length || change` frames."""
-        for record in self.service.snapshot():
+        for record, scheduling in self.service.snapshot():
             data = self._blobs.get(record.sha256)
             if data is None and self.service.store is not None:
                 data = self.service.store.read_model(record, self.service.limits.max_model_bytes)
             if data is None:
                 logger.warning("no bytes kept for model %r; not in the snapshot", record.name)
                 continue
-            frame = encode_change(Change("put", record, data))
+            frame = encode_change(Change("put", record, data, scheduling))
             yield struct.pack(">Q", len(frame)) + frame
 
     async def sync_from(self, peer_url: str, members: list[str]) -> int:
@@ -522,6 +564,52 @@ class Replicator:
                 await asyncio.to_thread(self._announce, url)
         self.synced.set()
         return copied
+
+    def find_evidence(self, sha256: str) -> dict[str, Any] | None:
+        """Another member's standing evidence with that hash (what its receipts name), asked
+        of every member in turn; remembered, since clients ask again for each receipt."""
+        with self._lock:
+            known = self._evidence.get(sha256)
+        if known is not None:
+            return known
+        # Anyone may ask, and each miss asks every member: a few lookups at a time, no more.
+        if not self._lookups.acquire(blocking=False):
+            raise RequestRejected(
+                503,
+                "this replica is already looking up other replicas' evidence; retry shortly",
+                {"Retry-After": "1"},
+            )
+        try:
+            return self._ask_members_for_evidence(sha256)
+        finally:
+            self._lookups.release()
+
+    def _ask_members_for_evidence(self, sha256: str) -> dict[str, Any] | None:
+        for url in self.members():
+            transport = self._transport(url, EVIDENCE_TIMEOUT)
+            try:
+                response = transport.request(
+                    "GET", f"/v2/cluster/evidence/{sha256}", None, self._headers()
+                )
+            except OSError:
+                continue
+            finally:
+                transport.close()
+            if response.status != 200:
+                continue
+            try:
+                document = json.loads(response.body)
+                evidence = Evidence.from_json(document)
+            except (ValueError, EvidenceError):
+                continue
+            if hashlib.sha256(evidence.evidence).hexdigest() != sha256:
+                continue
+            with self._lock:
+                while len(self._evidence) >= MAX_EVIDENCE_KEPT:
+                    del self._evidence[next(iter(self._evidence))]
+                self._evidence[sha256] = document
+            return dict(document)
+        return None
 
     def _announce(self, url: str) -> None:
         transport = self._transport(url)
@@ -628,6 +716,35 @@ async def snapshot(request: Request) -> Response:
     return Response(frames, media_type="application/octet-stream")
 
 
+async def standing_evidence(request: Request) -> Response:
+    """The standing evidence of any replica of this service, by hash: receipts name the
+    evidence of the replica that signed them, and behind a balancer the client's next request
+    may reach another one. Evidence is public (clients verify it against the pinned key). A
+    replica asking (with the replication key) gets only the answering replica's own."""
+    import asyncio
+
+    state = request.app.state.blindfold
+    _, replicator = _cluster_of(request)
+    digest = str(request.path_params["sha256"])
+    if not _SHA256_HEX.fullmatch(digest):
+        raise RequestRejected(400, "name the evidence by its SHA-256: 64 lowercase hex digits")
+    own = await asyncio.to_thread(state.identity.standing)  # may make evidence: blocking
+    if hashlib.sha256(own.evidence.evidence).hexdigest() == digest:
+        return JSONResponse(own.to_json())
+    if REPLICATION_HEADER in request.headers:
+        replicator.authorized(request)
+        document = None  # a peer asks only for this replica's own: no asking around
+    else:
+        document = await asyncio.to_thread(replicator.find_evidence, digest)
+    if document is None:
+        raise RequestRejected(
+            404,
+            f"no replica of this service holds standing evidence {digest}: the replica that "
+            "signed the receipt renewed its evidence or stopped; run the request again",
+        )
+    return JSONResponse(document)
+
+
 ROUTES = [
     Route("/v2/cluster/challenge", challenge, methods=["POST"]),
     Route("/v2/cluster/join", join, methods=["POST"]),
@@ -635,4 +752,5 @@ ROUTES = [
     Route("/v2/cluster/apply", apply, methods=["POST"]),
     Route("/v2/cluster/snapshot", snapshot, methods=["GET"]),
     Route("/v2/cluster/endorsement", endorsement, methods=["POST"]),
+    Route("/v2/cluster/evidence/{sha256}", standing_evidence, methods=["GET"]),
 ]

@@ -12,6 +12,7 @@ import resource
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,9 @@ class ServerConfig:
     cluster_policy: Path | None = None  # accept joining replicas (and join) under this policy
     join: str | None = None  # an existing replica's URL: take its service identity and models
     join_or_bootstrap: bool = False  # no peer reachable at all: start a new identity instead
+    bootstrap_replica: str | None = None  # the only replica name that may start one
+    replica_name: str | None = None  # this replica's name; None: the host name
+    join_wait: float = 300.0  # seconds a replica that may not bootstrap keeps trying to join
     advertise_url: str | None = None  # how other replicas reach this one (default host:port)
     # Simulation only, for tests: claim another measurement (as other code would have).
     unsafe_simulation_measurement: str | None = None
@@ -275,6 +279,10 @@ def build_state(config: ServerConfig) -> tuple[ServerState, UploadAccess]:
             epoch_file=config.epoch_file,
             unsafe_reset_epoch=config.unsafe_reset_store_epoch,
             journal=store_journal(config.store_journal, provider),
+            # A replica seals under the service identity, not its machine: any replica of the
+            # cluster (restarted, or replacing this one elsewhere) opens what it wrote, and the
+            # machine key alone opens nothing.
+            service_key=None if cluster_policy is None else identity.service.store_key(),
         )
     if config.limits.isolation and not hasattr(os, "memfd_create"):
         raise ConfigurationError(
@@ -323,7 +331,8 @@ def _join(
     config: ServerConfig, provider: TeeProvider
 ) -> tuple[cluster.ClusterPolicy | None, cluster.Joined | None]:
     """With --join: the service identity from an attested peer (or, with
-    --join-or-bootstrap and no peer reachable at all, none: this replica starts a new one)."""
+    --join-or-bootstrap, for the one replica --bootstrap-replica names and no peer reachable
+    at all, none: this replica starts a new one)."""
     if config.cluster_policy is None:
         if config.join:
             raise ConfigurationError(
@@ -331,24 +340,75 @@ def _join(
                 "replica with it"
             )
         return None, None
+    may_bootstrap = _may_bootstrap(config)
     policy = cluster.ClusterPolicy.load(config.cluster_policy)
     if not config.join:
         return policy, None
-    try:
-        joined = cluster.join_cluster(config.join, policy, provider, _advertise_url(config))
-    except cluster.JoinRefused as exc:
-        if config.join_or_bootstrap and isinstance(exc, cluster.PeerUnreachable):
+    delay, deadline = JOIN_RETRY_FIRST, time.monotonic() + config.join_wait
+    while True:
+        try:
+            joined = cluster.join_cluster(config.join, policy, provider, _advertise_url(config))
+            break
+        except cluster.PeerUnreachable as exc:
+            if may_bootstrap:
+                logger.warning(
+                    "no replica answers at %s (%s): starting a NEW service identity "
+                    "(--join-or-bootstrap, this replica is --bootstrap-replica %s); clients "
+                    "pinned to an older one must attest again",
+                    config.join,
+                    exc,
+                    config.bootstrap_replica,
+                )
+                return policy, None
+            if not config.join_or_bootstrap or time.monotonic() + delay > deadline:
+                logger.error("join failed: %s", exc)
+                raise
             logger.warning(
-                "no replica answers at %s (%s): starting a NEW service identity "
-                "(--join-or-bootstrap); clients pinned to an older one must attest again",
+                "no replica answers at %s yet (%s); retrying in %.1f s. Only replica %r "
+                "starts a new service identity, so this one (%r) waits to join",
                 config.join,
                 exc,
+                delay,
+                config.bootstrap_replica,
+                _replica_name(config),
             )
-            return policy, None
-        logger.error("join refused: %s", exc)
-        raise
+            time.sleep(delay)
+            delay = min(delay * 2, JOIN_RETRY_MAX)
+        except cluster.JoinRefused as exc:
+            logger.error("join refused: %s", exc)
+            raise
     logger.info("joined the cluster through %s; members: %s", config.join, joined.members)
     return policy, joined
+
+
+JOIN_RETRY_FIRST = 0.5  # seconds before the first retry of an unreachable peer; doubles
+JOIN_RETRY_MAX = 10.0
+
+
+def _replica_name(config: ServerConfig) -> str:
+    return config.replica_name or socket.gethostname()
+
+
+def _may_bootstrap(config: ServerConfig) -> bool:
+    """Whether this replica may start a new service identity when no peer answers. Exactly
+    one replica may (a deterministic rule): two replicas starting together would otherwise
+    both find nobody and start two identities."""
+    if not config.join_or_bootstrap:
+        if config.bootstrap_replica:
+            raise ConfigurationError("--bootstrap-replica applies only with --join-or-bootstrap")
+        return False
+    if not config.join:
+        raise ConfigurationError("--join-or-bootstrap needs --join URL (the peers to join)")
+    if not config.bootstrap_replica:
+        raise ConfigurationError(
+            "--join-or-bootstrap needs --bootstrap-replica NAME: the one replica that may start "
+            "a new service identity when no peer answers (e.g. the StatefulSet's first pod, "
+            "blindfold-0); every other replica waits to join, so replicas starting together "
+            "never make two identities"
+        )
+    if config.join_wait <= 0:
+        raise ConfigurationError("--join-wait must be a positive number of seconds")
+    return _replica_name(config) == config.bootstrap_replica
 
 
 def check_limits(limits: Limits) -> None:
@@ -393,6 +453,15 @@ _NO_SEALING_KEY = {
 }
 
 
+CLUSTER_KEY_CHANGES = (
+    "a cluster replica seals its store under the service identity's store key, and this store "
+    "was written under another service identity (a cluster whose replicas all stopped, or "
+    "written before this replica joined a cluster, or by a replica that started a new "
+    "identity). Join a live replica of the cluster that wrote it (--join), or start with "
+    "another --store directory: the models reach this replica from its peers"
+)
+
+
 def store_journal(choice: str, provider: TeeProvider) -> str:
     """SQLite's WAL needs a shared-memory index, which Gramine cannot map from host files:
     under SGX (always Gramine here) `auto` picks the rollback journal instead."""
@@ -408,10 +477,22 @@ def open_store(
     epoch_file: Path | None = None,
     unsafe_reset_epoch: bool = False,
     journal: str = "wal",
+    service_key: bytes | None = None,
 ) -> ModelStore:
-    """The sealed store in `directory`, under the provider's measurement-bound sealing key.
-    A deployment with a monotonic counter the host cannot rewind passes it here as
-    `ModelStore(..., external_counter=...)` (see `blindfold.server.store.EpochCounter`)."""
+    """The sealed store in `directory`, under the provider's measurement-bound sealing key,
+    or, for a cluster replica, under `service_key` (the service identity's store key, which
+    only TEEs passing the cluster policy ever hold). A deployment with a monotonic counter
+    the host cannot rewind passes it here as `ModelStore(..., external_counter=...)` (see
+    `blindfold.server.store.EpochCounter`)."""
+    if service_key is not None:
+        return ModelStore(
+            directory,
+            service_key,
+            epoch_file=epoch_file,
+            unsafe_reset_epoch=unsafe_reset_epoch,
+            journal=journal,
+            key_changes=CLUSTER_KEY_CHANGES,
+        )
     key = provider.sealing_key()
     if key is None:
         reason = _NO_SEALING_KEY.get(
@@ -495,7 +576,10 @@ def banner(state: ServerState, config: ServerConfig, access: UploadAccess) -> st
     else:
         ready = len(state.service.registry.entries())
         unavailable = len(state.service.registry.unavailable)
-        note = " -- INSECURE simulation sealing key file" if kind == "simulation" else ""
+        if config.cluster_policy is not None:
+            note = " under the service identity's store key"
+        else:
+            note = " -- INSECURE simulation sealing key file" if kind == "simulation" else ""
         lines.append(
             f"  model store: {store.directory} (sealed; epoch {store.epoch}; {ready} models "
             f"restored, {unavailable} unavailable){note}"

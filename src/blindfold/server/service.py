@@ -119,11 +119,13 @@ def _unavailable(model: UnavailableModel) -> RequestRejected:
 @dataclass(frozen=True)
 class Change:
     """One change of the model set, as replicas send it to each other: `put` (with the
-    bytes), `rules` (access rule and run keys of that version) or `delete`."""
+    bytes and the owner's scheduling options), `rules` (access rule and run keys of that
+    version) or `delete`."""
 
     op: str
     record: StoredModel
     data: bytes = b""
+    scheduling: SchedulingOptions = DEFAULT
 
 
 @dataclass(frozen=True)
@@ -480,7 +482,7 @@ class ModelService:
             extra={"model": name, "model_sha256": sha256},
         )
         if self.on_change is not None:  # copies the bytes only when replicas need them
-            self._notify(Change("put", record, bytes(data)))
+            self._notify(Change("put", record, bytes(data), scheduling))
         chosen = owner_token is not None and owner_token == owner_secret
         return LoadResult(
             entry, None if chosen else owner_token, existing is not None, owner_chosen=chosen
@@ -493,9 +495,12 @@ class ModelService:
     # --- changes replicated from a peer replica (`server.cluster`): no token, the peer
     # authenticated with the replication key; the higher version wins ---
 
-    async def apply_put(self, record: StoredModel, data: bytes) -> bool:
-        """Installs a peer's model version unless this replica already holds it or a newer
-        one; returns whether anything changed."""
+    async def apply_put(
+        self, record: StoredModel, data: bytes, scheduling: SchedulingOptions = DEFAULT
+    ) -> bool:
+        """Installs a peer's model version, with the scheduling options its owner chose,
+        unless this replica already holds it or a newer one; returns whether anything
+        changed."""
         check_name(record.name)
         existing = self._current(record.name)
         if existing is not None and existing.version >= record.version:
@@ -503,8 +508,9 @@ class ModelService:
         if hashlib.sha256(data).hexdigest() != record.sha256:
             raise RequestRejected(400, f"replicated model {record.name!r}: bytes do not match")
         session = await self._session_for(data, record.sha256)
-        entry = _entry(record, session)
+        entry = _entry(record, session, scheduling)
         try:
+            scheduling.check_model(session)
             if self.store is None:
                 self._commit_load(existing, record, entry, data)
             else:
@@ -535,10 +541,13 @@ class ModelService:
         logger.info("model %r unloaded by a peer replica", name)
         return True
 
-    def snapshot(self) -> list[StoredModel]:
-        """What a joining replica copies: every servable model's record."""
+    def snapshot(self) -> list[tuple[StoredModel, SchedulingOptions]]:
+        """What a joining replica copies: every servable model's record and options."""
         with self._lock:
-            return [self._records.get(e.name) or _record(e) for e in self.registry.entries()]
+            return [
+                (self._records.get(e.name) or _record(e), e.scheduling)
+                for e in self.registry.entries()
+            ]
 
     def _commit_load(
         self,

@@ -139,6 +139,13 @@ def _expected_schema() -> frozenset[_SchemaObject]:
         db.close()
 
 
+MEASUREMENT_KEY_CHANGES = (
+    "the TEE measurement changed (a new server build, or another enclave signer) or the "
+    "simulation key file was replaced. Serve it with the build that created it, or start this "
+    "build with another --store directory and upload the models again"
+)
+
+
 class StoreError(BlindfoldError):
     """The store cannot be opened or written (disk full, permissions, another server), or is
     refused as a whole (tampered schema or manifest, rolled back, sealed under another key)."""
@@ -362,7 +369,11 @@ class ModelStore:
         unsafe_reset_epoch: bool = False,
         crash_point: str | None = None,
         journal: str = "wal",
+        key_changes: str = MEASUREMENT_KEY_CHANGES,
     ) -> None:
+        """`key_changes` says, for the refusal of a store sealed under another key, what
+        makes this server's key differ (the measurement, or a cluster's service identity)."""
+        self._key_changes = key_changes
         if journal not in JOURNAL_MODES:
             raise ConfigurationError(
                 f"store journal {journal!r} is not one of {', '.join(JOURNAL_MODES)}"
@@ -523,11 +534,8 @@ class ModelStore:
         if not hmac.compare_digest(meta.get("key_check", ""), self._key_check()):
             raise StoreError(
                 f"the store {self.directory} was sealed under a different sealing key than "
-                "this server's: the TEE measurement changed (a new server build, or another "
-                "enclave signer) or the simulation key file was replaced. None of its models "
-                "or access rules can be verified, so the whole store is refused and nothing "
-                "was changed. Serve it with the build that created it, or start this build "
-                "with another --store directory and upload the models again"
+                f"this server's: {self._key_changes}. None of its models or access rules can "
+                "be verified, so the whole store is refused and nothing was changed"
             )
         store_id, epoch, manifest = self._read_manifest(meta)
         epoch_file = SealedEpochFile(epoch_path, self._key, store_id, self._crash)
