@@ -27,8 +27,8 @@ from onnx import TensorProto, helper, numpy_helper
 from test_inference import metric
 
 import blindfold
-from blindfold.errors import RequestRejected
 from blindfold.server.limits import Limits
+from blindfold.server.refusals import InvalidRequest
 from blindfold.server.runtime import InferenceRunner, Session
 from blindfold.server.scheduler import Scheduler, SchedulingOptions
 
@@ -487,5 +487,5 @@ def test_options_parse_rejects_nonsense() -> None:
     parsed = SchedulingOptions.parse({"max_batch_size": "8", "preferred_batch_sizes": "4,2,4"})
     assert parsed == SchedulingOptions(8, 0, (2, 4), 0)
     for bad in ({"max_batch_size": True}, {"max_batch_size": 1.5}, {"max_concurrency": -2}):
-        with pytest.raises(RequestRejected):
+        with pytest.raises(InvalidRequest):
             SchedulingOptions.parse(bad)

@@ -198,11 +198,11 @@ def test_replication_routes_refuse_anyone_without_the_replication_key(
     first: ServerProcess,
 ) -> None:
     from blindfold.server.cluster import encode_change
+    from blindfold.server.model_record import ModelRecord
     from blindfold.server.service import Change
-    from blindfold.server.store import StoredModel
 
     data = add_mul_model().SerializeToString()
-    record = StoredModel("planted", 99, hashlib.sha256(data).hexdigest(), len(data), "", True)
+    record = ModelRecord("planted", 99, hashlib.sha256(data).hexdigest(), len(data), "", True)
     planted = encode_change(Change("put", record, data))
     for key in (None, "00" * 32):
         headers = {} if key is None else {"blindfold-replication": key}

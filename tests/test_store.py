@@ -35,6 +35,7 @@ import blindfold
 from blindfold.errors import ConfigurationError
 from blindfold.sealing import seal
 from blindfold.server.main import open_store
+from blindfold.server.model_record import ModelRecord
 from blindfold.server.store import (
     BLOB_DIR,
     CRASH_ENV,
@@ -42,7 +43,6 @@ from blindfold.server.store import (
     EPOCH_FILE,
     ModelStore,
     ModelUnavailable,
-    StoredModel,
     StoreError,
     blob_label,
 )
@@ -67,7 +67,7 @@ def sha(data: bytes) -> str:
 # --- unit tests of the store ---
 
 
-def record(name: str, data: bytes, **changes: Any) -> StoredModel:
+def record(name: str, data: bytes, **changes: Any) -> ModelRecord:
     fields: dict[str, Any] = dict(
         name=name,
         version=1,
@@ -77,10 +77,10 @@ def record(name: str, data: bytes, **changes: Any) -> StoredModel:
         public=True,
     )
     fields.update(changes)
-    return StoredModel(**fields)
+    return ModelRecord(**fields)
 
 
-def put(store: ModelStore, rec: StoredModel, data: bytes) -> None:
+def put(store: ModelStore, rec: ModelRecord, data: bytes) -> None:
     staged = None if store.has_blob(rec.sha256) else store.stage_blob(rec.sha256, data)
     store.commit_model(rec, staged)
 

@@ -8,7 +8,6 @@ import binascii
 import hashlib
 import importlib.resources
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,20 +24,23 @@ from starlette.routing import Route
 from blindfold import __version__
 from blindfold.attestation.binding import IDENTITY_BINDING
 from blindfold.attestation.deployment import Endorsement
-from blindfold.errors import ConfigurationError, EvidenceError, RequestRejected, SealError
+from blindfold.errors import ConfigurationError, EvidenceError, RequestRejected
 from blindfold.receipts import ReceiptSigner
-from blindfold.sealing import ModelKey, decrypt_model_file
-from blindfold.server import admission, cluster, logs, ohttp_gateway, oip
+from blindfold.sealing import ModelKey
+from blindfold.server import admission, cluster, http_errors, logs, ohttp_gateway, oip
 from blindfold.server.admission import BodyBudget, read_body
+from blindfold.server.encrypted_models import EncryptedModels
 from blindfold.server.identity import ServerIdentity
-from blindfold.server.limits import Limits
+from blindfold.server.inference import InferenceResult, InferenceService, ReceiptRequest
 from blindfold.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from blindfold.server.metrics import LoadedModel, Metrics, Snapshot
-from blindfold.server.models import OWNER_SECRET_HEADER, ModelEntry
+from blindfold.server.model_record import ModelRecord
+from blindfold.server.models import OWNER_SECRET_HEADER
 from blindfold.server.ohttp_gateway import ReplayGuard, gateway
 from blindfold.server.pools import Pools
+from blindfold.server.refusals import Refusal
 from blindfold.server.responses import parts_response
-from blindfold.server.runtime import InferenceRunner, RunTiming, Session
+from blindfold.server.runtime import InferenceRunner
 from blindfold.server.scheduler import DEFAULT, SchedulingOptions
 from blindfold.server.service import LoadCredentials, LoadResult, ModelService
 
@@ -48,7 +50,6 @@ JSON_SLACK = 1 << 20  # room for JSON framing around base64 model bytes
 # them they go to the codec pool, so that no request stalls the others.
 INLINE_JSON_BYTES = 64 * 1024
 INLINE_JSON_ELEMENTS = 16 * 1024
-RECEIPT_NONCE = re.compile(r"(?:[0-9a-f]{2})*")
 
 
 class ServerState:
@@ -61,7 +62,6 @@ class ServerState:
         pools: Pools | None = None,
     ):
         self.identity = identity
-        self.encrypted_models_dir = encrypted_models_dir
         identity.standing()  # a TEE that cannot produce evidence fails at start, not later
         # Receipts name the standing evidence current when they are signed, which the
         # identity renews before it expires.
@@ -73,6 +73,8 @@ class ServerState:
         self.service = service
         self.runner = runner
         self.pools = pools or Pools()
+        self.inference = InferenceService(runner, self.receipts, self.pools.codec)
+        self.encrypted_models = EncryptedModels(encrypted_models_dir, self.pools.loading)
         self.body_budget = BodyBudget(service.limits.inflight_body_bytes())
         self.started = time.time()
         self.metrics = Metrics(self.snapshot)
@@ -90,7 +92,8 @@ class ServerState:
             tee_kind=provider.kind,
             started=self.started,
             models=[
-                LoadedModel(e.name, e.public, e.session.admitted_memory) for e in registry.entries()
+                LoadedModel(e.name, e.public, e.loaded().admitted_memory)
+                for e in registry.entries()
             ],
             unavailable_models=len(registry.unavailable),
             sessions=registry.session_count(),
@@ -249,14 +252,14 @@ async def endorse_deployment(request: Request) -> Response:
     )
 
 
-def _metadata(entry: ModelEntry) -> dict[str, Any]:
+def _metadata(entry: ModelRecord) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "name": entry.name,
         "versions": [str(entry.version)],
         "platform": "onnxruntime_onnx",
         "sha256": entry.sha256,
-        "inputs": [spec.metadata() for spec in entry.session.inputs],
-        "outputs": [spec.metadata() for spec in entry.session.outputs],
+        "inputs": [spec.metadata() for spec in entry.loaded().inputs],
+        "outputs": [spec.metadata() for spec in entry.loaded().outputs],
     }
     if entry.scheduling != DEFAULT:
         # Users see that their requests may share a session run with other callers'.
@@ -264,9 +267,9 @@ def _metadata(entry: ModelEntry) -> dict[str, Any]:
     return metadata
 
 
-def _resolve(request: Request) -> ModelEntry:
+def _resolve(request: Request) -> ModelRecord:
     params = request.path_params
-    entry = state_of(request).service.registry.get_for_run(
+    entry = state_of(request).service.resolve(
         params["name"], params.get("version"), bearer_token(request)
     )
     logs.request_model.set((entry.name, entry.sha256))
@@ -287,39 +290,18 @@ async def model_ready(request: Request) -> Response:
 
 async def infer(request: Request) -> Response:
     state = state_of(request)
-    entry = _resolve(request)
+    entry = _resolve(request)  # authorized from the headers, before the body is read
     with state.metrics.inference(entry.name, entry.public) as timing:
-        return await _infer(request, state, entry, timing)
-
-
-async def _infer(
-    request: Request, state: ServerState, entry: ModelEntry, timing: RunTiming
-) -> Response:
-    limits = state.service.limits
-    header_length = request.headers.get(oip.HEADER_LENGTH)
-    admission.refuse_if_larger(request, limits.max_request_bytes, "request", "--max-request-bytes")
-    if header_length is None and (admission.declared_length(request) or 0) > limits.max_json_bytes:
-        raise oip.json_too_large(limits)  # refused from the headers, like every limit
-    body = await read_body(
-        request, state.body_budget, limits.max_request_bytes, "request", "--max-request-bytes"
-    )
-    session = entry.session
-    if _decodes_quickly(body, header_length):
-        parsed, names = _decode(body, header_length, limits, session)
-    else:
-        parsed, names = await state.pools.codec.call(_decode, body, header_length, limits, session)
-    results = await state.runner.run(session, names, dict(parsed.inputs), entry.scheduling, timing)
-    outputs = dict(zip(names, results, strict=True))
-    quick = _encodes_quickly(parsed, outputs)
-    parameters: dict[str, Any] = {"model_sha256": entry.sha256}
-    if parsed.parameters.get("receipt"):
-        parameters["receipt"] = await _receipt(state, entry, parsed, outputs)
-    if quick:
-        parts, header_out = _encode(entry, parsed, outputs, parameters)
-    else:
-        parts, header_out = await state.pools.codec.call(
-            _encode, entry, parsed, outputs, parameters
-        )
+        parsed = await _infer_request(request, state)
+        receipt = None
+        if parsed.parameters.get("receipt"):
+            receipt = ReceiptRequest(parsed.id, parsed.parameters.get("receipt_nonce", ""))
+        outputs = None if parsed.outputs is None else list(parsed.outputs)
+        result = await state.inference.infer(entry, parsed.inputs, outputs, timing, receipt)
+        if _encodes_quickly(parsed, result.outputs):
+            parts, header_out = _encode(entry, parsed, result)
+        else:
+            parts, header_out = await state.pools.codec.call(_encode, entry, parsed, result)
     if header_out is None:
         return parts_response(parts, "application/json")
     return parts_response(
@@ -327,6 +309,21 @@ async def _infer(
         "application/octet-stream",
         headers={oip.HEADER_LENGTH: str(header_out)},
     )
+
+
+async def _infer_request(request: Request, state: ServerState) -> oip.InferRequest:
+    """The request's tensors and options, each limit refused from the headers first."""
+    limits = state.service.limits
+    header_length = request.headers.get(oip.HEADER_LENGTH)
+    admission.refuse_if_larger(request, limits.max_request_bytes, "request", "--max-request-bytes")
+    if header_length is None and (admission.declared_length(request) or 0) > limits.max_json_bytes:
+        raise oip.json_too_large(limits)
+    body = await read_body(
+        request, state.body_budget, limits.max_request_bytes, "request", "--max-request-bytes"
+    )
+    if _decodes_quickly(body, header_length):
+        return oip.parse_infer_request(body, header_length, limits)
+    return await state.pools.codec.call(oip.parse_infer_request, body, header_length, limits)
 
 
 def _decodes_quickly(body: bytearray, header_length: str | None) -> bool:
@@ -340,22 +337,6 @@ def _decodes_quickly(body: bytearray, header_length: str | None) -> bool:
     return b'"BYTES"' not in body[:json_length]
 
 
-def _decode(
-    body: bytearray, header_length: str | None, limits: Limits, session: Session
-) -> tuple[oip.InferRequest, list[str]]:
-    """The request's tensors, checked against the model, and the outputs to return."""
-    parsed = oip.parse_infer_request(body, header_length, limits)
-    session.check_inputs(parsed.inputs)
-    if parsed.outputs is None:
-        return parsed, session.output_names
-    unknown = [name for name in parsed.outputs if name not in session.output_names]
-    if unknown:
-        raise RequestRejected(
-            400, f"unknown outputs {unknown}; the model has {session.output_names}"
-        )
-    return parsed, [name for name in session.output_names if name in parsed.outputs]
-
-
 def _encodes_quickly(parsed: oip.InferRequest, outputs: dict[str, Any]) -> bool:
     for name, array in outputs.items():
         if array.dtype.kind in ("U", "O"):
@@ -367,38 +348,11 @@ def _encodes_quickly(parsed: oip.InferRequest, outputs: dict[str, Any]) -> bool:
 
 
 def _encode(
-    entry: ModelEntry,
-    parsed: oip.InferRequest,
-    outputs: dict[str, Any],
-    parameters: dict[str, Any],
+    entry: ModelRecord, parsed: oip.InferRequest, result: InferenceResult
 ) -> tuple[list[bytes | memoryview], int | None]:
-    return oip.encode_infer_response(entry.name, str(entry.version), parsed, outputs, parameters)
-
-
-async def _receipt(
-    state: ServerState, entry: ModelEntry, parsed: oip.InferRequest, outputs: dict[str, Any]
-) -> dict[str, Any]:
-    """A signed receipt over the model, the inputs and every output returned (hashing the
-    tensors runs off the event loop, like inference)."""
-    nonce = parsed.parameters.get("receipt_nonce", "")
-    # The receipt format signs the nonce as lowercase hex (receipts.Receipt), so anything else
-    # is refused here rather than failing while signing.
-    if not isinstance(nonce, str) or len(nonce) > 128 or not RECEIPT_NONCE.fullmatch(nonce):
-        raise RequestRejected(
-            400,
-            "receipt_nonce must be lowercase hex of at most 128 characters, e.g. "
-            "secrets.token_hex(16) or uuid.uuid4().hex",
-        )
-    receipt = await state.pools.codec.call(
-        state.receipts.sign,
-        entry.sha256,
-        parsed.inputs,
-        outputs,
-        parsed.id or uuid.uuid4().hex,
-        nonce,
+    return oip.encode_infer_response(
+        entry.name, str(entry.version), parsed, result.outputs, result.parameters
     )
-    document: dict[str, Any] = receipt.to_json()
-    return document
 
 
 # --- model repository extension ---
@@ -416,7 +370,7 @@ async def repository_load(request: Request) -> Response:
     limits = state.service.limits
     # Authorized from the headers: a body the server would refuse is never read.
     credentials = load_credentials(request)
-    state.service.registry.check_capacity(name)
+    state.service.check_capacity(name)
     # New models are restricted unless the owner opts in: `?public=true` (any client, also
     # tritonclient's load_model(query_params=...)) or Triton's load parameter "public".
     public = None
@@ -526,18 +480,8 @@ async def repository_load_encrypted(request: Request) -> Response:
         public = document.get("public")
     except (KeyError, TypeError, ConfigurationError):
         raise RequestRejected(400, advice) from None
-    path = _encrypted_model_path(state, path)
     limit = state.service.limits.max_model_bytes
-    try:
-        data = await state.pools.loading.call(decrypt_model_file, path, key, max_bytes=limit)
-    except FileNotFoundError:
-        raise RequestRejected(
-            404, f"no encrypted model file at {str(path)!r} on the server"
-        ) from None
-    except OSError as exc:
-        raise RequestRejected(400, f"cannot read {str(path)!r}: {exc.strerror}") from None
-    except SealError as exc:
-        raise RequestRejected(400, f"cannot decrypt {str(path)!r}: {exc}") from None
+    data = await state.encrypted_models.decrypt(path, key, limit)
     result = await state.service.load(
         name,
         data,
@@ -560,25 +504,6 @@ def _path_parameter(value: object) -> Path:
     if "\0" in value:
         raise RequestRejected(400, "'path' must not contain NUL characters")
     return Path(value)
-
-
-def _encrypted_model_path(state: ServerState, requested: Path) -> Path:
-    """The server reads encrypted models only from the folder the operator named, so an
-    uploader cannot make it open arbitrary host files."""
-    folder = state.encrypted_models_dir
-    if folder is None:
-        raise RequestRejected(
-            403,
-            "this server does not load encrypted model files; its operator can enable it with "
-            "--encrypted-models-dir DIR",
-        )
-    root = folder.resolve()
-    resolved = (root / requested).resolve()
-    if not resolved.is_relative_to(root):
-        raise RequestRejected(
-            403, f"{str(requested)!r} is outside the server's encrypted-models folder"
-        )
-    return resolved
 
 
 async def repository_unload(request: Request) -> Response:
@@ -672,8 +597,8 @@ def _guarded(route: Route) -> Route:
             if await admission.must_close(request):
                 response.headers["Connection"] = "close"
             return response
-        except RequestRejected as exc:
-            return await rejected(request, exc)
+        except (RequestRejected, Refusal) as exc:
+            return await rejected(request, http_errors.rejection(exc))
         except ClientDisconnect:
             # The client left (or was cut for sending too slowly): nobody reads an answer.
             logger.info("client disconnected during %s %s", request.method, request.url.path)

@@ -47,7 +47,8 @@ from blindfold.server import admission
 from blindfold.server.admission import read_body
 from blindfold.server.app import ServerState, received_bytes
 from blindfold.server.limits import Limits
-from blindfold.server.models import ModelEntry
+from blindfold.server.model_record import ModelRecord
+from blindfold.server.refusals import ModelNotFound, Refusal
 from blindfold.server.runtime import Session
 
 logger = logging.getLogger("blindfold.blindai")
@@ -336,7 +337,7 @@ async def upload(request: Request) -> Response:
     return _cbor({"hash": bytes.fromhex(result.entry.sha256), "model_id": model_id})
 
 
-def _resolve(state: ServerState, document: dict[str, Any]) -> ModelEntry:
+def _resolve(state: ServerState, document: dict[str, Any]) -> ModelRecord:
     model_id = document.get("model_id") or ""
     model_hash = document.get("model_hash") or ""
     if not isinstance(model_id, str) or not isinstance(model_hash, str):
@@ -352,10 +353,9 @@ def _resolve(state: ServerState, document: dict[str, Any]) -> ModelEntry:
         reference, what = model_id, f"model_id {model_id[:MAX_ID]!r}"
     if len(reference) <= MAX_ID:
         try:
-            return state.service.registry.get_for_run(reference, None, None)
-        except RequestRejected as exc:
-            if exc.status != 404:
-                raise
+            return state.service.resolve(reference, None, None)
+        except ModelNotFound:
+            pass
     raise RequestRejected(404, f"no public model has {what}; it may have been deleted")
 
 
@@ -368,13 +368,11 @@ async def run(request: Request) -> Response:
     document = await state.pools.codec.call(read_map, body)
     del body
     entry = _resolve(state, document)
-    session = entry.session
+    session = entry.loaded()
     feeds = read_inputs(document.get("inputs"), session, limits)
     with state.metrics.inference(entry.name, entry.public) as timing:
-        results = await state.runner.run(
-            session, session.output_names, feeds, entry.scheduling, timing
-        )
-    outputs = [write_output(n, a) for n, a in zip(session.output_names, results, strict=True)]
+        result = await state.inference.infer(entry, feeds, None, timing)
+    outputs = [write_output(name, array) for name, array in result.outputs.items()]
     return _cbor({"outputs": outputs})
 
 
@@ -412,7 +410,7 @@ def _cbor_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[
     async def _answer(request: Request) -> Response:
         try:
             response = await handler(request)
-        except RequestRejected as exc:
+        except (RequestRejected, Refusal) as exc:
             response = _cbor(exc.message.encode("utf-8", "backslashreplace").decode(), 500)
         except ClientDisconnect:
             logger.info("client disconnected during %s %s", request.method, request.url.path)

@@ -55,10 +55,10 @@ from blindfold.errors import (
     EvidenceError,
     RequestRejected,
 )
+from blindfold.server.model_record import ModelRecord
 from blindfold.server.scheduler import DEFAULT, SchedulingOptions
 from blindfold.server.service import Change, ModelService
 from blindfold.server.service_identity import ServiceIdentity, join_key_binding, open_sealed
-from blindfold.server.store import StoredModel
 from blindfold.server.tee.base import TeeProvider
 
 logger = logging.getLogger("blindfold.cluster")
@@ -347,7 +347,7 @@ def decode_change(body: bytes | bytearray) -> Change:
     return Change(op, record, data, scheduling)
 
 
-def _record_json(record: StoredModel) -> dict[str, Any]:
+def _record_json(record: ModelRecord) -> dict[str, Any]:
     return {
         "name": record.name,
         "version": record.version,
@@ -360,11 +360,11 @@ def _record_json(record: StoredModel) -> dict[str, Any]:
     }
 
 
-def _record_from_json(data: dict[str, Any]) -> StoredModel:
+def _record_from_json(data: dict[str, Any]) -> ModelRecord:
     run_keys = data.get("run_keys", {})
     if not isinstance(run_keys, dict):
         raise TypeError("run_keys is not an object")
-    return StoredModel(
+    return ModelRecord(
         name=str(data["name"]),
         version=int(data["version"]),
         sha256=str(data["sha256"]),

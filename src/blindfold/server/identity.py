@@ -35,8 +35,9 @@ from cryptography.hazmat.primitives import serialization
 from blindfold.attestation.binding import identity_document, public_key_sha256
 from blindfold.attestation.deployment import Endorsement
 from blindfold.attestation.verdict import Evidence
-from blindfold.errors import EvidenceError, RequestRejected
+from blindfold.errors import EvidenceError
 from blindfold.server.hpke_keys import DEFAULT_GRACE_SECONDS, DEFAULT_ROTATION_SECONDS, HpkeKeyring
+from blindfold.server.refusals import AccessDenied, Conflict, InvalidRequest
 from blindfold.server.service_identity import ServiceIdentity
 from blindfold.server.tee.base import TeeProvider
 
@@ -164,24 +165,22 @@ class ServerIdentity:
         try:
             endorsement.verify(self.spki_sha256)
         except EvidenceError as exc:
-            raise RequestRejected(400, str(exc)) from None
+            raise InvalidRequest(str(exc)) from None
         key_id = endorsement.operator_key_id
         if self.operator_key_ids and key_id not in self.operator_key_ids:
-            raise RequestRejected(
-                403,
+            raise AccessDenied(
                 f"operator key {key_id} may not endorse this server; it accepts only "
                 f"{', '.join(sorted(self.operator_key_ids))} (--deployment-operator-key)",
             )
         with self._lock:
             current = self.endorsement
             if current is not None and current.operator_key_id != key_id:
-                raise RequestRejected(
-                    409,
+                raise Conflict(
                     f"this server is already endorsed by operator {current.operator_key_id}; "
                     "another operator cannot replace it. Restart the server to endorse it anew.",
                 )
             if current is not None and endorsement.issued_at < current.issued_at:
-                raise RequestRejected(409, "a newer endorsement by this operator is in place")
+                raise Conflict("a newer endorsement by this operator is in place")
             self.endorsement = endorsement
 
     def ssl_context(self) -> ssl.SSLContext:

@@ -32,7 +32,8 @@ from blindfold.server.hpke_keys import (
 )
 from blindfold.server.identity import ServerIdentity
 from blindfold.server.limits import ConnectionLimits, Limits
-from blindfold.server.models import new_token, token_hash
+from blindfold.server.model_record import token_hash
+from blindfold.server.models import new_token
 from blindfold.server.pools import Pools
 from blindfold.server.runtime import InferenceRunner
 from blindfold.server.service import ModelService

@@ -20,6 +20,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from blindfold.errors import RequestRejected
+from blindfold.server import http_errors
+from blindfold.server.refusals import Refusal
 from blindfold.server.runtime import RunTiming
 
 RESTRICTED = "(restricted)"
@@ -232,8 +234,8 @@ class Metrics:
         status = 200
         try:
             yield timing
-        except RequestRejected as exc:
-            status = exc.status
+        except (RequestRejected, Refusal) as exc:
+            status = http_errors.rejection(exc).status
             raise
         except BaseException:
             status = 500

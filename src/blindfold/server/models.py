@@ -6,23 +6,16 @@ for everyone else lookups answer exactly as for a missing model."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
 import secrets
 import threading
-from dataclasses import dataclass, field
 
-from blindfold.errors import RequestRejected
+from blindfold.server.model_record import ModelRecord
+from blindfold.server.refusals import Conflict, InvalidRequest, ModelNotFound
 from blindfold.server.runtime import Session
-from blindfold.server.scheduler import DEFAULT, SchedulingOptions
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 HASH_PREFIX = "sha256:"
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def new_token(prefix: str) -> str:
@@ -41,8 +34,7 @@ def check_owner_secret(secret: str) -> None:
     8 distinct characters is refused outright. The message never quotes the secret."""
     bits_per_char = 4 if set(secret) <= HEX_DIGITS else 6
     if len(secret) * bits_per_char < MIN_SECRET_BITS or len(set(secret)) < 8:
-        raise RequestRejected(
-            400,
+        raise InvalidRequest(
             f"the owner token chosen by the client is too weak: it needs at least "
             f"{MIN_SECRET_BITS} random bits ({MIN_SECRET_BITS // 6 + 1} base64url or "
             f"{MIN_SECRET_BITS // 4} hex characters), e.g. secrets.token_urlsafe(32); "
@@ -50,36 +42,9 @@ def check_owner_secret(secret: str) -> None:
         )
 
 
-@dataclass
-class ModelEntry:
-    name: str
-    version: int
-    session: Session
-    owner_token_sha256: str
-    public: bool = True
-    run_keys: dict[str, str] = field(default_factory=dict)  # key id -> token hash
-    scheduling: SchedulingOptions = DEFAULT  # batching and concurrency, chosen at upload
-
-    @property
-    def sha256(self) -> str:
-        return self.session.sha256
-
-    def is_owner(self, token: str | None) -> bool:
-        return token is not None and hmac.compare_digest(token_hash(token), self.owner_token_sha256)
-
-    def may_run(self, token: str | None) -> bool:
-        if self.public or self.is_owner(token):
-            return True
-        if token is None:
-            return False
-        digest = token_hash(token)
-        return any(hmac.compare_digest(digest, known) for known in self.run_keys.values())
-
-
 def check_name(name: str) -> None:
     if not NAME_PATTERN.match(name):
-        raise RequestRejected(
-            400,
+        raise InvalidRequest(
             f"invalid model name {name!r}: use 1-128 letters, digits, '_', '.', '-' "
             "(starting with a letter or digit)",
         )
@@ -88,7 +53,7 @@ def check_name(name: str) -> None:
 class ModelRegistry:
     def __init__(self, max_models: int) -> None:
         self._max_models = max_models
-        self._entries: dict[str, ModelEntry] = {}
+        self._entries: dict[str, ModelRecord] = {}
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
@@ -104,29 +69,27 @@ class ModelRegistry:
     def check_capacity(self, name: str) -> None:
         with self._lock:
             if name not in self._entries and len(self._entries) >= self._max_models:
-                raise RequestRejected(
-                    409,
+                raise Conflict(
                     f"the server already holds its maximum of {self._max_models} models "
                     "(--max-models); unload one first",
                 )
 
-    def put(self, entry: ModelEntry) -> ModelEntry | None:
+    def put(self, entry: ModelRecord) -> ModelRecord | None:
         """Adds or replaces the entry for entry.name; returns the replaced entry."""
         with self._lock:
             previous = self._entries.get(entry.name)
             if previous is None and len(self._entries) >= self._max_models:
-                raise RequestRejected(
-                    409,
+                raise Conflict(
                     f"the server already holds its maximum of {self._max_models} models "
                     "(--max-models); unload one first",
                 )
             self._entries[entry.name] = entry
-            self._sessions[entry.sha256] = entry.session
+            self._sessions[entry.sha256] = entry.loaded()
             if previous is not None:
                 self._release(previous.sha256)
             return previous
 
-    def remove(self, name: str) -> ModelEntry:
+    def remove(self, name: str) -> ModelRecord:
         with self._lock:
             entry = self._entries.pop(name, None)
             if entry is None:
@@ -147,14 +110,14 @@ class ModelRegistry:
         for session in sessions:
             session.close()
 
-    def get(self, name: str) -> ModelEntry:
+    def get(self, name: str) -> ModelRecord:
         with self._lock:
             entry = self._entries.get(name)
         if entry is None:
             raise _not_found(name)
         return entry
 
-    def get_for_run(self, reference: str, version: str | None, token: str | None) -> ModelEntry:
+    def get_for_run(self, reference: str, version: str | None, token: str | None) -> ModelRecord:
         """Resolves a name or `sha256:<hex>` the caller may run (an entry granting access)."""
         if reference.startswith(HASH_PREFIX):
             digest = reference[len(HASH_PREFIX) :].lower()
@@ -171,22 +134,20 @@ class ModelRegistry:
             # Answered exactly like a missing model, so no one learns a restricted name.
             raise _not_found(reference)
         if version is not None and version != str(entry.version):
-            raise RequestRejected(
-                404,
+            raise ModelNotFound(
                 f"model {reference!r} has no version {version!r}; it serves version "
                 f"{entry.version}",
             )
         return entry
 
-    def entries(self) -> list[ModelEntry]:
+    def entries(self) -> list[ModelRecord]:
         with self._lock:
             return sorted(self._entries.values(), key=lambda e: e.name)
 
 
-def _not_found(reference: str) -> RequestRejected:
+def _not_found(reference: str) -> ModelNotFound:
     """Also the answer for a restricted model the caller may not run: the two must not differ."""
-    return RequestRejected(
-        404,
+    return ModelNotFound(
         f"unknown model {reference!r}; list models with POST /v2/repository/index (a "
         "restricted model is visible only with its owner token or a run key, sent as "
         "'Authorization: Bearer <token>')",

@@ -17,9 +17,9 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from blindfold import tensors
-from blindfold.errors import RequestRejected
 from blindfold.server import ort_extensions
 from blindfold.server.limits import Limits
+from blindfold.server.refusals import InvalidModel
 
 # Operator domains implemented by the onnxruntime wheel itself (CPU execution provider).
 ONNXRUNTIME_DOMAINS = frozenset(
@@ -38,7 +38,7 @@ ONNXRUNTIME_DOMAINS = frozenset(
 
 
 def check_model(data: bytes, limits: Limits) -> onnx.ModelProto:
-    """Parses and checks `data`; raises RequestRejected(400) naming the problem."""
+    """Parses and checks `data`; raises InvalidModel naming the problem."""
     try:
         model = onnx.load_model_from_string(data)
     except (DecodeError, ValueError, RuntimeError):
@@ -52,8 +52,8 @@ def check_model(data: bytes, limits: Limits) -> onnx.ModelProto:
     return model
 
 
-def _bad(message: str) -> RequestRejected:
-    return RequestRejected(400, message)
+def _bad(message: str) -> InvalidModel:
+    return InvalidModel(message)
 
 
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:

@@ -24,10 +24,19 @@ from typing import Any
 import numpy as np
 
 from blindfold import tensors
-from blindfold.errors import RequestRejected
 from blindfold.server import ort_extensions, workers
 from blindfold.server import tensor_frames as frames
 from blindfold.server.limits import Limits, MiB
+from blindfold.server.refusals import (
+    Conflict,
+    InferenceTimeout,
+    InvalidInput,
+    InvalidModel,
+    OutOfMemory,
+    Refusal,
+    Unavailable,
+    WorkerFailed,
+)
 from blindfold.server.scheduler import DEFAULT, RunTiming, Scheduler, SchedulingOptions
 from blindfold.server.worker import (
     CONFINED_CHDIR,
@@ -69,8 +78,7 @@ class MemoryBudget:
     def reserve(self, cost: int) -> None:
         with self._lock:
             if self.used + cost > self.limit:
-                raise RequestRejected(
-                    507,
+                raise OutOfMemory(
                     f"loading this model needs about {cost >> 20} MiB, and the loaded models "
                     f"already hold {self.used >> 20} of the {self.limit >> 20} MiB the server "
                     "allows (--max-model-memory); unload a model or raise the limit",
@@ -118,26 +126,20 @@ class Session:
         specs = {spec.name: spec for spec in self.inputs}
         missing = [name for name in specs if name not in feeds]
         if missing:
-            raise RequestRejected(
-                400, f"missing model inputs {missing}; the model expects {list(specs)}"
-            )
+            raise InvalidInput(f"missing model inputs {missing}; the model expects {list(specs)}")
         for name, array in feeds.items():
             spec = specs.get(name)
             if spec is None:
-                raise RequestRejected(
-                    400, f"unknown input {name!r}; the model expects {list(specs)}"
-                )
+                raise InvalidInput(f"unknown input {name!r}; the model expects {list(specs)}")
             datatype = tensors.np_to_oip_dtype(array.dtype)
             if datatype != spec.datatype:
-                raise RequestRejected(
-                    400,
+                raise InvalidInput(
                     f"input {name!r} has datatype {datatype}, the model expects {spec.datatype}",
                 )
             if len(array.shape) != len(spec.shape) or any(
                 want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
             ):
-                raise RequestRejected(
-                    400,
+                raise InvalidInput(
                     f"input {name!r} has shape {list(array.shape)}, the model expects "
                     f"{list(spec.shape)} (-1 = any size)",
                 )
@@ -194,15 +196,16 @@ class IsolatedSession(Session):
         """Starts a worker unless a live one exists; returns its load answer."""
         with self._start_lock:
             if self.closed:
-                raise RequestRejected(409, "the model was unloaded while this request waited")
+                raise Conflict("the model was unloaded while this request waited")
             if self._worker is not None and self._worker.alive:
                 return self._worker.ready
             timeout = max(120.0, self._limits.inference_timeout)
             try:
                 worker = ModelWorker(self._model_fd, self._settings, timeout)
             except WorkerDied as exc:
-                raise RequestRejected(
-                    507 if "SIGKILL" in exc.reason else 400,
+                # SIGKILL: the kernel ended it at its memory limit.
+                refused = OutOfMemory if "SIGKILL" in exc.reason else InvalidModel
+                raise refused(
                     f"onnxruntime could not load the model: its worker process stopped "
                     f"({exc.reason}); a model needing more than --max-inference-memory "
                     "while loading is refused",
@@ -210,7 +213,7 @@ class IsolatedSession(Session):
             if not worker.ready.get("ok"):
                 worker.close()
                 detail = _printable(str(worker.ready.get("detail", "")))
-                raise RequestRejected(400, f"onnxruntime cannot load the model: {detail}")
+                raise InvalidModel(f"onnxruntime cannot load the model: {detail}")
             self._worker = worker
             _report_confinement(_confinement(worker.ready))
             return worker.ready
@@ -232,8 +235,7 @@ class IsolatedSession(Session):
             worker.kill("a run exceeded --inference-timeout")
             raise _timeout(self._limits) from None
         except WorkerDied as exc:
-            raise RequestRejected(
-                503,
+            raise Unavailable(
                 f"the worker process running this model stopped during the request "
                 f"({exc.reason}); the server keeps serving and restarts the model on the next "
                 "request",
@@ -249,8 +251,8 @@ class IsolatedSession(Session):
             return frames.arrays_of(message, output_names)
         except frames.FrameError:
             worker.kill("it answered with malformed tensors")
-            raise RequestRejected(
-                502, "the model's worker process answered with malformed tensors"
+            raise WorkerFailed(
+                "the model's worker process answered with malformed tensors"
             ) from None
 
     def close(self) -> None:
@@ -322,8 +324,8 @@ class InProcessSession(Session):
             )
         except Exception as exc:  # onnxruntime raises several unrelated exception types
             self.close()
-            raise RequestRejected(
-                400, f"onnxruntime cannot load the model: {_printable(str(exc))}"
+            raise InvalidModel(
+                f"onnxruntime cannot load the model: {_printable(str(exc))}"
             ) from None
         self.inputs = [_trusted_spec(arg) for arg in self._session.get_inputs()]
         self.outputs = [_trusted_spec(arg) for arg in self._session.get_outputs()]
@@ -332,7 +334,7 @@ class InProcessSession(Session):
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, self._run, output_names, feeds)
-        except RequestRejected:
+        except Refusal:
             raise
         except Exception:
             raise _run_error("run_failed", None) from None
@@ -378,27 +380,24 @@ def _from_ort(value: Any) -> np.ndarray:
     return value
 
 
-def _run_error(kind: Any, limits: Limits | None) -> RequestRejected:
+def _run_error(kind: Any, limits: Limits | None) -> Refusal:
     # Only the kind of failure is reported: onnxruntime's messages can quote input values.
     if kind == "timeout" and limits is not None:
         return _timeout(limits)
     if kind == "memory":
         limit = f" ({limits.max_inference_memory >> 20} MiB)" if limits else ""
-        return RequestRejected(
-            507,
+        return OutOfMemory(
             f"the model needed more memory for these inputs than the server allows per "
             f"inference{limit}, --max-inference-memory; send smaller inputs",
         )
     if kind == "bad_input":
-        return RequestRejected(400, "BYTES inputs must be UTF-8 text for ONNX models")
+        return InvalidInput("BYTES inputs must be UTF-8 text for ONNX models")
     if kind == "unsupported_output":
-        return RequestRejected(
-            400,
+        return InvalidModel(
             "the model returned an output Blindfold cannot send (a sequence, a map or an "
             "unsupported datatype)",
         )
-    return RequestRejected(
-        400,
+    return InvalidInput(
         "onnxruntime could not run the model on these inputs; names, datatypes and shapes "
         "were accepted, so check the input values' ranges",
     )
@@ -409,9 +408,8 @@ def _printable(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _timeout(limits: Limits) -> RequestRejected:
-    return RequestRejected(
-        504,
+def _timeout(limits: Limits) -> InferenceTimeout:
+    return InferenceTimeout(
         f"the inference took longer than the server's limit of {limits.inference_timeout:g} s "
         "(--inference-timeout) and was stopped",
     )
@@ -434,7 +432,7 @@ def _address_space(limits: Limits, model_size: int) -> int:
 def _specs(raw: Any) -> list[TensorSpec]:
     """Tensor specs as a worker described them, checked (a worker is not trusted)."""
     if not isinstance(raw, list):
-        raise RequestRejected(502, "the model's worker process described no tensors")
+        raise WorkerFailed("the model's worker process described no tensors")
     specs = []
     for item in raw:
         name = item.get("name") if isinstance(item, dict) else None
@@ -449,7 +447,7 @@ def _specs(raw: Any) -> list[TensorSpec]:
             or len(shape) > frames.MAX_DIMS
             or not all(type(dim) is int and dim >= -1 for dim in shape)
         ):
-            raise RequestRejected(502, "the model's worker process described its tensors wrongly")
+            raise WorkerFailed("the model's worker process described its tensors wrongly")
         specs.append(TensorSpec(name, datatype, tuple(shape)))
     return specs
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from blindfold.errors import RequestRejected
+from blindfold.server.refusals import InvalidRequest
 
 if TYPE_CHECKING:
     from blindfold.server.runtime import Session
@@ -70,14 +70,12 @@ class SchedulingOptions:
         concurrency = _integer(given, "max_concurrency", 0, 1 << 16)
         preferred = _sizes(given.get("preferred_batch_sizes"))
         if (delay or preferred) and not batch:
-            raise RequestRejected(
-                400,
+            raise InvalidRequest(
                 "max_queue_delay_us and preferred_batch_sizes apply to dynamic batching only: "
                 "give max_batch_size too",
             )
         if any(size > batch for size in preferred):
-            raise RequestRejected(
-                400,
+            raise InvalidRequest(
                 f"preferred_batch_sizes {list(preferred)} must each be at most max_batch_size "
                 f"({batch})",
             )
@@ -95,8 +93,7 @@ class SchedulingOptions:
             if not spec.shape or spec.shape[0] != -1
         ]
         if fixed:
-            raise RequestRejected(
-                400,
+            raise InvalidRequest(
                 "dynamic batching (max_batch_size) needs a dynamic first axis, the batch axis, "
                 f"on every input and output, but {'; '.join(fixed)}. Export the model with a "
                 "dynamic batch dimension (e.g. torch.onnx.export(dynamic_axes=...)) or upload "
@@ -120,7 +117,7 @@ def _integer(values: Mapping[str, Any], name: str, low: int, high: int) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if type(value) is not int or not low <= value <= high:
-        raise RequestRejected(400, f"{name} must be a whole number from {low} to {high}")
+        raise InvalidRequest(f"{name} must be a whole number from {low} to {high}")
     return value
 
 
@@ -129,9 +126,7 @@ def _sizes(value: Any) -> tuple[int, ...]:
         return ()
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or len(items) > 64:
-        raise RequestRejected(
-            400, "preferred_batch_sizes must be a list of sizes, e.g. [4, 8] or '4,8'"
-        )
+        raise InvalidRequest("preferred_batch_sizes must be a list of sizes, e.g. [4, 8] or '4,8'")
     sizes = tuple(
         _integer({"preferred_batch_sizes": item}, "preferred_batch_sizes", 1, MAX_BATCH_SIZE)
         for item in items
@@ -345,7 +340,7 @@ class Scheduler:
             feeds = _concatenate(names, batch)
         try:
             outputs = await session.run(batch[0].output_names, feeds)
-        except Exception:  # RequestRejected, or anything a member's values provoked
+        except Exception:  # a refusal, or anything a member's values provoked
             outputs = None
         del feeds
         if outputs is None or any(out.ndim == 0 or out.shape[0] != total for out in outputs):

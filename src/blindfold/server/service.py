@@ -16,93 +16,55 @@ import hashlib
 import hmac
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from blindfold.errors import RequestRejected
 from blindfold.server.limits import Limits
+from blindfold.server.model_record import ModelRecord, token_hash
 from blindfold.server.models import (
     HASH_PREFIX,
-    ModelEntry,
     ModelRegistry,
     check_name,
     check_owner_secret,
     new_token,
-    token_hash,
 )
 from blindfold.server.onnx_check import check_model
 from blindfold.server.pools import Pool
+from blindfold.server.refusals import (
+    AccessDenied,
+    AuthenticationRequired,
+    Conflict,
+    InvalidRequest,
+    ModelNotFound,
+    ModelNotReady,
+    NotFound,
+    PayloadTooLarge,
+    Refusal,
+    Unavailable,
+)
 from blindfold.server.runtime import InferenceRunner, Session
 from blindfold.server.scheduler import DEFAULT, SchedulingOptions
-from blindfold.server.store import ModelStore, ModelUnavailable, StoredModel, StoreError
+from blindfold.server.store import ModelStore, ModelUnavailable, StoreError
 
 logger = logging.getLogger("blindfold.models")
 
 
-@dataclass(frozen=True)
-class UnavailableModel:
-    """A stored model the server could not bring back, and why (never its bytes)."""
-
-    record: StoredModel
-    reason: str
-    # False: its row's access rules cannot be believed; `record` then holds only what the
-    # store's manifest authenticates, with an empty owner hash when nothing names an owner.
-    metadata_trusted: bool
-
-    @property
-    def name(self) -> str:
-        return self.record.name
-
-    @property
-    def version(self) -> int:
-        return self.record.version
-
-    @property
-    def sha256(self) -> str:
-        return self.record.sha256
-
-    @property
-    def public(self) -> bool:
-        return self.record.public
-
-    @property
-    def owner_token_sha256(self) -> str:
-        return self.record.owner_token_sha256
-
-    def is_owner(self, token: str | None) -> bool:
-        return (
-            token is not None
-            and self.record.owner_token_sha256 != ""
-            and hmac.compare_digest(token_hash(token), self.record.owner_token_sha256)
-        )
-
-    def may_run(self, token: str | None) -> bool:
-        """Whether `token` could run it if it were available (so may learn it exists)."""
-        if not self.metadata_trusted:
-            return False
-        if self.public or self.is_owner(token):
-            return True
-        digest = token_hash(token) if token is not None else ""
-        return any(hmac.compare_digest(digest, known) for known in self.record.run_keys.values())
-
-
 class ServiceRegistry(ModelRegistry):
     """The registry, plus the stored models that could not be loaded: running one of those
-    answers 503 with the reason instead of "unknown model"."""
+    is refused as not ready, with the reason, instead of "unknown model"."""
 
     def __init__(self, max_models: int, is_uploader: Callable[[str | None], bool]) -> None:
         super().__init__(max_models)
-        self.unavailable: dict[str, UnavailableModel] = {}
+        self.unavailable: dict[str, ModelRecord] = {}  # each one UNAVAILABLE
         self._is_uploader = is_uploader
 
-    def reveals(self, model: UnavailableModel, token: str | None) -> bool:
+    def reveals(self, model: ModelRecord, token: str | None) -> bool:
         """Who learns that it exists: whoever could run it, and for a row whose metadata did
         not authenticate (so its access rule is unknown) whoever may take its name over."""
         return model.may_run(token) or (not model.metadata_trusted and self._is_uploader(token))
 
-    def get_for_run(self, reference: str, version: str | None, token: str | None) -> ModelEntry:
+    def get_for_run(self, reference: str, version: str | None, token: str | None) -> ModelRecord:
         if not reference.startswith(HASH_PREFIX):
             broken = self.unavailable.get(reference)
             if broken is not None and self.reveals(broken, token):
@@ -110,10 +72,8 @@ class ServiceRegistry(ModelRegistry):
         return super().get_for_run(reference, version, token)
 
 
-def _unavailable(model: UnavailableModel) -> RequestRejected:
-    return RequestRejected(
-        503, f"model {model.name!r} is in the store but unavailable: {model.reason}"
-    )
+def _unavailable(model: ModelRecord) -> ModelNotReady:
+    return model.not_ready()
 
 
 @dataclass(frozen=True)
@@ -123,14 +83,14 @@ class Change:
     version) or `delete`."""
 
     op: str
-    record: StoredModel
+    record: ModelRecord
     data: bytes = b""
     scheduling: SchedulingOptions = DEFAULT
 
 
 @dataclass(frozen=True)
 class LoadResult:
-    entry: ModelEntry
+    entry: ModelRecord
     owner_token: str | None  # only when the server made it: it keeps just its hash
     replaced: bool
     owner_chosen: bool = False  # the new model's owner token is the one the client sent
@@ -171,7 +131,6 @@ class ModelService:
         # Serializes every change of the store and the registry together, so memory never
         # shows what the disk does not hold.
         self._lock = threading.Lock()
-        self._records: dict[str, StoredModel] = {}
         # Told of every change made through this replica's API (never of changes it applied
         # from a peer), so `server.cluster` can copy it to the other replicas.
         self.on_change: Callable[[Change], None] | None = None
@@ -183,17 +142,27 @@ class ModelService:
 
     # --- lookups ---
 
-    def _current(self, name: str) -> ModelEntry | UnavailableModel | None:
+    def _current(self, name: str) -> ModelRecord | None:
         try:
             return self.registry.get(name)
-        except RequestRejected:
+        except ModelNotFound:
             return self.registry.unavailable.get(name)
 
-    def _available(self, name: str) -> ModelEntry:
+    def _available(self, name: str) -> ModelRecord:
         broken = self.registry.unavailable.get(name)
         if broken is not None:
             raise _unavailable(broken)
         return self.registry.get(name)
+
+    def resolve(self, reference: str, version: str | None, token: str | None) -> ModelRecord:
+        """The model a name or `sha256:<hex>` (and version) names that `token` may run;
+        refused exactly as for a missing model when `token` may not learn it exists."""
+        return self.registry.get_for_run(reference, version, token)
+
+    def check_capacity(self, name: str) -> None:
+        """Refuses a new name when the server holds its maximum of models (before the upload's
+        body is read; `load` checks again)."""
+        self.registry.check_capacity(name)
 
     def index(self, token: str | None) -> list[dict[str, Any]]:
         """The repository index as `token` may see it: served models READY, stored but refused
@@ -204,7 +173,7 @@ class ModelService:
             {
                 "name": e.name,
                 "version": str(e.version),
-                "state": "READY",
+                "state": e.state.value,
                 "sha256": e.sha256,
                 "public": e.public,
             }
@@ -215,7 +184,7 @@ class ModelService:
             {
                 "name": m.name,
                 "version": str(m.version),
-                "state": "UNAVAILABLE",
+                "state": m.state.value,
                 "sha256": m.sha256,
                 "public": m.public,
                 "reason": m.reason,
@@ -252,12 +221,10 @@ class ModelService:
         self._require_upload_key(bearer)
         return LoadCredentials(bearer, None)
 
-    def _check_upload_right(
-        self, name: str, token: str | None
-    ) -> ModelEntry | UnavailableModel | None:
+    def _check_upload_right(self, name: str, token: str | None) -> ModelRecord | None:
         """New names need an upload key; existing ones need their owner token."""
         existing = self._current(name)
-        if isinstance(existing, UnavailableModel) and not existing.metadata_trusted:
+        if existing is not None and not existing.metadata_trusted:
             self._require_owner_or_admin(existing, token, "replace")
             return existing
         if existing is not None:
@@ -279,21 +246,17 @@ class ModelService:
         if self._is_uploader(token):
             return
         if token is None:
-            raise RequestRejected(
-                401,
+            raise AuthenticationRequired(
                 "uploading needs the deployment's upload key: send it as "
                 "'Authorization: Bearer <key>' (blindfold --token / Client(token=...))",
             )
-        raise RequestRejected(403, "the token sent is not an upload key of this server")
+        raise AccessDenied("the token sent is not an upload key of this server")
 
-    def _require_owner_or_admin(
-        self, model: UnavailableModel, token: str | None, action: str
-    ) -> None:
+    def _require_owner_or_admin(self, model: ModelRecord, token: str | None, action: str) -> None:
         """For a model whose row the store refused: neither an upload key nor open upload may
         take its name, or the host could hand any uploader a model by damaging its row."""
         if token is None:
-            raise RequestRejected(
-                401,
+            raise AuthenticationRequired(
                 f"model {model.name!r} is unavailable ({model.reason}); to {action} it send its "
                 "owner token or an operator admin key as 'Authorization: Bearer <token>'",
             )
@@ -302,30 +265,26 @@ class ModelService:
             hmac.compare_digest(digest, known) for known in self._admin_key_hashes
         ):
             return
-        raise RequestRejected(
-            403,
+        raise AccessDenied(
             f"model {model.name!r} is unavailable because its row in the store was refused; "
             f"only its owner token or an operator admin key (--admin-key-file) may {action} it",
         )
 
     @staticmethod
-    def require_owner(entry: ModelEntry | UnavailableModel, token: str | None, action: str) -> None:
+    def require_owner(entry: ModelRecord, token: str | None, action: str) -> None:
         if token is None:
-            raise RequestRejected(
-                401,
+            raise AuthenticationRequired(
                 f"to {action} model {entry.name!r} send its owner token as "
                 "'Authorization: Bearer <owner token>'",
             )
         if entry.owner_token_sha256 == "":
-            raise RequestRejected(
-                403,
+            raise AccessDenied(
                 f"model {entry.name!r} was uploaded through the BlindAI compatibility port and "
                 f"has no owner token, so no token may {action} it; a BlindAI /delete of its "
                 "model_id removes it",
             )
         if not entry.is_owner(token):
-            raise RequestRejected(
-                403,
+            raise AccessDenied(
                 f"the token sent is not the owner token of model {entry.name!r}; "
                 f"only its owner may {action} it",
             )
@@ -354,30 +313,29 @@ class ModelService:
                 self._mark_unavailable(record, outcome, metadata_trusted=True)
                 continue
             try:
-                self.registry.put(_entry(record, outcome))
-            except RequestRejected as exc:
+                self.registry.put(_loaded(record, outcome))
+            except Refusal as exc:
                 self._mark_unavailable(record, exc.message, metadata_trusted=True)
                 continue
-            self._records[record.name] = record
         logger.info(
             "model store %s: %d models restored, %d unavailable",
             self.store.directory,
-            len(self._records),
+            len(self.registry.entries()),
             len(self.registry.unavailable),
         )
 
-    def _restore_session(self, record: StoredModel) -> Session | str:
+    def _restore_session(self, record: ModelRecord) -> Session | str:
         assert self.store is not None
         try:
             data = self.store.read_model(record, self.limits.max_model_bytes)
             return self._new_session(data, record.sha256)
         except ModelUnavailable as exc:
             return exc.reason
-        except RequestRejected as exc:
+        except Refusal as exc:
             return f"the server now refuses its bytes: {exc.message}"
 
     def _mark_unavailable(
-        self, record: StoredModel, reason: str, *, metadata_trusted: bool
+        self, record: ModelRecord, reason: str, *, metadata_trusted: bool
     ) -> None:
         logger.error(
             "stored model %r (version %d, sha256 %s) is UNAVAILABLE: %s",
@@ -386,7 +344,9 @@ class ModelService:
             record.sha256,
             reason,
         )
-        self.registry.unavailable[record.name] = UnavailableModel(record, reason, metadata_trusted)
+        self.registry.unavailable[record.name] = replace(
+            record, session=None, reason=reason, metadata_trusted=metadata_trusted
+        )
 
     # --- lifecycle ---
 
@@ -420,14 +380,14 @@ class ModelService:
         be new. Only `unload_unowned` removes it: no Blindfold token can replace or unload it."""
         check_name(name)
         if self._current(name) is not None:
-            raise RequestRejected(409, f"model {name!r} already exists")
+            raise Conflict(f"model {name!r} already exists")
         return await self._load(name, data, None, None, True, sha256, None, None, owned=False)
 
     async def _load(
         self,
         name: str,
         data: bytes,
-        existing: ModelEntry | UnavailableModel | None,
+        existing: ModelRecord | None,
         token: str | None,
         public: bool | None,
         sha256: str | None,
@@ -445,11 +405,11 @@ class ModelService:
         # A stored model whose row was refused keeps only its owner (when the manifest names
         # it and the owner is the one replacing it): default access, no run keys. Taken over
         # by an admin key it gets a fresh owner token.
-        takeover = isinstance(existing, UnavailableModel) and not existing.metadata_trusted
+        takeover = existing is not None and not existing.metadata_trusted
         inherit = None if takeover else existing
         keeps_owner = inherit is not None or (existing is not None and existing.is_owner(token))
         owner_token = None if keeps_owner or not owned else owner_secret or new_token("bfo")
-        record = StoredModel(
+        record = ModelRecord(
             name=name,
             version=existing.version + 1 if existing else 1,
             sha256=sha256,
@@ -461,9 +421,9 @@ class ModelService:
             public=(inherit.public if inherit else False) if public is None else public,
             run_keys=_run_keys(inherit),
         )
-        if scheduling is None:
-            scheduling = existing.scheduling if isinstance(existing, ModelEntry) else DEFAULT
-        entry = _entry(record, session, scheduling)
+        if scheduling is None:  # (an UNAVAILABLE model has the defaults: none are stored)
+            scheduling = existing.scheduling if existing is not None else DEFAULT
+        entry = _loaded(record, session, scheduling)
         try:
             scheduling.check_model(session)
             if self.store is None:
@@ -496,7 +456,7 @@ class ModelService:
     # authenticated with the replication key; the higher version wins ---
 
     async def apply_put(
-        self, record: StoredModel, data: bytes, scheduling: SchedulingOptions = DEFAULT
+        self, record: ModelRecord, data: bytes, scheduling: SchedulingOptions = DEFAULT
     ) -> bool:
         """Installs a peer's model version, with the scheduling options its owner chose,
         unless this replica already holds it or a newer one; returns whether anything
@@ -506,9 +466,9 @@ class ModelService:
         if existing is not None and existing.version >= record.version:
             return False
         if hashlib.sha256(data).hexdigest() != record.sha256:
-            raise RequestRejected(400, f"replicated model {record.name!r}: bytes do not match")
+            raise InvalidRequest(f"replicated model {record.name!r}: bytes do not match")
         session = await self._session_for(data, record.sha256)
-        entry = _entry(record, session, scheduling)
+        entry = _loaded(record, session, scheduling)
         try:
             scheduling.check_model(session)
             if self.store is None:
@@ -522,10 +482,10 @@ class ModelService:
         logger.info("model %r version %d replicated from a peer", record.name, record.version)
         return True
 
-    def apply_rules(self, record: StoredModel) -> bool:
+    def apply_rules(self, record: ModelRecord) -> bool:
         with self._lock:
             current = self._current(record.name)
-            if not isinstance(current, ModelEntry) or current.version != record.version:
+            if current is None or current.unavailable or current.version != record.version:
                 return False
             self._persist_rules(current, record.public, record.run_keys)
             current.public = record.public
@@ -541,19 +501,16 @@ class ModelService:
         logger.info("model %r unloaded by a peer replica", name)
         return True
 
-    def snapshot(self) -> list[tuple[StoredModel, SchedulingOptions]]:
+    def snapshot(self) -> list[tuple[ModelRecord, SchedulingOptions]]:
         """What a joining replica copies: every servable model's record and options."""
         with self._lock:
-            return [
-                (self._records.get(e.name) or _record(e), e.scheduling)
-                for e in self.registry.entries()
-            ]
+            return [(_stored(e), e.scheduling) for e in self.registry.entries()]
 
     def _commit_load(
         self,
-        existing: ModelEntry | UnavailableModel | None,
-        record: StoredModel,
-        entry: ModelEntry,
+        existing: ModelRecord | None,
+        record: ModelRecord,
+        entry: ModelRecord,
         data: bytes,
     ) -> None:
         """Durable first (blob, then row), visible second. Runs off the event loop."""
@@ -562,9 +519,9 @@ class ModelService:
 
     def _commit_load_storing(
         self,
-        existing: ModelEntry | UnavailableModel | None,
-        record: StoredModel,
-        entry: ModelEntry,
+        existing: ModelRecord | None,
+        record: ModelRecord,
+        entry: ModelRecord,
         data: bytes,
     ) -> None:
         store = self.store
@@ -577,15 +534,13 @@ class ModelService:
                 staged = store.stage_blob(record.sha256, data)  # slow: outside the lock
             with self._lock:
                 if self._current(record.name) is not existing:
-                    raise RequestRejected(
-                        409,
+                    raise Conflict(
                         f"model {record.name!r} changed while this upload was in progress; "
                         "upload again",
                     )
                 self.registry.check_capacity(record.name)
-                if entry.session.closed:
-                    raise RequestRejected(
-                        409,
+                if entry.loaded().closed:
+                    raise Conflict(
                         f"model {record.name!r} changed while this upload was in progress; "
                         "upload again",
                     )
@@ -596,8 +551,7 @@ class ModelService:
                     staged = None
                 self.registry.put(entry)
                 self.registry.unavailable.pop(record.name, None)
-                self._records[record.name] = record
-                self._heal(entry.sha256, entry.session)
+                self._heal(entry.sha256, entry.loaded())
         finally:
             if store is not None:
                 store.discard(staged)
@@ -609,11 +563,10 @@ class ModelService:
             if broken.sha256 != sha256 or not broken.metadata_trusted:
                 continue
             try:
-                self.registry.put(_entry(broken.record, session))
-            except RequestRejected:
+                self.registry.put(_loaded(replace(broken, reason=""), session))
+            except Refusal:
                 continue
             del self.registry.unavailable[broken.name]
-            self._records[broken.name] = broken.record
             logger.info("stored model %r is available again", broken.name)
 
     async def _session_for(self, data: bytes, sha256: str) -> Session:
@@ -645,14 +598,14 @@ class ModelService:
         check_model(data, self.limits)
         return self._runner.new_session(data, sha256)
 
-    def unload(self, name: str, token: str | None) -> ModelEntry | UnavailableModel:
+    def unload(self, name: str, token: str | None) -> ModelRecord:
         with self._lock:
             current = self._current(name)
             if current is None:
-                raise RequestRejected(
-                    404, f"unknown model {name!r}; list models with POST /v2/repository/index"
+                raise ModelNotFound(
+                    f"unknown model {name!r}; list models with POST /v2/repository/index"
                 )
-            if isinstance(current, UnavailableModel) and not current.metadata_trusted:
+            if not current.metadata_trusted:
                 self._require_owner_or_admin(current, token, "delete")
             else:
                 self.require_owner(current, token, "unload")
@@ -660,54 +613,46 @@ class ModelService:
         logger.info(
             "model %r unloaded", name, extra={"model": name, "model_sha256": current.sha256}
         )
-        self._notify(Change("delete", _removed(current)))
+        self._notify(Change("delete", _stored(current)))
         return current
 
-    def unload_unowned(self, name: str) -> ModelEntry | UnavailableModel:
+    def unload_unowned(self, name: str) -> ModelRecord:
         """Removes a model nobody owns (`load_unowned`): as in BlindAI 0.6, knowing its name
         is the only right needed. Owned models answer as missing."""
         with self._lock:
             current = self._current(name)
-            trusted = not isinstance(current, UnavailableModel) or current.metadata_trusted
-            if current is None or current.owner_token_sha256 != "" or not trusted:
-                raise RequestRejected(
-                    404, f"no model uploaded through BlindAI has model_id {name!r}"
-                )
+            if current is None or current.owner_token_sha256 != "" or not current.metadata_trusted:
+                raise ModelNotFound(f"no model uploaded through BlindAI has model_id {name!r}")
             self._remove(current)
         logger.info("model %r (no owner) unloaded", name)
-        self._notify(Change("delete", _removed(current)))
+        self._notify(Change("delete", _stored(current)))
         return current
 
-    def _remove(self, current: ModelEntry | UnavailableModel) -> None:
+    def _remove(self, current: ModelRecord) -> None:
         """Deletes durably, then from memory; the caller holds the lock and checked rights."""
         if self.store is not None:
             with _storing():
                 self.store.delete_model(current.name)
-        if isinstance(current, UnavailableModel):
+        if current.unavailable:
             del self.registry.unavailable[current.name]
         else:
             self.registry.remove(current.name)
-        self._records.pop(current.name, None)
 
-    def _persist_rules(self, entry: ModelEntry, public: bool, run_keys: dict[str, str]) -> None:
+    def _persist_rules(self, entry: ModelRecord, public: bool, run_keys: dict[str, str]) -> None:
         """Writes a change of access rules to the store (before memory shows it)."""
         if self.store is None:
             return
-        record = self._records.get(entry.name)
-        if record is None:
-            record = _record(entry)
-        record = replace(record, public=public, run_keys=dict(run_keys))
+        record = replace(_stored(entry), public=public, run_keys=dict(run_keys))
         with _storing():
             self.store.update_rules(record)
-        self._records[entry.name] = record
 
-    def set_public(self, name: str, token: str | None, public: bool) -> ModelEntry:
+    def set_public(self, name: str, token: str | None, public: bool) -> ModelRecord:
         with self._lock:
             entry = self._available(name)
             self.require_owner(entry, token, "change access to")
             self._persist_rules(entry, public, entry.run_keys)
             entry.public = public
-        self._notify(Change("rules", _record(entry)))
+        self._notify(Change("rules", _stored(entry)))
         return entry
 
     def create_run_key(self, name: str, token: str | None) -> tuple[str, str]:
@@ -719,7 +664,7 @@ class ModelService:
             digest = token_hash(run_key)
             self._persist_rules(entry, entry.public, {**entry.run_keys, key_id: digest})
             entry.run_keys[key_id] = digest
-        self._notify(Change("rules", _record(entry)))
+        self._notify(Change("rules", _stored(entry)))
         return key_id, run_key
 
     def revoke_run_key(self, name: str, token: str | None, key_id: str) -> None:
@@ -727,65 +672,43 @@ class ModelService:
             entry = self._available(name)
             self.require_owner(entry, token, "revoke run keys of")
             if key_id not in entry.run_keys:
-                raise RequestRejected(404, f"model {name!r} has no run key with id {key_id!r}")
+                raise NotFound(f"model {name!r} has no run key with id {key_id!r}")
             remaining = {k: v for k, v in entry.run_keys.items() if k != key_id}
             self._persist_rules(entry, entry.public, remaining)
             entry.run_keys.pop(key_id, None)
-        self._notify(Change("rules", _record(entry)))
+        self._notify(Change("rules", _stored(entry)))
 
 
 @contextlib.contextmanager
 def _storing() -> Iterator[None]:
-    """The store's failures (disk full, I/O errors) as a clear 503; nothing was changed."""
+    """The store's failures (disk full, I/O errors) as a clear refusal to retry later;
+    nothing was changed."""
     try:
         yield
     except StoreError as exc:
-        raise RequestRejected(503, f"the model store cannot save this change: {exc}") from None
+        raise Unavailable(f"the model store cannot save this change: {exc}") from None
 
 
-def _run_keys(existing: ModelEntry | UnavailableModel | None) -> dict[str, str]:
-    if existing is None:
+def _run_keys(existing: ModelRecord | None) -> dict[str, str]:
+    if existing is None or not existing.metadata_trusted:
         return {}
-    if isinstance(existing, UnavailableModel):
-        return dict(existing.record.run_keys) if existing.metadata_trusted else {}
     return dict(existing.run_keys)
 
 
-def _entry(
-    record: StoredModel, session: Session, scheduling: SchedulingOptions = DEFAULT
-) -> ModelEntry:
-    return ModelEntry(
-        name=record.name,
-        version=record.version,
-        session=session,
-        owner_token_sha256=record.owner_token_sha256,
-        public=record.public,
-        run_keys=dict(record.run_keys),
-        scheduling=scheduling,
-    )
+def _loaded(
+    record: ModelRecord, session: Session, scheduling: SchedulingOptions = DEFAULT
+) -> ModelRecord:
+    """The live record serving `record` (which stays what the store and replicas are given)."""
+    return replace(record, run_keys=dict(record.run_keys), session=session, scheduling=scheduling)
 
 
-def _record(entry: ModelEntry) -> StoredModel:
-    return StoredModel(
-        name=entry.name,
-        version=entry.version,
-        sha256=entry.sha256,
-        size=entry.session.size,
-        owner_token_sha256=entry.owner_token_sha256,
-        public=entry.public,
-        created=time.time(),
-        run_keys=dict(entry.run_keys),
-    )
+def _stored(model: ModelRecord) -> ModelRecord:
+    """A copy of what the store keeps of `model`, as replicas are told of it: no session, no
+    state, and run keys of its own (the live record's change after this)."""
+    return replace(model, run_keys=dict(model.run_keys), session=None, reason="")
 
 
-def _removed(model: ModelEntry | UnavailableModel) -> StoredModel:
-    if isinstance(model, UnavailableModel):
-        return model.record
-    return _record(model)
-
-
-def _too_large(size: int, limit: int) -> RequestRejected:
-    return RequestRejected(
-        413,
+def _too_large(size: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
         f"the model is {size} bytes, more than the server's limit of {limit} (--max-model-bytes)",
     )

@@ -66,9 +66,8 @@ import signal
 import sqlite3
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -77,6 +76,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from blindfold.errors import BlindfoldError, ConfigurationError, SealError
 from blindfold.sealing import KEY_SIZE, seal, seal_into, unseal, unseal_to_bytes
+from blindfold.server.model_record import ModelRecord
 
 logger = logging.getLogger("blindfold.store")
 
@@ -162,39 +162,6 @@ class ModelUnavailable(BlindfoldError):
 
 
 @dataclass(frozen=True)
-class StoredModel:
-    """One row of the store: a model's identity and access rules (token hashes only)."""
-
-    name: str
-    version: int
-    sha256: str
-    size: int
-    owner_token_sha256: str
-    public: bool
-    created: float = field(default_factory=time.time)
-    run_keys: dict[str, str] = field(default_factory=dict)  # key id -> token SHA-256
-
-    def canonical(self) -> bytes:
-        return json.dumps(
-            {
-                "name": self.name,
-                "version": self.version,
-                "sha256": self.sha256,
-                "size": self.size,
-                "owner_token_sha256": self.owner_token_sha256,
-                "public": self.public,
-                "created": repr(float(self.created)),
-                "run_keys": sorted(self.run_keys.items()),
-            },
-            sort_keys=True,
-            separators=(",", ":"),
-        ).encode()
-
-    def digest(self) -> str:
-        return hashlib.sha256(self.canonical()).hexdigest()
-
-
-@dataclass(frozen=True)
 class LoadedRecord:
     """A row read at start; `problem` says why its metadata cannot be trusted (None: fine).
 
@@ -202,7 +169,7 @@ class LoadedRecord:
     hash, size, owner-token hash; restricted, no run keys), or, for a row the manifest does not
     know, its name with no owner at all (`owner_token_sha256` empty)."""
 
-    record: StoredModel
+    record: ModelRecord
     problem: str | None
 
 
@@ -217,14 +184,14 @@ class ManifestEntry:
     owner_token_sha256: str
 
     @classmethod
-    def of(cls, record: StoredModel) -> ManifestEntry:
+    def of(cls, record: ModelRecord) -> ManifestEntry:
         return cls(
             record.digest(), record.sha256, record.size, record.version, record.owner_token_sha256
         )
 
-    def untrusted_record(self, name: str) -> StoredModel:
+    def untrusted_record(self, name: str) -> ModelRecord:
         """The model as far as the manifest vouches for it: no access rules to believe."""
-        return StoredModel(
+        return ModelRecord(
             name=name,
             version=self.version,
             sha256=self.sha256,
@@ -691,7 +658,7 @@ class ModelStore:
             manifest = dict(self._manifest)
         loaded = []
         for name, version, sha256, size, owner, public, created, mac in rows:
-            record = StoredModel(
+            record = ModelRecord(
                 name=str(name),
                 version=int(version),
                 sha256=str(sha256),
@@ -723,7 +690,7 @@ class ModelStore:
                 record = (
                     entry.untrusted_record(record.name)
                     if entry is not None
-                    else StoredModel(record.name, 0, "", 0, "", public=False, created=0.0)
+                    else ModelRecord(record.name, 0, "", 0, "", public=False, created=0.0)
                 )
             loaded.append(LoadedRecord(record, problem))
         for name, entry in manifest.items():
@@ -731,7 +698,7 @@ class ModelStore:
             loaded.append(LoadedRecord(entry.untrusted_record(name), problem))
         return sorted(loaded, key=lambda item: item.record.name)
 
-    def read_model(self, record: StoredModel, max_bytes: int) -> bytes:
+    def read_model(self, record: ModelRecord, max_bytes: int) -> bytes:
         """Unseals and checks a model's bytes; raises ModelUnavailable saying why."""
 
         def refuse(reason: str) -> ModelUnavailable:
@@ -778,7 +745,7 @@ class ModelStore:
         if staged is not None:
             staged.unlink(missing_ok=True)
 
-    def commit_model(self, record: StoredModel, staged: Path | None) -> None:
+    def commit_model(self, record: ModelRecord, staged: Path | None) -> None:
         """Makes `record` durable: moves the staged blob (if any) into place, then writes the
         row, its run keys and the manifest in one transaction; then drops a blob it replaced,
         if unused."""
@@ -806,7 +773,7 @@ class ModelStore:
             self._crash("after_db_commit")
             self._collect(previous - {record.sha256})
 
-    def update_rules(self, record: StoredModel) -> None:
+    def update_rules(self, record: ModelRecord) -> None:
         """Persists a change of access flag or run keys (and the row's new MAC)."""
         with self._lock:
             self._transaction(
@@ -829,7 +796,7 @@ class ModelStore:
 
     # --- internals ---
 
-    def _mac(self, record: StoredModel) -> str:
+    def _mac(self, record: ModelRecord) -> str:
         return hmac.new(self._mac_key, record.canonical(), hashlib.sha256).hexdigest()
 
     def _manifest_mac(self, body: bytes) -> str:
@@ -849,7 +816,7 @@ class ModelStore:
         )
         return [("manifest", body), ("manifest_mac", self._manifest_mac(body.encode()))]
 
-    def _write_row(self, record: StoredModel) -> None:
+    def _write_row(self, record: ModelRecord) -> None:
         self._db.execute(
             "INSERT INTO models(name, version, sha256, size, owner_token_sha256, public, "
             "created, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
