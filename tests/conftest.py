@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from markers import classify
 from server_process import ServerProcess, free_port, start_server
 
 __all__ = ["ServerProcess", "free_port", "start_server", "write_self_signed"]
@@ -26,6 +27,12 @@ VECTORS_DIR = Path(
 
 
 ALLOW_MISSING_VECTORS = "BLINDFOLD_ALLOW_MISSING_VECTORS"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks end-to-end and vector-reading tests (see markers.py), so that
+    `-m "not e2e and not slow"` is the developer loop of a few seconds."""
+    classify(items)
 
 
 @pytest.fixture(scope="session")

@@ -38,8 +38,8 @@ from blindfold.server.models import OWNER_SECRET_HEADER, ModelEntry
 from blindfold.server.ohttp_gateway import ReplayGuard, gateway
 from blindfold.server.pools import Pools
 from blindfold.server.responses import parts_response
-from blindfold.server.runtime import InferenceRunner, RunTiming, Session
-from blindfold.server.scheduler import DEFAULT, SchedulingOptions
+from blindfold.server.runtime import InferenceRunner, Session
+from blindfold.server.scheduler import DEFAULT, RunTiming, SchedulingOptions
 from blindfold.server.service import LoadCredentials, LoadResult, ModelService
 
 logger = logging.getLogger("blindfold.server")

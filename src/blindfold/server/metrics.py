@@ -20,7 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from blindfold.errors import RequestRejected
-from blindfold.server.runtime import RunTiming
+from blindfold.server.scheduler import RunTiming
 
 RESTRICTED = "(restricted)"
 CONTENT_TYPE = CONTENT_TYPE_LATEST

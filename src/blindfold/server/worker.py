@@ -30,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from blindfold import tensors
+from blindfold.errors import InputError
 from blindfold.server import tensor_frames as frames
 
 _CLONE_NEWUSER = 0x10000000
@@ -292,7 +293,7 @@ def _checked_output(value: Any) -> np.ndarray:
 def _error_kind(exc: Exception) -> str:
     if isinstance(exc, MemoryError):
         return "memory"
-    if isinstance(exc, (UnsupportedOutput, tensors.InputError)):
+    if isinstance(exc, (UnsupportedOutput, InputError)):
         return "unsupported_output"
     text = str(exc)
     if "bad_alloc" in text or "Failed to allocate" in text or "failed to allocate" in text:
