@@ -75,7 +75,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     process.stop()
 
 
-@pytest.fixture()
+@pytest.fixture
 def client(server: ServerProcess) -> Iterator[Any]:
     import warnings
 

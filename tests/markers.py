@@ -3,10 +3,11 @@ decided from what each test actually uses, so nobody has to remember to mark the
 
 A test is `e2e` when it, one of its fixtures, or a helper function of its own module (followed
 transitively) refers to something that starts a process: `start_server` and its relatives in
-server_process.py, `subprocess`, or the server's worker processes. It reads the vectors when it or a fixture it uses
-needs the `vectors_dir` fixture or the VECTORS_DIR path. Reading compiled code (the names a
-function refers to) rather than source text is exact for direct calls; a process started
-through an object handed in from elsewhere would escape it, so such tests mark themselves.
+server_process.py, `subprocess`, or the server's worker processes. It reads the vectors when
+it or a fixture it uses needs the `vectors_dir` fixture or the VECTORS_DIR path. Reading
+compiled code (the names a function refers to) rather than source text is exact for direct
+calls; a process started through an object handed in from elsewhere would escape it, so such
+tests mark themselves.
 """
 
 from __future__ import annotations

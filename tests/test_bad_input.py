@@ -669,7 +669,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
     process.stop()
 
 
-@pytest.fixture()
+@pytest.fixture
 def small(limited: ServerProcess) -> Iterator[blindfold.Client]:
     with connect(limited) as connection:
         if "bad-healthy" not in [m["name"] for m in connection.list_models()]:
@@ -1002,13 +1002,15 @@ def test_client_disconnecting_mid_body_is_not_an_error(
     context.verify_mode = ssl.CERT_NONE
     before = server.log().count("client disconnected")
     for path in (F32, "/v2/repository/models/bad-cut/load"):
-        with socket.create_connection(("127.0.0.1", server.port)) as plain:
-            with context.wrap_socket(plain) as tls:
-                tls.sendall(
-                    f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
-                    "Content-Type: application/octet-stream\r\n\r\n".encode()
-                    + b"{" * 1000
-                )
+        with (
+            socket.create_connection(("127.0.0.1", server.port)) as plain,
+            context.wrap_socket(plain) as tls,
+        ):
+            tls.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n".encode()
+                + b"{" * 1000
+            )
         assert_serving(bad)
     deadline = time.monotonic() + 10
     while server.log().count("client disconnected") < before + 2 and time.monotonic() < deadline:

@@ -116,7 +116,7 @@ def batch_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
     process.stop()
 
 
-@pytest.fixture()
+@pytest.fixture
 def client(batch_server: ServerProcess) -> Iterator[blindfold.Client]:
     with connect(batch_server) as connection:
         yield connection
@@ -335,9 +335,23 @@ def test_cli_upload_takes_the_options(batch_server: ServerProcess, tmp_path: Pat
     path = tmp_path / "m.onnx"
     path.write_bytes(matmul_model(8).SerializeToString())
     done = subprocess.run(
-        [sys.executable, "-m", "blindfold", "upload", batch_server.url, str(path)]
-        + ["--name", "cli-batched", "--allow-simulation", "--max-batch-size", "8"]
-        + ["--max-queue-delay-us", "100", "--preferred-batch-sizes", "2,4"],
+        [
+            sys.executable,
+            "-m",
+            "blindfold",
+            "upload",
+            batch_server.url,
+            str(path),
+            "--name",
+            "cli-batched",
+            "--allow-simulation",
+            "--max-batch-size",
+            "8",
+            "--max-queue-delay-us",
+            "100",
+            "--preferred-batch-sizes",
+            "2,4",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

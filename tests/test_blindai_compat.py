@@ -180,7 +180,7 @@ def compat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
     process.stop()
 
 
-@pytest.fixture()
+@pytest.fixture
 def wire(compat_server: ServerProcess, tmp_path: Path) -> BlindAIWire:
     return BlindAIWire(compat_ports(compat_server), tmp_path)
 
@@ -218,9 +218,11 @@ def test_tls_ports_present_that_certificate_without_sni(
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
-            with context.wrap_socket(raw) as tls:  # no server_hostname: no SNI at all
-                assert tls.getpeercert(binary_form=True) == wire.certificate_der
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
+            context.wrap_socket(raw) as tls,  # no server_hostname: no SNI at all
+        ):
+            assert tls.getpeercert(binary_form=True) == wire.certificate_der
 
 
 def test_off_by_default(server: ServerProcess) -> None:
@@ -370,7 +372,7 @@ def _still_serving(wire: BlindAIWire) -> None:
     ok(wire.delete(model_id))
 
 
-@pytest.fixture()
+@pytest.fixture
 def add_mul_id(wire: BlindAIWire) -> Iterator[str]:
     model_id = ok(wire.upload(add_mul_model().SerializeToString()))["model_id"]
     yield model_id
@@ -435,7 +437,7 @@ def test_tensor_errors(wire: BlindAIWire, add_mul_id: str) -> None:
 def test_upload_errors(wire: BlindAIWire) -> None:
     model = add_mul_model().SerializeToString()
     assert "length" in refused(wire.upload(model, length=len(model) + 1))
-    not_bytes = cbor2.dumps({"model": list(model)[:-1] + [256], "length": len(model)})
+    not_bytes = cbor2.dumps({"model": [*list(model)[:-1], 256], "length": len(model)})
     assert "0 to 255" in refused(wire.post(f"{wire.management_url}/upload", not_bytes))
     negative = cbor2.dumps({"model": [1, -1, 2], "length": 3})
     assert "0 to 255" in refused(wire.post(f"{wire.management_url}/upload", negative))

@@ -44,9 +44,11 @@ def _handshake(context: ssl.SSLContext) -> bytes:
     client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client_context.check_hostname = False
     client_context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", port), 10) as raw:
-        with client_context.wrap_socket(raw) as conn:
-            certificate = conn.getpeercert(binary_form=True)
+    with (
+        socket.create_connection(("127.0.0.1", port), 10) as raw,
+        client_context.wrap_socket(raw) as conn,
+    ):
+        certificate = conn.getpeercert(binary_form=True)
     thread.join(10)
     listener.close()
     assert certificate

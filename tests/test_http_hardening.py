@@ -4,6 +4,7 @@ behind inference, and slow clients (slowloris) that hold every connection."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import secrets
@@ -115,7 +116,9 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     process.stop()
 
 
-@pytest.mark.parametrize("authorization, status", [(None, 401), ("Bearer not-an-upload-key", 403)])
+@pytest.mark.parametrize(
+    ("authorization", "status"), [(None, 401), ("Bearer not-an-upload-key", 403)]
+)
 def test_unauthorized_upload_is_refused_from_its_headers(
     keyed: ServerProcess, authorization: str | None, status: int
 ) -> None:
@@ -255,10 +258,8 @@ def _infer(
         sock.sendall(
             head("POST", f"/v2/models/{model}/infer", {**headers, "Content-Length": str(len(body))})
         )
-        try:
-            sock.sendall(body)
-        except (ConnectionError, ssl.SSLError):
-            pass  # refused from its headers, and the connection closed
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            sock.sendall(body)  # refused from its headers, and the connection closed
         status, _, answer = read_response(sock)
     assert status == expect, answer[:300]
 
@@ -377,7 +378,7 @@ def test_json_over_its_limit_points_to_binary_tensors(codec_server: ServerProces
                 {"Content-Type": "application/json", "Content-Length": str(len(body))},
             )
         )  # the headers alone are enough to refuse it
-        status, headers, answer = read_response(sock)
+        status, _headers, answer = read_response(sock)
     assert status == 413, answer
     error = json.loads(answer)["error"]
     assert "--max-json-bytes" in error and "binary" in error
@@ -511,7 +512,7 @@ SLOW_FLAGS = (
 )
 
 
-@pytest.fixture()
+@pytest.fixture
 def guarded(tmp_path: Path) -> Iterator[ServerProcess]:
     process = start_server(tmp_path, "--open-upload", *SLOW_FLAGS)
     yield process
@@ -540,10 +541,8 @@ def test_slowloris_does_not_lock_out_legitimate_clients(guarded: ServerProcess) 
     def trickle() -> None:
         while not stop.wait(2.0):
             for sock in header_slow + body_slow:
-                try:
+                with contextlib.suppress(OSError):
                     sock.sendall(b"O")
-                except OSError:
-                    pass
 
     trickler = threading.Thread(target=trickle, daemon=True)
     trickler.start()

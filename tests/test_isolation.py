@@ -116,7 +116,8 @@ def test_models_run_in_confined_workers_not_in_the_front(limited: ServerProcess)
             # An empty root (chroot) or at least an empty working directory.
             root = os.readlink(f"/proc/{pid}/root")
             cwd = os.readlink(f"/proc/{pid}/cwd")
-            assert root != "/" or cwd.startswith("/tmp/blindfold-worker-"), (root, cwd)
+            worker_dir = "/tmp/blindfold-worker-"  # noqa: S108 (the name workers get)
+            assert root != "/" or cwd.startswith(worker_dir), (root, cwd)
             assert os.listdir(f"/proc/{pid}/cwd") == []
             limits = Path(f"/proc/{pid}/limits").read_text()
             address_space = next(x for x in limits.splitlines() if "address space" in x)
@@ -467,7 +468,7 @@ def test_identical_bytes_uploaded_concurrently_share_one_worker(tmp_path: Path) 
             try:
                 with connect(server) as client:
                     client.upload_model(data, name=name)
-            except Exception as exc:  # noqa: BLE001 - reported below
+            except Exception as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=upload, args=(f"same{i}",)) for i in range(4)]
@@ -496,7 +497,7 @@ def test_many_concurrent_runs_queue_for_a_busy_worker(limited: ServerProcess) ->
                     for round_ in range(5):
                         x = np.full(40_000, seed * 10 + round_, np.float32)  # ~156 KiB inline
                         assert np.array_equal(own.run_model(model.name, x)["y"], x)
-            except Exception as exc:  # noqa: BLE001 - reported below
+            except Exception as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
@@ -530,7 +531,7 @@ def test_concurrent_runs_of_every_size_each_get_their_own_outputs(
                         x = np.full(size, seed * 100 + round_, np.float32)
                         x[-1] = -seed  # a different last element: no two runs look alike
                         assert np.array_equal(own.run_model(model.name, x)["y"], x)
-            except Exception as exc:  # noqa: BLE001 - reported below
+            except Exception as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]

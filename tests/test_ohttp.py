@@ -213,7 +213,7 @@ def gateway_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
     process.stop()
 
 
-@pytest.fixture()
+@pytest.fixture
 def proxied(
     gateway_server: ServerProcess, tmp_path: Path
 ) -> Iterator[tuple[Nginx, RecordingRelay]]:
@@ -307,7 +307,7 @@ def _rewriting_proxy(
     return make(upstream.port, "mitm", responder)
 
 
-@pytest.fixture()
+@pytest.fixture
 def make_proxy(tmp_path: Path) -> Iterator[Callable[..., AttackProxy]]:
     proxies: list[AttackProxy] = []
 
@@ -360,7 +360,7 @@ def _flip_key_hash(document: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "tamper, error, match",
+    ("tamper", "error", "match"),
     [
         (_flip_key_hash, ReportDataMismatch, "does not bind the identity document"),
         # The same content, not in canonical form: one identity must have one hash.
@@ -393,7 +393,7 @@ def test_stripped_identity_document_is_refused_for_ohttp(
     """A relay that downgrades the request to the plain key binding (drops `binding=`)."""
 
     def downgrade(document: dict[str, Any], target: str) -> dict[str, Any]:
-        status, body = proxy.fetch_upstream(target.replace("binding=identity", "binding=spki"))
+        _status, body = proxy.fetch_upstream(target.replace("binding=identity", "binding=spki"))
         return dict(json.loads(body))
 
     proxy = _rewriting_proxy(make_proxy, gateway_server, downgrade)
@@ -460,7 +460,7 @@ def _open(context: ohttp.ClientContext, body: bytes) -> ohttp.BinaryResponse:
 
 
 @pytest.mark.parametrize(
-    "body, match",
+    ("body", "match"),
     [
         (b"", "shorter"),
         (b"garbage" * 3, "shorter"),
@@ -489,7 +489,7 @@ def test_truncated_and_altered_requests_get_a_clear_400(gateway_server: ServerPr
     assert status == 400 and "does not decrypt" in json.loads(answer)["error"]
     unknown = ohttp.KeyConfig((config.key_id + 7) % 256, config.public_key)
     message, _ = _encapsulated(unknown)
-    status, headers, answer = _post(gateway_server, message)
+    status, _headers, answer = _post(gateway_server, message)
     assert status == 400
     problem = json.loads(answer)
     assert problem["type"] == ohttp.KEY_PROBLEM_TYPE and "rotated" in problem["error"]
@@ -509,7 +509,7 @@ def test_stale_request_is_refused_and_the_sdk_corrects_its_clock(
     gateway_server: ServerProcess,
 ) -> None:
     message, context = _encapsulated(_key_config(gateway_server), date=time.time() - 3600)
-    status, _, answer = _post(gateway_server, message)
+    _status, _, answer = _post(gateway_server, message)
     stale = _open(context, answer)
     assert stale.status == 400 and "replay window" in json.loads(stale.body)["error"]
     assert "date" in dict(stale.headers)

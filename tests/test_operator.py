@@ -180,9 +180,11 @@ def test_sdk_token_becomes_the_owner_token_on_open_uploads(
     with connect(metrics_server, token=mine) as client:
         uploaded = client.upload_model(identity_model(TensorProto.FLOAT, name="o"), "sdk-owned")
         assert uploaded.owner_token == mine
-        with connect(metrics_server, token=secrets.token_urlsafe(32)) as other:
-            with pytest.raises(blindfold.BlindfoldError):
-                other.delete_model("sdk-owned")
+        with (
+            connect(metrics_server, token=secrets.token_urlsafe(32)) as other,
+            pytest.raises(blindfold.BlindfoldError),
+        ):
+            other.delete_model("sdk-owned")
         client.delete_model("sdk-owned")
 
 

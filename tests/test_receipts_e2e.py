@@ -28,7 +28,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture()
+@pytest.fixture
 def add_mul(client: blindfold.Client) -> str:
     name = f"receipt-add-mul-{uuid.uuid4().hex[:8]}"
     client.upload_model(add_mul_model(), name=name)
@@ -90,12 +90,10 @@ def test_receipts_form_a_chain(client: blindfold.Client, add_mul: str) -> None:
         assert second.previous_sha256 == first.digest()
     # Replaying the first receipt to the client's chain verifier is detected.
     public_key = client._receipt_chain  # the verifier that checked both on arrival
-    with pytest.raises(ReceiptError):
-        from cryptography import x509
+    from cryptography import x509
 
-        key = x509.load_pem_x509_certificate(
-            client.attestation.certificate_pem.encode()
-        ).public_key()
+    key = x509.load_pem_x509_certificate(client.attestation.certificate_pem.encode()).public_key()
+    with pytest.raises(ReceiptError):
         public_key.verify(first, key)  # type: ignore[arg-type]
     assert isinstance(Receipt.from_json(first.to_json()), Receipt)
 
@@ -154,7 +152,7 @@ def test_encrypted_load_needs_upload_rights_before_touching_disk(tmp_path: Path)
     keys.write_text(f"{UPLOAD_KEY}\n")
     server = start_server(tmp_path, "--upload-key-file", str(keys))
     try:
-        with pytest.warns(UserWarning):
+        with pytest.warns(blindfold.SimulationWarning):
             client = blindfold.connect(server.url, allow_simulation=True)
         with client:
             key = ModelKey(key=bytes(32), sha256="0" * 64)

@@ -75,7 +75,7 @@ class HostileServer:
         self._listener.close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def hostile(tmp_path: Path) -> Iterator[Callable[[Answer], HostileServer]]:
     servers: list[HostileServer] = []
 

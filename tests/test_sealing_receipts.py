@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import hashlib
 import io
+import itertools
 import os
 import stat
 from collections.abc import Callable
@@ -140,7 +141,7 @@ def test_every_single_bit_flip_fails() -> None:
 def test_truncated_by_one_chunk_fails(size: int) -> None:
     blob = _sealed(os.urandom(size))
     final_record = len(blob) - HEADER_SIZE - 3 * RECORD
-    with pytest.raises(SealError, match="truncated|authenticate"):
+    with pytest.raises(SealError, match=r"truncated|authenticate"):
         unseal(KEY, blob[: len(blob) - final_record], label=LABEL)
     with pytest.raises(SealError):
         unseal(KEY, blob[: len(blob) - final_record - RECORD], label=LABEL)
@@ -422,7 +423,7 @@ def test_chain_links(server_key: ec.EllipticCurvePrivateKey) -> None:
     signer = _signer(server_key)
     receipts = [_sign(signer, f"req-{i}") for i in range(4)]
     assert [r.sequence for r in receipts] == [0, 1, 2, 3]
-    for previous, receipt in zip(receipts, receipts[1:], strict=False):
+    for previous, receipt in itertools.pairwise(receipts):
         assert receipt.previous_sha256 == previous.digest()
         verify_receipt(receipt, server_key.public_key(), previous=previous)
     chain = ReceiptChainVerifier(allow_gaps=False)

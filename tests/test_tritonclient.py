@@ -38,8 +38,18 @@ def export_cert(server: ServerProcess, out: Path) -> Path:
     policy = out.with_suffix(".policy.toml")
     policy.write_text(server_policy(server).to_toml())
     result = subprocess.run(
-        [sys.executable, "-m", "blindfold", "export-cert", server.url, "--out", str(out)]
-        + ["--allow-simulation", "--policy", str(policy)],
+        [
+            sys.executable,
+            "-m",
+            "blindfold",
+            "export-cert",
+            server.url,
+            "--out",
+            str(out),
+            "--allow-simulation",
+            "--policy",
+            str(policy),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -261,9 +271,11 @@ def test_keyed_load_and_owner_unload(keyed_server: ServerProcess, keyed_cert: Pa
 
 
 def test_other_ca_file_cannot_connect(server: ServerProcess, tmp_path: Path) -> None:
-    with triton(server, write_self_signed(tmp_path, "someone-else")[0]) as client:
-        with pytest.raises(ssl.SSLError) as failure:
-            client.is_server_live()
+    with (
+        triton(server, write_self_signed(tmp_path, "someone-else")[0]) as client,
+        pytest.raises(ssl.SSLError) as failure,
+    ):
+        client.is_server_live()
     assert (
         "CERTIFICATE_VERIFY_FAILED" in str(failure.value)
         or "certificate" in str(failure.value).lower()

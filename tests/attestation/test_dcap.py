@@ -185,7 +185,7 @@ def test_tampered_tcb_info_is_rejected(vector: dict[str, Any]) -> None:
     split["tcb_info.json"] = split["tcb_info.json"].replace(
         b'"tcbEvaluationDataNumber":', b'"tcbEvaluationDataNumber": ', 1
     )
-    with pytest.raises(EvidenceError, match="signature|TCB"):
+    with pytest.raises(EvidenceError, match=r"signature|TCB"):
         vector["verify"](vector["quote"], split, vector["verify_at"])
 
 
@@ -236,7 +236,7 @@ def test_truncated_quote_is_rejected(vector: dict[str, Any], cut: int) -> None:
 @pytest.mark.parametrize("vector", ACCEPTED, indirect=True)
 @pytest.mark.parametrize("garbage", [b"", b"garbage" * 100, bytes(range(256)) * 20])
 def test_garbage_is_rejected(vector: dict[str, Any], garbage: bytes) -> None:
-    with pytest.raises(EvidenceError, match="truncated|not a supported DCAP quote"):
+    with pytest.raises(EvidenceError, match=r"truncated|not a supported DCAP quote"):
         vector["verify"](garbage, vector["collateral"], vector["verify_at"])
 
 
@@ -276,7 +276,7 @@ def test_revoked_status_is_rejected(
 @pytest.mark.parametrize("vector", ACCEPTED, indirect=True)
 def test_incomplete_collateral_names_what_is_missing(vector: dict[str, Any]) -> None:
     partial = {"tcb_info.json": vector["collateral"]["tcb_info.json"]}
-    with pytest.raises(EvidenceError, match="qe_identity.json"):
+    with pytest.raises(EvidenceError, match=r"qe_identity.json"):
         vector["verify"](vector["quote"], partial, vector["verify_at"])
 
 

@@ -123,7 +123,7 @@ def test_snp_vcek_pem_is_accepted(snp: Snp) -> None:
 
 
 @pytest.mark.parametrize(
-    "field,offset",
+    ("field", "offset"),
     [
         ("report_data", 0x50 + 7),
         ("measurement", 0x90 + 3),
@@ -191,7 +191,7 @@ def test_snp_vcek_from_cache_dir(snp: Snp, tmp_path: Path) -> None:
 
 
 def test_snp_missing_vcek_says_what_to_do(snp: Snp, tmp_path: Path) -> None:
-    with pytest.raises(EvidenceError, match="no VCEK.*vcek_cache_dir"):
+    with pytest.raises(EvidenceError, match=r"no VCEK.*vcek_cache_dir"):
         snp.verify(collateral={})
     with pytest.raises(EvidenceError, match="KDS"):
         snp.verify(collateral={}, vcek_cache_dir=tmp_path)
@@ -215,7 +215,7 @@ def test_snp_foreign_ark_is_rejected(snp: Snp) -> None:
 
 
 def test_snp_garbage_vcek_is_rejected(snp: Snp) -> None:
-    with pytest.raises(EvidenceError, match="not a valid X.509"):
+    with pytest.raises(EvidenceError, match=r"not a valid X.509"):
         snp.verify(collateral={"vcek.der": b"garbage"})
 
 
@@ -369,7 +369,7 @@ def test_nitro_outside_validity_window_is_rejected(doc: Nitro) -> None:
 
 
 def test_nitro_truncated_document_is_rejected(doc: Nitro) -> None:
-    with pytest.raises(EvidenceError, match="not valid CBOR.*truncated"):
+    with pytest.raises(EvidenceError, match=r"not valid CBOR.*truncated"):
         doc.verify(doc=doc.doc[: len(doc.doc) // 2])
     with pytest.raises(EvidenceError, match="not valid CBOR"):
         doc.verify(doc=doc.doc[:-1])
@@ -403,5 +403,5 @@ def test_nitro_missing_field_is_rejected(doc: Nitro) -> None:
 
 def test_snp_ask_ark_with_one_certificate_is_rejected(snp: Snp) -> None:
     only_vcek = {**snp.collateral, "ask_ark.pem": snp.collateral["vcek.der"]}
-    with pytest.raises(EvidenceError, match="collateral 'ask_ark.pem': expected 2 certificates"):
+    with pytest.raises(EvidenceError, match=r"collateral 'ask_ark.pem': expected 2 certificates"):
         snp.verify(collateral=only_vcek)

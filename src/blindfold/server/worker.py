@@ -67,7 +67,7 @@ def main(sock: socket.socket, settings: WorkerSettings) -> None:
         session = _load(bytes(message.data), options)
         message.data.release()
         del message
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types
+    except Exception as exc:
         # The text goes back to the uploader: it names operators and types, and at this point
         # the worker has seen nothing but the uploader's own model.
         _send(sock, threading.Lock(), {"ok": False, "error": "load_failed", "detail": str(exc)})
@@ -192,7 +192,7 @@ def _serve_run(
     try:
         results = session.run(header["outputs"], feeds, options)
         outputs = [_checked_output(value) for value in results]
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types
+    except Exception as exc:
         error = "timeout" if options.terminate else _error_kind(exc)
         _send(sock, lock, {"id": request_id, "ok": False, "error": error, "detail": _kind(exc)})
         return
