@@ -56,7 +56,8 @@ def vectors_dir() -> Path:
 @pytest.fixture(scope="session")
 def vector_manifest(vectors_dir: Path) -> list[dict[str, Any]]:
     data = json.loads((vectors_dir / "manifest.json").read_text())
-    return data["vectors"] if isinstance(data, dict) else data
+    vectors: list[dict[str, Any]] = data["vectors"] if isinstance(data, dict) else data
+    return vectors
 
 
 # --- real server processes on loopback (the helpers live in server_process.py) ---

@@ -230,7 +230,9 @@ class AttackProxy:
 def make_proxy(tmp_path: Path) -> Iterator[Callable[..., AttackProxy]]:
     proxies: list[AttackProxy] = []
 
-    def make(upstream_port: int, mode: str = "mitm", responder: Responder | None = None):
+    def make(
+        upstream_port: int, mode: str = "mitm", responder: Responder | None = None
+    ) -> AttackProxy:
         proxy = AttackProxy(tmp_path, upstream_port, mode, responder)
         proxies.append(proxy)
         return proxy
@@ -824,7 +826,7 @@ def test_key_change_to_an_unattested_certificate_fails_closed(
         seen = proxy.seen()
         assert seen and all(line.startswith("GET /v2/attestation") for line in seen), seen
         assert_no_payload(watch.lines())
-        assert owner.owner_token not in server.log()
+        assert str(owner.owner_token) not in server.log()
     finally:
         server.stop()
 
@@ -864,13 +866,14 @@ def test_owner_token_of_another_model_has_no_rights(keyed: ServerProcess) -> Non
 
         index_before = index_of_a()
 
-        foreign = {
+        foreign: dict[str, Callable[[str | None], object]] = {
             "unload": lambda t: client.delete_model("model-a", token=t),
             "replace": lambda t: client.upload_model(model_b, name="model-a", token=t),
             "access": lambda t: client.set_public("model-a", True, token=t),
             "create key": lambda t: client.create_run_key("model-a", token=t),
             "revoke key": lambda t: client.revoke_run_key("model-a", key_id_a, token=t),
         }
+        token: str | None
         for action, call in foreign.items():
             for token, status in (
                 (b.owner_token, 403),

@@ -358,7 +358,8 @@ def test_malformed_bodies_are_refused(wire: BlindAIWire, route: str) -> None:
 def test_bodies_of_many_small_items_are_refused_before_decoding(wire: BlindAIWire) -> None:
     # 4 MiB of empty arrays would become 4 million Python lists (about 256 MiB) if decoded.
     count = 1 << 22
-    entries = [cbor2.dumps(item) for item in ("model_id", "x", "inputs", [], "padding")]
+    items: tuple[object, ...] = ("model_id", "x", "inputs", [], "padding")
+    entries = [cbor2.dumps(item) for item in items]
     bomb = b"\xa3" + b"".join(entries) + b"\x9a" + count.to_bytes(4, "big") + b"\x80" * count
     assert "more than 65536 items" in refused(wire.post(f"{wire.attested_url}/run", bomb))
     _still_serving(wire)

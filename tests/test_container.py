@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,14 +47,14 @@ IMAGE = "localhost/blindfold:test"
 MAX_IMAGE_BYTES = 500 * 10**6  # the image is ~370 MB: base ~130 MB, onnxruntime and friends
 
 
-def _run(command: list[str], timeout: float, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def _run(command: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         command,
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
 
 

@@ -122,10 +122,7 @@ def test_server_without_memfd_and_with_delete_journal_serves_and_keeps_models(
 
 
 def test_manifest_command_line_is_one_the_server_accepts() -> None:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
+    import tomllib
 
     from blindfold.cli import build_parser
     from blindfold.server.tee.gramine_manifest import render_manifest

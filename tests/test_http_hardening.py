@@ -51,7 +51,7 @@ def tls_socket(server: ServerProcess, timeout: float = 10) -> ssl.SSLSocket:
 
 def read_response(sock: ssl.SSLSocket) -> tuple[int, dict[str, str], bytes]:
     """Reads one HTTP/1.1 response (status, lower-cased headers, body) from `sock`."""
-    response = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
+    response = http.client.HTTPResponse(sock)
     response.begin()
     body = response.read()
     return response.status, {k.lower(): v for k, v in response.getheaders()}, body
@@ -528,7 +528,7 @@ def test_slowloris_does_not_lock_out_legitimate_clients(guarded: ServerProcess) 
         sock.sendall(b"P")
         header_slow.append(sock)
     # ...connections that never finish their TLS handshake...
-    handshake_slow = [
+    handshake_slow: list[socket.socket] = [
         socket.create_connection(("127.0.0.1", guarded.port), timeout=10) for _ in range(150)
     ]
     # ...and requests whose body trickles in a byte every two seconds.
@@ -554,12 +554,12 @@ def test_slowloris_does_not_lock_out_legitimate_clients(guarded: ServerProcess) 
             np.testing.assert_array_equal(client.run_model("legit", x)["y"], x)
         assert time.monotonic() - start < 20
         # Every slow connection is cut once its deadline passes (3 s plus slack).
-        for sock in header_slow + body_slow + handshake_slow:
-            assert closed_by_server(sock, within=10), "a slow connection was never timed out"
+        for slow in [*header_slow, *body_slow, *handshake_slow]:
+            assert closed_by_server(slow, within=10), "a slow connection was never timed out"
     finally:
         stop.set()
-        for sock in header_slow + body_slow + handshake_slow:
-            sock.close()
+        for slow in [*header_slow, *body_slow, *handshake_slow]:
+            slow.close()
     with connect(guarded) as client:
         assert client.is_ready()
     # Clients cut for being slow are an INFO line, not an "internal error".

@@ -474,7 +474,7 @@ def test_json_infer(
     client: blindfold.Client, json_models: None, label: str, datatype: str, data: list[Any]
 ) -> None:
     path = f"/v2/models/inf-json-{label}/infer"
-    request = {
+    request: dict[str, Any] = {
         "id": "req-42",
         "inputs": [{"name": "x", "datatype": datatype, "shape": [2, 2], "data": data}],
     }
@@ -531,7 +531,7 @@ def test_json_infer_per_output_binary_choice(client: blindfold.Client, json_mode
         {"name": "a", "datatype": "FP32", "shape": [1, 4], "data": a},
         {"name": "b", "datatype": "FP32", "shape": [1, 4], "data": b},
     ]
-    request = {
+    request: dict[str, Any] = {
         "inputs": inputs,
         "outputs": [
             {"name": "product", "parameters": {"binary_data": True}},

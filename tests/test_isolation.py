@@ -550,13 +550,14 @@ def test_a_run_whose_waiter_gave_up_keeps_its_buffers_until_it_answers() -> None
     import asyncio
 
     from blindfold.server.limits import Limits
-    from blindfold.server.runtime import InferenceRunner
+    from blindfold.server.runtime import InferenceRunner, IsolatedSession
 
     async def scenario() -> None:
         runner = InferenceRunner(Limits())
         slow = await asyncio.to_thread(
             runner.new_session, slow_loop_model().SerializeToString(), "slow"
         )
+        assert isinstance(slow, IsolatedSession)  # models run in worker processes by default
         try:
             worker = slow._worker
             assert worker is not None

@@ -9,6 +9,7 @@ import secrets
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def scrape(
     return text, samples
 
 
-def value(samples: dict, name: str, **labels: str) -> float:
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 

@@ -45,7 +45,8 @@ def tokenizer_model(domain: str = "ai.onnx.contrib") -> bytes:
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)]
     )
-    return model.SerializeToString()
+    data: bytes = model.SerializeToString()
+    return data
 
 
 def _connect(server: ServerProcess) -> blindfold.Client:

@@ -47,7 +47,8 @@ def test_receipt_verifies_online_and_offline(
     path = tmp_path / "receipt.json"
     saved.save(path)
     np.savez(tmp_path / "in.npz", a=a, b=b)
-    np.savez(tmp_path / "out.npz", **outputs)
+    # numpy's stub checks **kwds against allow_pickle: bool; these are arrays by name.
+    np.savez(tmp_path / "out.npz", **outputs)  # type: ignore[arg-type]
     ok = _cli(
         "receipt",
         "verify",

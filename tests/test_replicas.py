@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 import blindfold
 from blindfold.errors import BlindfoldError, ConfigurationError
@@ -43,9 +44,7 @@ def eventually(check: Callable[[], bool], what: str, within: float = 20.0) -> No
         time.sleep(0.1)
 
 
-def operator_key():  # type: ignore[no-untyped-def]
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
+def operator_key() -> ed25519.Ed25519PrivateKey:
     return ed25519.Ed25519PrivateKey.generate()
 
 
@@ -177,7 +176,9 @@ def test_the_cluster_policy_must_allow_simulation_by_name(tmp_path: Path) -> Non
 # --- attacks on the cluster routes, as someone without the service identity would try ---
 
 
-def _post(server: ServerProcess, path: str, body: bytes, headers: dict[str, str] | None = None):
+def _post(
+    server: ServerProcess, path: str, body: bytes | None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     import http.client
     import ssl
 

@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from onnx import TensorProto, helper
 
 from blindfold.attestation.verdict import Evidence, Verdict
-from blindfold.errors import BlindfoldError, ConfigurationError, ReceiptError
+from blindfold.errors import BlindfoldError, ConfigurationError, ReceiptError, SealError
 from blindfold.receipts import (
     ZERO_SHA256,
     Receipt,
@@ -40,7 +40,6 @@ from blindfold.sealing import (
     MODEL_FILE_LABEL,
     TAG_SIZE,
     ModelKey,
-    SealError,
     decrypt_model_file,
     encrypt_model_file,
     seal,
@@ -216,7 +215,8 @@ def _small_model() -> bytes:
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    data: bytes = model.SerializeToString()
+    return data
 
 
 def test_encrypted_model_file_round_trip(tmp_path: Path) -> None:

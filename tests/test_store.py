@@ -55,7 +55,8 @@ X = np.arange(6, dtype=np.float32).reshape(2, 3)
 
 def model_bytes(tag: str) -> bytes:
     """Distinct ONNX identity models (the graph name changes the bytes)."""
-    return identity_model(TensorProto.FLOAT, name=tag).SerializeToString()
+    data: bytes = identity_model(TensorProto.FLOAT, name=tag).SerializeToString()
+    return data
 
 
 def sha(data: bytes) -> str:

@@ -11,6 +11,7 @@ import struct
 import urllib.parse
 import uuid
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
@@ -30,7 +31,7 @@ SGX_VECTOR = "sgx/dcapqvl-sample-fmspc-00A067110000"
 TDX_VECTOR = "tdx/dcapqvl-sample-fmspc-B0C06F000000"
 
 
-def vector_meta(vectors_dir: Path, vector_id: str) -> dict:
+def vector_meta(vectors_dir: Path, vector_id: str) -> dict[str, Any]:
     manifest = json.loads((vectors_dir / "manifest.json").read_text())
     return next(v for v in manifest["vectors"] if v["id"] == vector_id)
 
@@ -54,7 +55,10 @@ class FakePcs:
         self.urls.append(url)
         parsed = urllib.parse.urlparse(url)
         query = urllib.parse.parse_qs(parsed.query)
-        read = lambda name: (self.folder / name).read_bytes()  # noqa: E731
+
+        def read(name: str) -> bytes:
+            return (self.folder / name).read_bytes()
+
         if url == INTEL_ROOT_CA_CRL_URL or parsed.path.endswith("/rootcacrl"):
             return read("root_ca_crl.der"), {}
         if parsed.path.endswith("/certification/v4/tcb"):

@@ -125,7 +125,10 @@ def test_tensors_round_trip_through_a_shared_buffer(
 ) -> None:
     ours, theirs = pair
     buffer = frames.SharedBuffer.create(1 << 20)
-    arrays = [np.arange(50_000, dtype=np.float32), np.full((3, 70_000), 7, np.int16)]
+    arrays: list[np.ndarray] = [
+        np.arange(50_000, dtype=np.float32),
+        np.full((3, 70_000), 7, np.int16),
+    ]
     frames.send(theirs, {"id": 3}, arrays, shared=buffer.view)
     message = frames.receive(ours)
     assert message is not None and message.header["data"] == "shared"

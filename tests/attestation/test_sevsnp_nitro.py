@@ -69,7 +69,9 @@ class Snp:
 
 
 @pytest.fixture(params=SNP_IDS)
-def snp(request: pytest.FixtureRequest, vectors_dir: Path, vector_manifest: list) -> Snp:
+def snp(
+    request: pytest.FixtureRequest, vectors_dir: Path, vector_manifest: list[dict[str, Any]]
+) -> Snp:
     return Snp(vectors_dir, vector_manifest, request.param)
 
 
@@ -144,7 +146,7 @@ def test_snp_flipped_chip_id_is_rejected(snp: Snp) -> None:
 
 
 def test_snp_collateral_of_another_vector_is_rejected(
-    snp: Snp, vectors_dir: Path, vector_manifest: list
+    snp: Snp, vectors_dir: Path, vector_manifest: list[dict[str, Any]]
 ) -> None:
     other_id = next(i for i in SNP_IDS if i != snp.vector["id"])
     other = Snp(vectors_dir, vector_manifest, other_id)
@@ -198,7 +200,7 @@ def test_snp_missing_vcek_says_what_to_do(snp: Snp, tmp_path: Path) -> None:
 
 
 def test_snp_cached_vcek_for_another_chip_is_rejected(
-    snp: Snp, tmp_path: Path, vectors_dir: Path, vector_manifest: list
+    snp: Snp, tmp_path: Path, vectors_dir: Path, vector_manifest: list[dict[str, Any]]
 ) -> None:
     other = Snp(vectors_dir, vector_manifest, next(i for i in SNP_IDS if i != snp.vector["id"]))
     report = snp_format.parse_report(snp.report)
@@ -259,11 +261,14 @@ class Nitro:
 
     def payload(self) -> dict[str, Any]:
         cose = cbor2.loads(self.doc)
-        return cbor2.loads(cose[2])
+        payload: dict[str, Any] = cbor2.loads(cose[2])
+        return payload
 
 
 @pytest.fixture(params=NITRO_IDS)
-def doc(request: pytest.FixtureRequest, vectors_dir: Path, vector_manifest: list) -> Nitro:
+def doc(
+    request: pytest.FixtureRequest, vectors_dir: Path, vector_manifest: list[dict[str, Any]]
+) -> Nitro:
     return Nitro(vectors_dir, vector_manifest, request.param)
 
 
@@ -330,7 +335,7 @@ def test_nitro_flipped_signature_is_rejected(doc: Nitro) -> None:
 
 
 def test_nitro_certificates_of_another_vector_are_rejected(
-    doc: Nitro, vectors_dir: Path, vector_manifest: list
+    doc: Nitro, vectors_dir: Path, vector_manifest: list[dict[str, Any]]
 ) -> None:
     other = Nitro(vectors_dir, vector_manifest, next(i for i in NITRO_IDS if i != doc.vector["id"]))
     theirs = other.payload()
