@@ -19,6 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -29,7 +30,8 @@ import blindfold
 from blindfold.client.attest import fetch_attestation
 from blindfold.client.transport import Endpoint
 
-from conftest import ServerProcess, free_port, start_server, write_self_signed
+from conftest import ServerProcess, free_port, start_server
+from helpers import connect, write_self_signed
 from onnx_models import identity_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:SIMULATION TEE")
@@ -270,13 +272,6 @@ def policy_of(server: ServerProcess) -> blindfold.Policy:
     return blindfold.Policy.simulation(measurement_of(server))
 
 
-def connect(url: str, **kwargs: object) -> blindfold.Client:
-    kwargs.setdefault("allow_simulation", True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(url, **kwargs)  # type: ignore[arg-type]
-
-
 def requests_in(log: str) -> list[str]:
     return [f"{method} {path}" for method, path in REQUEST_LINE.findall(log)]
 
@@ -304,7 +299,7 @@ def assert_no_payload(lines: list[str]) -> None:
     assert not payload, f"payload requests reached the server: {payload}"
 
 
-def attempt_payload(url: str, **kwargs: object) -> None:
+def attempt_payload(url: str, **kwargs: Any) -> None:
     """What a victim would do: connect, then upload and run. Connecting must fail."""
     client = connect(url, **kwargs)
     with client:

@@ -8,7 +8,6 @@ import socket
 import ssl
 import struct
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from onnx import TensorProto
 import blindfold
 
 from conftest import ServerProcess, start_server
+from helpers import connect
 from onnx_models import (
     add_mul_model,
     custom_domain_model,
@@ -34,12 +34,6 @@ FLOAT_SENTINEL_TEXT = "1234.56"
 BYTES_SENTINEL = "SECRET-TENSOR-abc"
 MODEL_SENTINEL = "SECRET-MODEL-xyz"
 INDEX_SENTINEL = 987654321
-
-
-def connect(server: ServerProcess) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(server.url, allow_simulation=True)
 
 
 def raw(

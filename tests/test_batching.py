@@ -13,7 +13,6 @@ import asyncio
 import json
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,16 +31,11 @@ from blindfold.server.limits import Limits
 from blindfold.server.runtime import InferenceRunner, Session
 from blindfold.server.scheduler import Scheduler, SchedulingOptions
 
+from helpers import connect
 from onnx_models import add_mul_model, gather_model, identity_model, matmul_model
 from server_process import ServerProcess, start_server
 
 FAR = 8_000_000  # µs: a fallback delay no test waits for
-
-
-def connect(server: ServerProcess) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(server.url, allow_simulation=True)
 
 
 def cnn_model(seed: int = 1) -> onnx.ModelProto:

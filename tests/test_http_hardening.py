@@ -13,7 +13,6 @@ import ssl
 import struct
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import blindfold
 from blindfold.server.limits import Limits
 
 from conftest import ServerProcess, start_server
+from helpers import connect
 from onnx_models import identity_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:SIMULATION TEE")
@@ -72,12 +71,6 @@ def peak_rss(server: ServerProcess) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM in /proc/PID/status")
-
-
-def connect(server: ServerProcess, **kwargs: Any) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(server.url, allow_simulation=True, **kwargs)
 
 
 def live_latency(server: ServerProcess) -> float:

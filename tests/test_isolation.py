@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,19 +16,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import blindfold
 from blindfold.errors import ServerError
 
 from conftest import ServerProcess, start_server
+from helpers import connect
 from onnx_models import identity_model, matmul_model
 
 MiB = 1 << 20
-
-
-def connect(server: ServerProcess) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(server.url, allow_simulation=True)
 
 
 @pytest.fixture(scope="module")

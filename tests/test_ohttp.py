@@ -36,7 +36,8 @@ from blindfold.client.ohttp_channel import KeyConfigurationStale
 from blindfold.client.transport import Endpoint
 from blindfold.errors import EvidenceError, PinnedKeyMismatch, ReportDataMismatch
 
-from conftest import ServerProcess, free_port, start_server, write_self_signed
+from conftest import ServerProcess, free_port, start_server
+from helpers import write_self_signed
 
 pytestmark = pytest.mark.filterwarnings("ignore:SIMULATION TEE")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 import blindfold
 
 from conftest import ServerProcess, start_server
+from helpers import connect
 from onnx_models import identity_model
 
 FLOAT_SENTINEL = 8765.4321  # a recognisable tensor value: it must never reach logs or metrics
 BYTES_SENTINEL = "TENSOR-SENTINEL-qz7"
-
-
-def connect(server: ServerProcess, token: str | None = None) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", blindfold.SimulationWarning)
-        return blindfold.connect(server.url, allow_simulation=True, token=token)
 
 
 def scrape(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import blindfold
 from blindfold.errors import BlindfoldError, ConfigurationError
 from blindfold.server.cluster import ClusterPolicy
 
+from helpers import connect
 from onnx_models import add_mul_model, matmul_model
 from server_process import (
     ServerProcess,
@@ -27,12 +27,6 @@ from server_process import (
 
 A = np.ones((1, 4), np.float32)
 B = np.full((1, 4), 2.0, np.float32)
-
-
-def connect(server: ServerProcess) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(server.url, allow_simulation=True)
 
 
 def eventually(check: Callable[[], bool], what: str, within: float = 20.0) -> None:

@@ -8,7 +8,6 @@ import logging
 import signal
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 
 import blindfold
 
+from helpers import connect
 from onnx_models import matmul_model
 from server_process import (
     inferences_served,
@@ -26,12 +26,6 @@ from server_process import (
 )
 
 CLIENTS = 8
-
-
-def connect(url: str) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(url, allow_simulation=True)
 
 
 def wait_until(check, what: str, within: float = 30.0) -> None:  # type: ignore[no-untyped-def]

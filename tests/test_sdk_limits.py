@@ -22,7 +22,8 @@ import pytest
 import blindfold
 from blindfold.client.attest import MAX_ATTESTATION_BYTES
 
-from conftest import ServerProcess, write_self_signed
+from conftest import ServerProcess
+from helpers import write_self_signed
 
 GIB = 1 << 30
 Answer = Callable[[ssl.SSLSocket], None]

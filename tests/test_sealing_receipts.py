@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import io
 import itertools
@@ -19,7 +18,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from onnx import TensorProto, helper
 
 from blindfold.attestation.verdict import Evidence, Verdict
@@ -48,6 +46,8 @@ from blindfold.sealing import (
     unseal,
     unseal_to_bytes,
 )
+
+from helpers import self_signed_certificate
 
 KEY = bytes(range(32))
 LABEL = b"test-label"
@@ -484,21 +484,6 @@ def test_chain_first_receipt_must_link_to_zero(server_key: ec.EllipticCurvePriva
 # --- offline bundle ---
 
 
-def _certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "blindfold-test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-
-
 def _stub_verifier(calls: list[tuple[Evidence, bytes]]) -> Callable[[Evidence, bytes], Verdict]:
     """Stands in for the real evidence verifier (tested elsewhere): a verdict whose report
     data binds the certificate's key, as DESIGN.md specifies."""
@@ -519,7 +504,11 @@ def _stub_verifier(calls: list[tuple[Evidence, bytes]]) -> Callable[[Evidence, b
 
 
 def _bundle(key: ec.EllipticCurvePrivateKey) -> SavedReceipt:
-    pem = _certificate(key).public_bytes(serialization.Encoding.PEM).decode()
+    pem = (
+        self_signed_certificate(key, "blindfold-test")
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
     return SavedReceipt(receipt=_sign(_signer(key)), evidence=EVIDENCE, certificate_pem=pem)
 
 

@@ -20,7 +20,6 @@ import sqlite3
 import ssl
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from blindfold.server.store import (
 from blindfold.server.tee.simulation import SEALING_KEY_FILE
 
 from conftest import ServerProcess, start_server
+from helpers import connect
 from onnx_models import identity_model, matmul_model
 
 X = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -536,12 +536,6 @@ def servers() -> Iterator[list[ServerProcess]]:
     yield started
     for process in started:
         process.stop(signal.SIGKILL)
-
-
-def connect(server: ServerProcess, token: str | None = None) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(server.url, allow_simulation=True, token=token)
 
 
 def run_as(server: ServerProcess, token: str, model: str) -> Any:

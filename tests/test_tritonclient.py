@@ -18,7 +18,8 @@ from onnx import TensorProto
 
 import blindfold
 
-from conftest import ServerProcess, start_server, write_self_signed
+from conftest import ServerProcess, start_server
+from helpers import write_self_signed
 from onnx_models import add_mul_model, identity_model
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
