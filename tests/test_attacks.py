@@ -33,6 +33,7 @@ from blindfold.client.transport import Endpoint
 from conftest import ServerProcess, free_port, start_server
 from helpers import connect, write_self_signed
 from onnx_models import identity_model
+from server_process import unverified_context
 
 pytestmark = pytest.mark.filterwarnings("ignore:SIMULATION TEE")
 
@@ -44,13 +45,6 @@ Responder = Callable[["AttackProxy", str, str], "tuple[int, bytes] | None"]
 
 
 # --- an attacking TLS proxy on loopback ---
-
-
-def _unverified() -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 class AttackProxy:
@@ -96,7 +90,7 @@ class AttackProxy:
 
     def fetch_upstream(self, target: str) -> tuple[int, bytes]:
         connection = http.client.HTTPSConnection(
-            "127.0.0.1", self.upstream_port, context=_unverified(), timeout=30
+            "127.0.0.1", self.upstream_port, context=unverified_context(), timeout=30
         )
         try:
             connection.request("GET", target)
@@ -208,7 +202,7 @@ class AttackProxy:
         self, method: str, target: str, headers: dict[str, str], body: bytes
     ) -> tuple[int, bytes]:
         connection = http.client.HTTPSConnection(
-            "127.0.0.1", self.upstream_port, context=_unverified(), timeout=30
+            "127.0.0.1", self.upstream_port, context=unverified_context(), timeout=30
         )
         skip = {"host", "connection", "content-length", "transfer-encoding"}
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import ssl
 import struct
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from onnx_models import (
     identity_model,
     matmul_model,
 )
+from server_process import unverified_context
 
 FLOAT_SENTINEL = 1234.5678
 FLOAT_SENTINEL_TEXT = "1234.56"
@@ -991,9 +991,7 @@ def test_load_encrypted_path_that_no_file_can_have(
 def test_client_disconnecting_mid_body_is_not_an_error(
     bad: blindfold.Client, server: ServerProcess
 ) -> None:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = unverified_context()
     before = server.log().count("client disconnected")
     for path in (F32, "/v2/repository/models/bad-cut/load"):
         with (

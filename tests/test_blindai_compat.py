@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import ssl
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from blindfold.server.blindai_compat import CborReader, read_upload
 
 from conftest import ServerProcess, free_port, start_server
 from onnx_models import add_mul_model, identity_model
+from server_process import unverified_context
 
 # BlindAI's ModelDatumType: code, name, numpy type, ONNX element type.
 DATUM_TYPES = [
@@ -215,9 +215,7 @@ def test_tls_ports_present_that_certificate_without_sni(
     compat_server: ServerProcess, wire: BlindAIWire
 ) -> None:
     for port in compat_ports(compat_server)[1:]:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+        context = unverified_context()
         with (
             socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
             context.wrap_socket(raw) as tls,  # no server_hostname: no SNI at all

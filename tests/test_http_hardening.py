@@ -27,6 +27,7 @@ from blindfold.server.limits import Limits
 from conftest import ServerProcess, start_server
 from helpers import connect
 from onnx_models import identity_model
+from server_process import unverified_context
 
 pytestmark = pytest.mark.filterwarnings("ignore:SIMULATION TEE")
 
@@ -36,16 +37,9 @@ MiB = 1 << 20
 # --- helpers: an attacker's raw TLS client, and the server's memory ---
 
 
-def _unverified() -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 def tls_socket(server: ServerProcess, timeout: float = 10) -> ssl.SSLSocket:
     raw = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
-    return _unverified().wrap_socket(raw, server_hostname="127.0.0.1")
+    return unverified_context().wrap_socket(raw, server_hostname="127.0.0.1")
 
 
 def read_response(sock: ssl.SSLSocket) -> tuple[int, dict[str, str], bytes]:

@@ -38,17 +38,11 @@ from blindfold.errors import EvidenceError, PinnedKeyMismatch, ReportDataMismatc
 
 from conftest import ServerProcess, free_port, start_server
 from helpers import write_self_signed
+from server_process import unverified_context
 
 pytestmark = pytest.mark.filterwarnings("ignore:SIMULATION TEE")
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-
-
-def _unverified() -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def _secret_model(seed: int = 11) -> tuple[onnx.ModelProto, bytes]:
@@ -105,7 +99,7 @@ class RecordingRelay:
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection(
-                "127.0.0.1", self.upstream_port, ssl=_unverified()
+                "127.0.0.1", self.upstream_port, ssl=unverified_context()
             )
         except OSError:
             writer.close()
@@ -413,7 +407,7 @@ def test_old_clients_binding_still_holds(gateway_server: ServerProcess) -> None:
 
     nonce = bytes(range(32))
     connection = http.client.HTTPSConnection(
-        "127.0.0.1", gateway_server.port, context=_unverified(), timeout=30
+        "127.0.0.1", gateway_server.port, context=unverified_context(), timeout=30
     )
     connection.request("GET", f"/v2/attestation?nonce={nonce.hex()}")
     document = json.loads(connection.getresponse().read())
@@ -431,7 +425,7 @@ def _post(
     server: ServerProcess, body: bytes, content_type: str = ohttp.REQUEST_MEDIA_TYPE
 ) -> tuple[int, dict[str, str], bytes]:
     connection = http.client.HTTPSConnection(
-        "127.0.0.1", server.port, context=_unverified(), timeout=30
+        "127.0.0.1", server.port, context=unverified_context(), timeout=30
     )
     try:
         connection.request("POST", "/v2/ohttp", body, {"Content-Type": content_type})
@@ -515,7 +509,7 @@ def test_stale_request_is_refused_and_the_sdk_corrects_its_clock(
     assert stale.status == 400 and "replay window" in json.loads(stale.body)["error"]
     assert "date" in dict(stale.headers)
     client = blindfold.connect(
-        gateway_server.url, allow_simulation=True, channel="ohttp", verify=_unverified()
+        gateway_server.url, allow_simulation=True, channel="ohttp", verify=unverified_context()
     )
     with client:
         client._transport.clock_offset = -3600.0  # type: ignore[union-attr]
@@ -526,7 +520,7 @@ def test_stale_request_is_refused_and_the_sdk_corrects_its_clock(
 def test_inner_errors_are_the_routes_own(gateway_server: ServerProcess) -> None:
     """Auth and errors are identical: the inner request goes through the same app."""
     with blindfold.connect(
-        gateway_server.url, allow_simulation=True, channel="ohttp", verify=_unverified()
+        gateway_server.url, allow_simulation=True, channel="ohttp", verify=unverified_context()
     ) as client:
         with pytest.raises(blindfold.errors.NotFoundError):
             client.run_model("no-such-model", np.zeros((1, 3), np.float32))
@@ -543,7 +537,7 @@ def test_key_rotation_is_followed_by_reattesting(tmp_path: Path) -> None:
     )
     try:
         with blindfold.connect(
-            server.url, allow_simulation=True, channel="ohttp", verify=_unverified()
+            server.url, allow_simulation=True, channel="ohttp", verify=unverified_context()
         ) as client:
             first = client.attestation.hpke_key_config()
             time.sleep(1.5)  # the server's key is now replaced and the old one gone

@@ -22,6 +22,7 @@ from server_process import (
     ServerProcess,
     run_replica_expecting_failure,
     start_replica,
+    unverified_context,
     write_cluster_policy,
 )
 
@@ -174,11 +175,8 @@ def _post(
     server: ServerProcess, path: str, body: bytes | None, headers: dict[str, str] | None = None
 ) -> tuple[int, bytes]:
     import http.client
-    import ssl
 
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = unverified_context()
     connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=context)
     try:
         connection.request("POST" if body is not None else "GET", path, body, headers or {})

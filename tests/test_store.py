@@ -49,6 +49,7 @@ from blindfold.server.tee.simulation import SEALING_KEY_FILE
 from conftest import ServerProcess, start_server
 from helpers import connect
 from onnx_models import identity_model, matmul_model
+from server_process import unverified_context
 
 X = np.arange(6, dtype=np.float32).reshape(2, 3)
 
@@ -730,9 +731,7 @@ def test_sigkill_between_delete_commit_and_blob_removal(
 
 def _raw_upload_start(server: ServerProcess, name: str, total: int, first: bytes) -> ssl.SSLSocket:
     """Starts a raw upload over TLS announcing `total` bytes and sends only `first`."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = unverified_context()
     sock = context.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=10))
     head = (
         f"POST /v2/repository/models/{name}/load HTTP/1.1\r\n"
