@@ -44,7 +44,7 @@ def _names(code: types.CodeType) -> Iterable[str]:
             yield from _names(constant)
 
 
-def _refers_to(
+def refers_to(
     function: Callable[..., object], targets: frozenset[str], seen: set[types.CodeType]
 ) -> bool:
     """Whether `function` refers to one of `targets`, directly or through another function
@@ -62,7 +62,7 @@ def _refers_to(
         if (
             isinstance(helper, types.FunctionType)
             and helper.__module__ == function.__module__
-            and _refers_to(helper, targets, seen)
+            and refers_to(helper, targets, seen)
         ):
             return True
     return False
@@ -75,7 +75,7 @@ def _uses(item: pytest.Function, fixtures: frozenset[str], names: frozenset[str]
     for definitions in item._fixtureinfo.name2fixturedefs.values():
         functions.extend(definition.func for definition in definitions)
     seen: set[types.CodeType] = set()
-    return any(_refers_to(function, names, seen) for function in functions)
+    return any(refers_to(function, names, seen) for function in functions)
 
 
 def classify(items: list[pytest.Item]) -> None:
