@@ -33,9 +33,9 @@ import blindfold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from overhead import Result, interleaved, medium_model, tiny_model  # noqa: E402
+from overhead import Result, interleaved, medium_model, tiny_model
 
-from server_process import start_server  # noqa: E402
+from server_process import start_server
 
 
 def _unverified() -> ssl.SSLContext:

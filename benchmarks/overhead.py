@@ -31,6 +31,7 @@ This is a benchmark, not a test: absolute numbers depend on the machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -53,7 +54,7 @@ import blindfold
 
 # The same `blindfold serve` child process the tests start.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from server_process import start_server  # noqa: E402
+from server_process import start_server
 
 CLIENTS = 8
 
@@ -127,7 +128,7 @@ def mlp_model(
     travel each way over TLS for about 9 ms of compute; shows the transport's share."""
     rng = np.random.default_rng(2)
     nodes, initializers, previous = [], [], "x"
-    for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(dims)):
         w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
         initializers.append(numpy_helper.from_array(w, f"w{i}"))
         initializers.append(numpy_helper.from_array(np.zeros(fan_out, np.float32), f"b{i}"))
@@ -212,7 +213,7 @@ def measure(
         try:
             for _ in range(warmup):
                 call()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
         barrier.wait()
         clock = time.perf_counter
@@ -221,7 +222,7 @@ def measure(
                 start = clock()
                 call()
                 mine.append(clock() - start)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
             stop.set()
 

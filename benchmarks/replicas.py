@@ -37,9 +37,9 @@ import blindfold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import medium_model, tiny_model  # noqa: E402
+from overhead import medium_model, tiny_model
 
-from server_process import (  # noqa: E402
+from server_process import (
     start_balancer,
     start_replica,
     write_cluster_policy,

@@ -1,21 +1,24 @@
-"""Shared fixtures: paths to the attestation vector store."""
+"""Shared fixtures (the attestation vector store, the shared server and a client of it) and
+the collection hook that marks e2e and vector tests. Helpers live in helpers.py,
+server_process.py and onnx_models.py."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import blindfold
+
+from helpers import connect
+from markers import classify
 from server_process import ServerProcess, free_port, start_server
 
-__all__ = ["ServerProcess", "free_port", "start_server", "write_self_signed"]
+__all__ = ["ServerProcess", "free_port", "start_server"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # BLINDFOLD_VECTORS_DIR points elsewhere (CI checkouts, or the test of the missing-store gate).
@@ -26,6 +29,12 @@ VECTORS_DIR = Path(
 
 
 ALLOW_MISSING_VECTORS = "BLINDFOLD_ALLOW_MISSING_VECTORS"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks end-to-end and vector-reading tests (see markers.py), so that
+    `-m "not e2e and not slow"` is the developer loop of a few seconds."""
+    classify(items)
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +58,8 @@ def vectors_dir() -> Path:
 @pytest.fixture(scope="session")
 def vector_manifest(vectors_dir: Path) -> list[dict[str, Any]]:
     data = json.loads((vectors_dir / "manifest.json").read_text())
-    return data["vectors"] if isinstance(data, dict) else data
+    vectors: list[dict[str, Any]] = data["vectors"] if isinstance(data, dict) else data
+    return vectors
 
 
 # --- real server processes on loopback (the helpers live in server_process.py) ---
@@ -68,56 +78,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     process.stop()
 
 
-@pytest.fixture()
-def client(server: ServerProcess) -> Iterator[Any]:
-    import warnings
-
-    import blindfold
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        connection = blindfold.connect(server.url, allow_simulation=True)
-    with connection:
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[blindfold.Client]:
+    with connect(server) as connection:
         yield connection
-
-
-def write_self_signed(directory: Path, common_name: str = "mitm") -> tuple[Path, Path]:
-    """A throw-away self-signed certificate and key for 127.0.0.1/localhost (an attacker's
-    proxy, or a CA other than the server's); returns (certificate path, key path)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    suffix = secrets.token_hex(4)
-    cert_path = directory / f"{common_name}-{suffix}.pem"
-    key_path = directory / f"{common_name}-{suffix}.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path

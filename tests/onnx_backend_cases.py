@@ -145,6 +145,7 @@ def load_data_sets(case: BackendCase, model: onnx.ModelProto) -> list[DataSet]:
     inputs = runtime_inputs(model)
     outputs = list(model.graph.output)
     sets = []
+    assert case.directory is not None  # a case is either generated or on disk
     for directory in sorted(glob.glob(str(case.directory / "test_data_set_*"))):
         count_in = len(glob.glob(os.path.join(directory, "input_*.pb")))
         count_out = len(glob.glob(os.path.join(directory, "output_*.pb")))

@@ -13,7 +13,6 @@ import asyncio
 import json
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,17 +31,12 @@ from blindfold.server.refusals import InvalidRequest
 from blindfold.server.runtime import InferenceRunner, Session
 from blindfold.server.scheduler import Scheduler, SchedulingOptions
 
+from helpers import connect
 from onnx_models import add_mul_model, gather_model, identity_model, matmul_model
 from server_process import ServerProcess, start_server
 from transports import send
 
 FAR = 8_000_000  # µs: a fallback delay no test waits for
-
-
-def connect(server: ServerProcess) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(server.url, allow_simulation=True)
 
 
 def cnn_model(seed: int = 1) -> onnx.ModelProto:
@@ -117,7 +111,7 @@ def batch_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
     process.stop()
 
 
-@pytest.fixture()
+@pytest.fixture
 def client(batch_server: ServerProcess) -> Iterator[blindfold.Client]:
     with connect(batch_server) as connection:
         yield connection
@@ -338,9 +332,23 @@ def test_cli_upload_takes_the_options(batch_server: ServerProcess, tmp_path: Pat
     path = tmp_path / "m.onnx"
     path.write_bytes(matmul_model(8).SerializeToString())
     done = subprocess.run(
-        [sys.executable, "-m", "blindfold", "upload", batch_server.url, str(path)]
-        + ["--name", "cli-batched", "--allow-simulation", "--max-batch-size", "8"]
-        + ["--max-queue-delay-us", "100", "--preferred-batch-sizes", "2,4"],
+        [
+            sys.executable,
+            "-m",
+            "blindfold",
+            "upload",
+            batch_server.url,
+            str(path),
+            "--name",
+            "cli-batched",
+            "--allow-simulation",
+            "--max-batch-size",
+            "8",
+            "--max-queue-delay-us",
+            "100",
+            "--preferred-batch-sizes",
+            "2,4",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import ssl
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from blindfold.server.blindai_compat import CborReader, read_upload
 
 from conftest import ServerProcess, free_port, start_server
 from onnx_models import add_mul_model, identity_model
+from server_process import unverified_context
 
 # BlindAI's ModelDatumType: code, name, numpy type, ONNX element type.
 DATUM_TYPES = [
@@ -180,7 +180,7 @@ def compat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
     process.stop()
 
 
-@pytest.fixture()
+@pytest.fixture
 def wire(compat_server: ServerProcess, tmp_path: Path) -> BlindAIWire:
     return BlindAIWire(compat_ports(compat_server), tmp_path)
 
@@ -215,12 +215,12 @@ def test_tls_ports_present_that_certificate_without_sni(
     compat_server: ServerProcess, wire: BlindAIWire
 ) -> None:
     for port in compat_ports(compat_server)[1:]:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
-            with context.wrap_socket(raw) as tls:  # no server_hostname: no SNI at all
-                assert tls.getpeercert(binary_form=True) == wire.certificate_der
+        context = unverified_context()
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
+            context.wrap_socket(raw) as tls,  # no server_hostname: no SNI at all
+        ):
+            assert tls.getpeercert(binary_form=True) == wire.certificate_der
 
 
 def test_off_by_default(server: ServerProcess) -> None:
@@ -356,7 +356,8 @@ def test_malformed_bodies_are_refused(wire: BlindAIWire, route: str) -> None:
 def test_bodies_of_many_small_items_are_refused_before_decoding(wire: BlindAIWire) -> None:
     # 4 MiB of empty arrays would become 4 million Python lists (about 256 MiB) if decoded.
     count = 1 << 22
-    entries = [cbor2.dumps(item) for item in ("model_id", "x", "inputs", [], "padding")]
+    items: tuple[object, ...] = ("model_id", "x", "inputs", [], "padding")
+    entries = [cbor2.dumps(item) for item in items]
     bomb = b"\xa3" + b"".join(entries) + b"\x9a" + count.to_bytes(4, "big") + b"\x80" * count
     assert "more than 65536 items" in refused(wire.post(f"{wire.attested_url}/run", bomb))
     _still_serving(wire)
@@ -370,7 +371,7 @@ def _still_serving(wire: BlindAIWire) -> None:
     ok(wire.delete(model_id))
 
 
-@pytest.fixture()
+@pytest.fixture
 def add_mul_id(wire: BlindAIWire) -> Iterator[str]:
     model_id = ok(wire.upload(add_mul_model().SerializeToString()))["model_id"]
     yield model_id
@@ -435,7 +436,7 @@ def test_tensor_errors(wire: BlindAIWire, add_mul_id: str) -> None:
 def test_upload_errors(wire: BlindAIWire) -> None:
     model = add_mul_model().SerializeToString()
     assert "length" in refused(wire.upload(model, length=len(model) + 1))
-    not_bytes = cbor2.dumps({"model": list(model)[:-1] + [256], "length": len(model)})
+    not_bytes = cbor2.dumps({"model": [*list(model)[:-1], 256], "length": len(model)})
     assert "0 to 255" in refused(wire.post(f"{wire.management_url}/upload", not_bytes))
     negative = cbor2.dumps({"model": [1, -1, 2], "length": 3})
     assert "0 to 255" in refused(wire.post(f"{wire.management_url}/upload", negative))

@@ -23,6 +23,7 @@ from blindfold.attestation.simulation import measure_package
 
 from conftest import ServerProcess
 from onnx_models import add_mul_model, identity_model
+from server_process import unverified_context
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -394,7 +395,6 @@ def test_serve_listens_where_the_environment_says(tmp_path: Path) -> None:
     """BLINDFOLD_HOST and BLINDFOLD_PORT (what the container image sets) replace the
     defaults of --host and --port."""
     import os
-    import ssl
     import time
     import urllib.request
 
@@ -410,9 +410,7 @@ def test_serve_listens_where_the_environment_says(tmp_path: Path) -> None:
             stderr=subprocess.STDOUT,
             env=env,
         )
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = unverified_context()
     try:
         deadline = time.monotonic() + 60
         while "Blindfold serving on" not in log.read_text():

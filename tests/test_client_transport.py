@@ -127,9 +127,11 @@ def test_altered_responses_are_refused_clearly(
     server: ServerProcess, model: str, change: Callable[[HttpResponse], HttpResponse], expected: str
 ) -> None:
     x = np.full((2, 3), SECRET, np.float32)
-    with connect(server, transport=_Tamper(change)) as client:
-        with pytest.raises(blindfold.BlindfoldError) as refused:
-            client.run_model(model, x)
+    with (
+        connect(server, transport=_Tamper(change)) as client,
+        pytest.raises(blindfold.BlindfoldError) as refused,
+    ):
+        client.run_model(model, x)
     message = str(refused.value)
     assert "infer response is malformed" in message and expected in message
     assert "1234.5" not in message

@@ -92,12 +92,13 @@ class _SummaryPlugin:
 
 
 @pytest.fixture(scope="module")
-def tally(request: pytest.FixtureRequest) -> Iterator[Tally]:
+def tally(request: pytest.FixtureRequest) -> Tally:
+    """The module's tally, printed at the very end of the run (after pytest's own summary
+    sections) by the plugin registered here."""
     result = Tally()
     plugin = _SummaryPlugin(result)
     request.config.pluginmanager.register(plugin, "blindfold-conformance-summary")
-    yield result
-    # Printed at the very end of the run, after pytest's own summary sections.
+    return result
 
 
 class _Skip(Exception):

@@ -22,18 +22,17 @@ import shutil
 import subprocess
 import tarfile
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from onnx import TensorProto
 
-import blindfold
-
 from conftest import PROJECT_ROOT, free_port
+from helpers import connect
 from onnx_models import identity_model
 
 pytestmark = pytest.mark.container
@@ -46,14 +45,14 @@ IMAGE = "localhost/blindfold:test"
 MAX_IMAGE_BYTES = 500 * 10**6  # the image is ~370 MB: base ~130 MB, onnxruntime and friends
 
 
-def _run(command: list[str], timeout: float, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def _run(command: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         command,
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
 
 
@@ -295,12 +294,6 @@ def _start(
     return container
 
 
-def _connect(url: str) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(url, allow_simulation=True)
-
-
 def test_image_is_a_small_non_root_blindfold_serve_with_a_health_check(
     podman: Podman, image: str
 ) -> None:
@@ -329,7 +322,7 @@ def test_the_sdk_attests_the_server_in_the_container_and_runs_a_model(
         status = Path(f"/proc/{pid}/status").read_text()
         assert re.search(r"^Uid:\s+10001\s", status, re.M), "the server does not run as 10001"
         # The default policy expects this checkout's own measurement.
-        with _connect(container.url) as client:
+        with connect(container.url) as client:
             assert client.attestation.verdict.kind == "simulation"
             model = client.upload_model(
                 identity_model(TensorProto.FLOAT, [3]), name="boxed", public=True
@@ -348,7 +341,7 @@ def test_the_sdk_attests_the_server_in_the_container_and_runs_a_model(
         podman("rm", "--force", container.name)
     again = _start(podman, image, *options, server_args=store)
     try:
-        with _connect(again.url) as client:
+        with connect(again.url) as client:
             np.testing.assert_array_equal(client.run_model("boxed", x)["y"], x)
             client.delete_model("boxed", token=model.owner_token)
     finally:
@@ -372,7 +365,7 @@ def test_where_the_runtime_refuses_user_namespaces_workers_say_they_lost_chroot(
     )
     container = _start(podman, image, "--security-opt", f"seccomp={profile}")
     try:
-        with _connect(container.url) as client:
+        with connect(container.url) as client:
             model = client.upload_model(identity_model(TensorProto.INT64, [2]), name="unboxed")
             x = np.array([7, 8], np.int64)
             np.testing.assert_array_equal(client.run_model("unboxed", x)["y"], x)

@@ -44,9 +44,11 @@ def _handshake(context: ssl.SSLContext) -> bytes:
     client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client_context.check_hostname = False
     client_context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", port), 10) as raw:
-        with client_context.wrap_socket(raw) as conn:
-            certificate = conn.getpeercert(binary_form=True)
+    with (
+        socket.create_connection(("127.0.0.1", port), 10) as raw,
+        client_context.wrap_socket(raw) as conn,
+    ):
+        certificate = conn.getpeercert(binary_form=True)
     thread.join(10)
     listener.close()
     assert certificate
@@ -120,10 +122,7 @@ def test_server_without_memfd_and_with_delete_journal_serves_and_keeps_models(
 
 
 def test_manifest_command_line_is_one_the_server_accepts() -> None:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
+    import tomllib
 
     from blindfold.cli import build_parser
     from blindfold.server.tee.gramine_manifest import render_manifest

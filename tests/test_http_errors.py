@@ -74,7 +74,7 @@ def test_rejection_keeps_the_message_and_passes_http_refusals_through() -> None:
 @pytest.mark.parametrize("module", DOMAIN_MODULES)
 def test_domain_modules_choose_no_http_status(module: str) -> None:
     tree = ast.parse((SERVER / module).read_text(encoding="utf-8"))
-    imported = set()
+    imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)

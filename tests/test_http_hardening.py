@@ -4,6 +4,7 @@ behind inference, and slow clients (slowloris) that hold every connection."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import secrets
@@ -12,7 +13,6 @@ import ssl
 import struct
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import blindfold
 from blindfold.server.limits import Limits
 
 from conftest import ServerProcess, start_server
+from helpers import connect
 from onnx_models import identity_model
+from server_process import unverified_context
 
 pytestmark = pytest.mark.filterwarnings("ignore:SIMULATION TEE")
 
@@ -36,21 +37,14 @@ MiB = 1 << 20
 # --- helpers: an attacker's raw TLS client, and the server's memory ---
 
 
-def _unverified() -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 def tls_socket(server: ServerProcess, timeout: float = 10) -> ssl.SSLSocket:
     raw = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
-    return _unverified().wrap_socket(raw, server_hostname="127.0.0.1")
+    return unverified_context().wrap_socket(raw, server_hostname="127.0.0.1")
 
 
 def read_response(sock: ssl.SSLSocket) -> tuple[int, dict[str, str], bytes]:
     """Reads one HTTP/1.1 response (status, lower-cased headers, body) from `sock`."""
-    response = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
+    response = http.client.HTTPResponse(sock)
     response.begin()
     body = response.read()
     return response.status, {k.lower(): v for k, v in response.getheaders()}, body
@@ -71,12 +65,6 @@ def peak_rss(server: ServerProcess) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM in /proc/PID/status")
-
-
-def connect(server: ServerProcess, **kwargs: Any) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(server.url, allow_simulation=True, **kwargs)
 
 
 def live_latency(server: ServerProcess) -> float:
@@ -115,7 +103,9 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     process.stop()
 
 
-@pytest.mark.parametrize("authorization, status", [(None, 401), ("Bearer not-an-upload-key", 403)])
+@pytest.mark.parametrize(
+    ("authorization", "status"), [(None, 401), ("Bearer not-an-upload-key", 403)]
+)
 def test_unauthorized_upload_is_refused_from_its_headers(
     keyed: ServerProcess, authorization: str | None, status: int
 ) -> None:
@@ -255,10 +245,8 @@ def _infer(
         sock.sendall(
             head("POST", f"/v2/models/{model}/infer", {**headers, "Content-Length": str(len(body))})
         )
-        try:
-            sock.sendall(body)
-        except (ConnectionError, ssl.SSLError):
-            pass  # refused from its headers, and the connection closed
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            sock.sendall(body)  # refused from its headers, and the connection closed
         status, _, answer = read_response(sock)
     assert status == expect, answer[:300]
 
@@ -377,7 +365,7 @@ def test_json_over_its_limit_points_to_binary_tensors(codec_server: ServerProces
                 {"Content-Type": "application/json", "Content-Length": str(len(body))},
             )
         )  # the headers alone are enough to refuse it
-        status, headers, answer = read_response(sock)
+        status, _headers, answer = read_response(sock)
     assert status == 413, answer
     error = json.loads(answer)["error"]
     assert "--max-json-bytes" in error and "binary" in error
@@ -511,7 +499,7 @@ SLOW_FLAGS = (
 )
 
 
-@pytest.fixture()
+@pytest.fixture
 def guarded(tmp_path: Path) -> Iterator[ServerProcess]:
     process = start_server(tmp_path, "--open-upload", *SLOW_FLAGS)
     yield process
@@ -527,7 +515,7 @@ def test_slowloris_does_not_lock_out_legitimate_clients(guarded: ServerProcess) 
         sock.sendall(b"P")
         header_slow.append(sock)
     # ...connections that never finish their TLS handshake...
-    handshake_slow = [
+    handshake_slow: list[socket.socket] = [
         socket.create_connection(("127.0.0.1", guarded.port), timeout=10) for _ in range(150)
     ]
     # ...and requests whose body trickles in a byte every two seconds.
@@ -540,10 +528,8 @@ def test_slowloris_does_not_lock_out_legitimate_clients(guarded: ServerProcess) 
     def trickle() -> None:
         while not stop.wait(2.0):
             for sock in header_slow + body_slow:
-                try:
+                with contextlib.suppress(OSError):
                     sock.sendall(b"O")
-                except OSError:
-                    pass
 
     trickler = threading.Thread(target=trickle, daemon=True)
     trickler.start()
@@ -555,12 +541,12 @@ def test_slowloris_does_not_lock_out_legitimate_clients(guarded: ServerProcess) 
             np.testing.assert_array_equal(client.run_model("legit", x)["y"], x)
         assert time.monotonic() - start < 20
         # Every slow connection is cut once its deadline passes (3 s plus slack).
-        for sock in header_slow + body_slow + handshake_slow:
-            assert closed_by_server(sock, within=10), "a slow connection was never timed out"
+        for slow in [*header_slow, *body_slow, *handshake_slow]:
+            assert closed_by_server(slow, within=10), "a slow connection was never timed out"
     finally:
         stop.set()
-        for sock in header_slow + body_slow + handshake_slow:
-            sock.close()
+        for slow in [*header_slow, *body_slow, *handshake_slow]:
+            slow.close()
     with connect(guarded) as client:
         assert client.is_ready()
     # Clients cut for being slow are an INFO line, not an "internal error".

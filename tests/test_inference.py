@@ -306,13 +306,13 @@ def test_torch_inputs(client: blindfold.Client, two_output_models: None) -> None
 
 def test_client_side_input_errors(client: blindfold.Client, two_output_models: None) -> None:
     a, b = _ab()
-    with pytest.raises(blindfold.InputError, match="float64.*FP32"):
+    with pytest.raises(blindfold.InputError, match=r"float64.*FP32"):
         client.run_model("inf-add-mul", {"a": a.astype(np.float64), "b": b})
     with pytest.raises(blindfold.InputError, match="int32"):
         client.run_model("inf-add-mul", [a, b.astype(np.int32)])
-    with pytest.raises(blindfold.InputError, match="unknown inputs.*'c'"):
+    with pytest.raises(blindfold.InputError, match=r"unknown inputs.*'c'"):
         client.run_model("inf-add-mul", {"a": a, "b": b, "c": a})
-    with pytest.raises(blindfold.InputError, match="missing inputs.*'b'"):
+    with pytest.raises(blindfold.InputError, match=r"missing inputs.*'b'"):
         client.run_model("inf-add-mul", {"a": a})
     with pytest.raises(blindfold.InputError, match="1 positional inputs"):
         client.run_model("inf-add-mul", [a])
@@ -475,7 +475,7 @@ def test_json_infer(
     client: blindfold.Client, json_models: None, label: str, datatype: str, data: list[Any]
 ) -> None:
     path = f"/v2/models/inf-json-{label}/infer"
-    request = {
+    request: dict[str, Any] = {
         "id": "req-42",
         "inputs": [{"name": "x", "datatype": datatype, "shape": [2, 2], "data": data}],
     }
@@ -532,7 +532,7 @@ def test_json_infer_per_output_binary_choice(client: blindfold.Client, json_mode
         {"name": "a", "datatype": "FP32", "shape": [1, 4], "data": a},
         {"name": "b", "datatype": "FP32", "shape": [1, 4], "data": b},
     ]
-    request = {
+    request: dict[str, Any] = {
         "inputs": inputs,
         "outputs": [
             {"name": "product", "parameters": {"binary_data": True}},

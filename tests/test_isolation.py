@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,19 +16,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import blindfold
 from blindfold.errors import ServerError
 
 from conftest import ServerProcess, start_server
+from helpers import connect
 from onnx_models import identity_model, matmul_model
 
 MiB = 1 << 20
-
-
-def connect(server: ServerProcess) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(server.url, allow_simulation=True)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +109,8 @@ def test_models_run_in_confined_workers_not_in_the_front(limited: ServerProcess)
             # An empty root (chroot) or at least an empty working directory.
             root = os.readlink(f"/proc/{pid}/root")
             cwd = os.readlink(f"/proc/{pid}/cwd")
-            assert root != "/" or cwd.startswith("/tmp/blindfold-worker-"), (root, cwd)
+            worker_dir = "/tmp/blindfold-worker-"  # noqa: S108 (the name workers get)
+            assert root != "/" or cwd.startswith(worker_dir), (root, cwd)
             assert os.listdir(f"/proc/{pid}/cwd") == []
             limits = Path(f"/proc/{pid}/limits").read_text()
             address_space = next(x for x in limits.splitlines() if "address space" in x)
@@ -467,7 +461,7 @@ def test_identical_bytes_uploaded_concurrently_share_one_worker(tmp_path: Path) 
             try:
                 with connect(server) as client:
                     client.upload_model(data, name=name)
-            except Exception as exc:  # noqa: BLE001 - reported below
+            except Exception as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=upload, args=(f"same{i}",)) for i in range(4)]
@@ -496,7 +490,7 @@ def test_many_concurrent_runs_queue_for_a_busy_worker(limited: ServerProcess) ->
                     for round_ in range(5):
                         x = np.full(40_000, seed * 10 + round_, np.float32)  # ~156 KiB inline
                         assert np.array_equal(own.run_model(model.name, x)["y"], x)
-            except Exception as exc:  # noqa: BLE001 - reported below
+            except Exception as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
@@ -530,7 +524,7 @@ def test_concurrent_runs_of_every_size_each_get_their_own_outputs(
                         x = np.full(size, seed * 100 + round_, np.float32)
                         x[-1] = -seed  # a different last element: no two runs look alike
                         assert np.array_equal(own.run_model(model.name, x)["y"], x)
-            except Exception as exc:  # noqa: BLE001 - reported below
+            except Exception as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
@@ -549,13 +543,14 @@ def test_a_run_whose_waiter_gave_up_keeps_its_buffers_until_it_answers() -> None
     import asyncio
 
     from blindfold.server.limits import Limits
-    from blindfold.server.runtime import InferenceRunner
+    from blindfold.server.runtime import InferenceRunner, IsolatedSession
 
     async def scenario() -> None:
         runner = InferenceRunner(Limits())
         slow = await asyncio.to_thread(
             runner.new_session, slow_loop_model().SerializeToString(), "slow"
         )
+        assert isinstance(slow, IsolatedSession)  # models run in worker processes by default
         try:
             worker = slow._worker
             assert worker is not None

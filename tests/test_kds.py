@@ -32,7 +32,7 @@ class FakeKds:
         kds = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 kds.requests.append(self.path)
                 body = kds.certs.get(self.path)
                 self.send_response(200 if body is not None else 404)
@@ -52,7 +52,7 @@ class FakeKds:
         self._server.server_close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def milan(vectors_dir: Path) -> tuple[bytes, bytes, str]:
     """The recorded report, its VCEK, and the KDS path AMD serves that VCEK under."""
     report = (vectors_dir / VECTOR / "report.bin").read_bytes()
@@ -66,7 +66,7 @@ def milan(vectors_dir: Path) -> tuple[bytes, bytes, str]:
     return report, vcek, path
 
 
-@pytest.fixture()
+@pytest.fixture
 def kds(milan: tuple[bytes, bytes, str]) -> Iterator[FakeKds]:
     _, vcek, path = milan
     server = FakeKds({path: vcek})

@@ -26,7 +26,7 @@ def kustomization() -> dict[str, Any]:
 
 
 def resources() -> list[dict[str, Any]]:
-    documents = []
+    documents: list[dict[str, Any]] = []
     for name in kustomization()["resources"]:
         documents.extend(d for d in yaml.safe_load_all((BASE / name).read_text()) if d)
     return documents

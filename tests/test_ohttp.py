@@ -36,18 +36,13 @@ from blindfold.client.ohttp_channel import KeyConfigurationStale, OhttpTransport
 from blindfold.client.transport import Endpoint
 from blindfold.errors import EvidenceError, PinnedKeyMismatch, ReportDataMismatch
 
-from conftest import ServerProcess, free_port, start_server, write_self_signed
+from conftest import ServerProcess, free_port, start_server
+from helpers import write_self_signed
+from server_process import unverified_context
 
 pytestmark = pytest.mark.filterwarnings("ignore:SIMULATION TEE")
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-
-
-def _unverified() -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def _secret_model(seed: int = 11) -> tuple[onnx.ModelProto, bytes]:
@@ -104,7 +99,7 @@ class RecordingRelay:
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection(
-                "127.0.0.1", self.upstream_port, ssl=_unverified()
+                "127.0.0.1", self.upstream_port, ssl=unverified_context()
             )
         except OSError:
             writer.close()
@@ -213,7 +208,7 @@ def gateway_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
     process.stop()
 
 
-@pytest.fixture()
+@pytest.fixture
 def proxied(
     gateway_server: ServerProcess, tmp_path: Path
 ) -> Iterator[tuple[Nginx, RecordingRelay]]:
@@ -307,7 +302,7 @@ def _rewriting_proxy(
     return make(upstream.port, "mitm", responder)
 
 
-@pytest.fixture()
+@pytest.fixture
 def make_proxy(tmp_path: Path) -> Iterator[Callable[..., AttackProxy]]:
     proxies: list[AttackProxy] = []
 
@@ -360,7 +355,7 @@ def _flip_key_hash(document: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "tamper, error, match",
+    ("tamper", "error", "match"),
     [
         (_flip_key_hash, ReportDataMismatch, "does not bind the identity document"),
         # The same content, not in canonical form: one identity must have one hash.
@@ -393,7 +388,7 @@ def test_stripped_identity_document_is_refused_for_ohttp(
     """A relay that downgrades the request to the plain key binding (drops `binding=`)."""
 
     def downgrade(document: dict[str, Any], target: str) -> dict[str, Any]:
-        status, body = proxy.fetch_upstream(target.replace("binding=identity", "binding=spki"))
+        _status, body = proxy.fetch_upstream(target.replace("binding=identity", "binding=spki"))
         return dict(json.loads(body))
 
     proxy = _rewriting_proxy(make_proxy, gateway_server, downgrade)
@@ -412,7 +407,7 @@ def test_old_clients_binding_still_holds(gateway_server: ServerProcess) -> None:
 
     nonce = bytes(range(32))
     connection = http.client.HTTPSConnection(
-        "127.0.0.1", gateway_server.port, context=_unverified(), timeout=30
+        "127.0.0.1", gateway_server.port, context=unverified_context(), timeout=30
     )
     connection.request("GET", f"/v2/attestation?nonce={nonce.hex()}")
     document = json.loads(connection.getresponse().read())
@@ -430,7 +425,7 @@ def _post(
     server: ServerProcess, body: bytes, content_type: str = ohttp.REQUEST_MEDIA_TYPE
 ) -> tuple[int, dict[str, str], bytes]:
     connection = http.client.HTTPSConnection(
-        "127.0.0.1", server.port, context=_unverified(), timeout=30
+        "127.0.0.1", server.port, context=unverified_context(), timeout=30
     )
     try:
         connection.request("POST", "/v2/ohttp", body, {"Content-Type": content_type})
@@ -460,7 +455,7 @@ def _open(context: ohttp.ClientContext, body: bytes) -> ohttp.BinaryResponse:
 
 
 @pytest.mark.parametrize(
-    "body, match",
+    ("body", "match"),
     [
         (b"", "shorter"),
         (b"garbage" * 3, "shorter"),
@@ -489,7 +484,7 @@ def test_truncated_and_altered_requests_get_a_clear_400(gateway_server: ServerPr
     assert status == 400 and "does not decrypt" in json.loads(answer)["error"]
     unknown = ohttp.KeyConfig((config.key_id + 7) % 256, config.public_key)
     message, _ = _encapsulated(unknown)
-    status, headers, answer = _post(gateway_server, message)
+    status, _headers, answer = _post(gateway_server, message)
     assert status == 400
     problem = json.loads(answer)
     assert problem["type"] == ohttp.KEY_PROBLEM_TYPE and "rotated" in problem["error"]
@@ -509,7 +504,7 @@ def test_stale_request_is_refused_and_the_sdk_corrects_its_clock(
     gateway_server: ServerProcess,
 ) -> None:
     message, context = _encapsulated(_key_config(gateway_server), date=time.time() - 3600)
-    status, _, answer = _post(gateway_server, message)
+    _status, _, answer = _post(gateway_server, message)
     stale = _open(context, answer)
     assert stale.status == 400 and "replay window" in json.loads(stale.body)["error"]
     assert "date" in dict(stale.headers)
@@ -524,7 +519,7 @@ def test_stale_request_is_refused_and_the_sdk_corrects_its_clock(
         gateway_server.url,
         allow_simulation=True,
         channel="ohttp",
-        verify=_unverified(),
+        verify=unverified_context(),
         transport=keep,
     )
     with client:
@@ -536,7 +531,7 @@ def test_stale_request_is_refused_and_the_sdk_corrects_its_clock(
 def test_inner_errors_are_the_routes_own(gateway_server: ServerProcess) -> None:
     """Auth and errors are identical: the inner request goes through the same app."""
     with blindfold.connect(
-        gateway_server.url, allow_simulation=True, channel="ohttp", verify=_unverified()
+        gateway_server.url, allow_simulation=True, channel="ohttp", verify=unverified_context()
     ) as client:
         with pytest.raises(blindfold.errors.NotFoundError):
             client.run_model("no-such-model", np.zeros((1, 3), np.float32))
@@ -553,7 +548,7 @@ def test_key_rotation_is_followed_by_reattesting(tmp_path: Path) -> None:
     )
     try:
         with blindfold.connect(
-            server.url, allow_simulation=True, channel="ohttp", verify=_unverified()
+            server.url, allow_simulation=True, channel="ohttp", verify=unverified_context()
         ) as client:
             first = client.attestation.hpke_key_config()
             time.sleep(1.5)  # the server's key is now replaced and the old one gone

@@ -10,6 +10,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -21,10 +22,12 @@ from blindfold.server import app
 from conftest import ServerProcess, start_server
 from onnx_models import identity_model
 
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, Phase, settings  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.specs.openapi.checks import (  # noqa: E402
+pytest.importorskip("schemathesis")
+import schemathesis
+from hypothesis import HealthCheck, Phase, settings
+from schemathesis import Case
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_headers_conformance,
     response_schema_conformance,
@@ -45,8 +48,9 @@ def _as_bytes(_context: object, value: object) -> bytes:
     return str(value).encode()
 
 
-def document() -> dict:
-    return json.loads(DOCUMENT.read_text())
+def document() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DOCUMENT.read_text())
+    return loaded
 
 
 def test_every_route_is_documented_and_nothing_else() -> None:
@@ -119,7 +123,7 @@ def session(live: tuple[ServerProcess, str]) -> Iterator[requests.Session]:
     suppress_health_check=list(HealthCheck),
 )
 def test_live_server_conforms(
-    case: schemathesis.Case, live: tuple[ServerProcess, str], session: requests.Session
+    case: Case[Any], live: tuple[ServerProcess, str], session: requests.Session
 ) -> None:
     process, certificate = live
     case.call_and_validate(

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import secrets
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,17 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 import blindfold
 
 from conftest import ServerProcess, start_server
+from helpers import connect
 from onnx_models import identity_model
 from transports import send
 
 FLOAT_SENTINEL = 8765.4321  # a recognisable tensor value: it must never reach logs or metrics
 BYTES_SENTINEL = "TENSOR-SENTINEL-qz7"
-
-
-def connect(server: ServerProcess, token: str | None = None) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", blindfold.SimulationWarning)
-        return blindfold.connect(server.url, allow_simulation=True, token=token)
 
 
 def scrape(
@@ -47,7 +42,7 @@ def scrape(
     return text, samples
 
 
-def value(samples: dict, name: str, **labels: str) -> float:
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
@@ -179,9 +174,11 @@ def test_sdk_token_becomes_the_owner_token_on_open_uploads(
     with connect(metrics_server, token=mine) as client:
         uploaded = client.upload_model(identity_model(TensorProto.FLOAT, name="o"), "sdk-owned")
         assert uploaded.owner_token == mine
-        with connect(metrics_server, token=secrets.token_urlsafe(32)) as other:
-            with pytest.raises(blindfold.BlindfoldError):
-                other.delete_model("sdk-owned")
+        with (
+            connect(metrics_server, token=secrets.token_urlsafe(32)) as other,
+            pytest.raises(blindfold.BlindfoldError),
+        ):
+            other.delete_model("sdk-owned")
         client.delete_model("sdk-owned")
 
 

@@ -4,7 +4,6 @@ on their back."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from onnx import TensorProto, helper
 
 import blindfold
 
+from helpers import connect
 from onnx_models import custom_domain_model
 from server_process import ServerProcess, start_server
 
@@ -45,13 +45,8 @@ def tokenizer_model(domain: str = "ai.onnx.contrib") -> bytes:
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)]
     )
-    return model.SerializeToString()
-
-
-def _connect(server: ServerProcess) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(server.url, allow_simulation=True)
+    data: bytes = model.SerializeToString()
+    return data
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +61,7 @@ def test_tokenizer_runs_in_the_confined_worker_on_python_strings(plain: ServerPr
     # The worker chroots into an empty directory before it loads a model: the extensions
     # library must already be loaded by then, or this upload fails.
     assert "onnxruntime-extensions" in plain.log()
-    with _connect(plain) as client:
+    with connect(plain) as client:
         uploaded = client.upload_model(tokenizer_model(), name="tokenizer")
         outputs = client.run_model("tokenizer", ["Hello worlds SECRET"])
         assert outputs["input_ids"].tolist() == [2, 5, 6, 8, 7, 3]  # [CLS] ... [SEP]
@@ -77,7 +72,7 @@ def test_tokenizer_runs_in_the_confined_worker_on_python_strings(plain: ServerPr
 
 
 def test_other_custom_domains_are_still_refused(plain: ServerProcess) -> None:
-    with _connect(plain) as client:
+    with connect(plain) as client:
         for model in (custom_domain_model("com.evil"), custom_domain_model("ai.onnx.contrib.x")):
             with pytest.raises(blindfold.ServerError) as info:
                 client.upload_model(model, name="evil")
@@ -87,7 +82,7 @@ def test_other_custom_domains_are_still_refused(plain: ServerProcess) -> None:
 
 
 def test_unknown_operator_in_the_contrib_domain_is_a_clear_400(plain: ServerProcess) -> None:
-    with _connect(plain) as client:
+    with connect(plain) as client:
         with pytest.raises(blindfold.ServerError) as info:
             client.upload_model(custom_domain_model("ai.onnx.contrib"), name="pwn")
         assert info.value.status == 400
@@ -101,7 +96,7 @@ def test_no_ort_extensions_refuses_the_contrib_domain(tmp_path: Path) -> None:
     server = start_server(tmp_path, "--open-upload", "--no-ort-extensions")
     try:
         assert "onnxruntime-extensions" not in server.log()
-        with _connect(server) as client:
+        with connect(server) as client:
             with pytest.raises(blindfold.ServerError) as info:
                 client.upload_model(tokenizer_model(), name="tokenizer")
             assert info.value.status == 400
@@ -116,7 +111,7 @@ def test_extensions_in_process_too(tmp_path: Path) -> None:
         tmp_path, "--open-upload", "--enable-ort-extensions", "--unsafe-no-isolation"
     )
     try:
-        with _connect(server) as client:
+        with connect(server) as client:
             client.upload_model(tokenizer_model(), name="tokenizer")
             assert client.run_model("tokenizer", ["hello"])["input_ids"].tolist() == [2, 5, 3]
     finally:

@@ -30,7 +30,7 @@ MODES = ["in-process", "blindfold", "kserve", "in-process x8", "blindfold x8", "
 
 @pytest.fixture(scope="module")
 def kserve_python() -> str:
-    python = peers.ready_kserve_python()
+    python: str | None = peers.ready_kserve_python()
     if python is None:
         pytest.skip(
             "kserve is not installed: run `python benchmarks/peers.py` once (it makes "

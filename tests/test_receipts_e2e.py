@@ -29,7 +29,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture()
+@pytest.fixture
 def add_mul(client: blindfold.Client) -> str:
     name = f"receipt-add-mul-{uuid.uuid4().hex[:8]}"
     client.upload_model(add_mul_model(), name=name)
@@ -48,7 +48,8 @@ def test_receipt_verifies_online_and_offline(
     path = tmp_path / "receipt.json"
     saved.save(path)
     np.savez(tmp_path / "in.npz", a=a, b=b)
-    np.savez(tmp_path / "out.npz", **outputs)
+    # numpy's stub checks **kwds against allow_pickle: bool; these are arrays by name.
+    np.savez(tmp_path / "out.npz", **outputs)  # type: ignore[arg-type]
     ok = _cli(
         "receipt",
         "verify",
@@ -155,7 +156,7 @@ def test_encrypted_load_needs_upload_rights_before_touching_disk(tmp_path: Path)
     keys.write_text(f"{UPLOAD_KEY}\n")
     server = start_server(tmp_path, "--upload-key-file", str(keys))
     try:
-        with pytest.warns(UserWarning):
+        with pytest.warns(blindfold.SimulationWarning):
             client = blindfold.connect(server.url, allow_simulation=True)
         with client:
             key = ModelKey(key=bytes(32), sha256="0" * 64)

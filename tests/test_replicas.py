@@ -6,33 +6,30 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 import blindfold
 from blindfold.errors import BlindfoldError, ConfigurationError
 from blindfold.server.cluster import ClusterPolicy
 
+from helpers import connect
 from onnx_models import add_mul_model, matmul_model
 from server_process import (
     ServerProcess,
     run_replica_expecting_failure,
     start_replica,
+    unverified_context,
     write_cluster_policy,
 )
 
 A = np.ones((1, 4), np.float32)
 B = np.full((1, 4), 2.0, np.float32)
-
-
-def connect(server: ServerProcess) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(server.url, allow_simulation=True)
 
 
 def eventually(check: Callable[[], bool], what: str, within: float = 20.0) -> None:
@@ -44,9 +41,7 @@ def eventually(check: Callable[[], bool], what: str, within: float = 20.0) -> No
         time.sleep(0.1)
 
 
-def operator_key():  # type: ignore[no-untyped-def]
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
+def operator_key() -> ed25519.Ed25519PrivateKey:
     return ed25519.Ed25519PrivateKey.generate()
 
 
@@ -178,13 +173,12 @@ def test_the_cluster_policy_must_allow_simulation_by_name(tmp_path: Path) -> Non
 # --- attacks on the cluster routes, as someone without the service identity would try ---
 
 
-def _post(server: ServerProcess, path: str, body: bytes, headers: dict[str, str] | None = None):
+def _post(
+    server: ServerProcess, path: str, body: bytes | None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     import http.client
-    import ssl
 
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = unverified_context()
     connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=context)
     try:
         connection.request("POST" if body is not None else "GET", path, body, headers or {})
@@ -378,7 +372,7 @@ def test_scheduling_options_reach_every_replica(
 ) -> None:
     """An owner's batching and concurrency options travel with the model: to a replica that
     joins later (the snapshot) and to one that is already a member (the push)."""
-    options = {
+    options: dict[str, Any] = {
         "max_batch_size": 4,
         "max_queue_delay_us": 1500,
         "preferred_batch_sizes": [2, 4],
@@ -397,7 +391,9 @@ def test_scheduling_options_reach_every_replica(
             with connect(second) as on_second:
                 for model in (early, late):
 
-                    def copied(name: str = model.name, token: str = model.owner_token) -> bool:
+                    def copied(
+                        name: str = model.name, token: str | None = model.owner_token
+                    ) -> bool:
                         try:
                             on_second.run_model(name, x, token=token)
                         except BlindfoldError:
@@ -468,7 +464,7 @@ def _live(server: ServerProcess) -> bool:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(f"{server.url}/v2/health/live", context=context) as answer:
+        with urllib.request.urlopen(f"{server.url}/v2/health/live", context=context) as answer:  # noqa: S310 (https to a replica it started)
             return bool(answer.status == 200)
     except OSError:
         return False

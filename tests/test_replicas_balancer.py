@@ -15,7 +15,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import pytest
 
 import blindfold
 
+from helpers import connect
 from onnx_models import matmul_model
 from server_process import (
     ServerProcess,
@@ -34,12 +34,6 @@ from server_process import (
 )
 
 CLIENTS = 8
-
-
-def connect(url: str) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(url, allow_simulation=True)
 
 
 def wait_until(check, what: str, within: float = 30.0) -> None:  # type: ignore[no-untyped-def]
@@ -209,7 +203,7 @@ def _get_json(server: ServerProcess, path: str) -> dict[str, object]:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    with urllib.request.urlopen(server.url + path, context=context, timeout=30) as answer:
+    with urllib.request.urlopen(server.url + path, context=context, timeout=30) as answer:  # noqa: S310 (https)
         document = json.loads(answer.read())
     assert isinstance(document, dict)
     return document

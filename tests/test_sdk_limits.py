@@ -22,7 +22,8 @@ import pytest
 import blindfold
 from blindfold.client.attest import MAX_ATTESTATION_BYTES
 
-from conftest import ServerProcess, write_self_signed
+from conftest import ServerProcess
+from helpers import write_self_signed
 
 GIB = 1 << 30
 Answer = Callable[[ssl.SSLSocket], None]
@@ -64,18 +65,19 @@ class HostileServer:
     def _answer_counting(self, conn: ssl.SSLSocket) -> None:
         original = conn.sendall
 
-        def counting(data: bytes) -> None:  # type: ignore[override]
+        def counting(data: bytes) -> None:
             original(data)
             self.sent += len(data)
 
-        conn.sendall = counting  # type: ignore[method-assign]
+        # Counts what the server sends; the stand-in takes bytes only, as the server sends.
+        conn.sendall = counting  # type: ignore[method-assign,assignment]
         self._answer(conn)
 
     def close(self) -> None:
         self._listener.close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def hostile(tmp_path: Path) -> Iterator[Callable[[Answer], HostileServer]]:
     servers: list[HostileServer] = []
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import io
+import itertools
 import os
 import stat
 from collections.abc import Callable
@@ -18,11 +18,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from onnx import TensorProto, helper
 
 from blindfold.attestation.verdict import Evidence, Verdict
-from blindfold.errors import BlindfoldError, ConfigurationError, ReceiptError
+from blindfold.errors import BlindfoldError, ConfigurationError, ReceiptError, SealError
 from blindfold.receipts import (
     ZERO_SHA256,
     Receipt,
@@ -39,7 +38,6 @@ from blindfold.sealing import (
     MODEL_FILE_LABEL,
     TAG_SIZE,
     ModelKey,
-    SealError,
     decrypt_model_file,
     encrypt_model_file,
     seal,
@@ -48,6 +46,8 @@ from blindfold.sealing import (
     unseal,
     unseal_to_bytes,
 )
+
+from helpers import self_signed_certificate
 
 KEY = bytes(range(32))
 LABEL = b"test-label"
@@ -140,7 +140,7 @@ def test_every_single_bit_flip_fails() -> None:
 def test_truncated_by_one_chunk_fails(size: int) -> None:
     blob = _sealed(os.urandom(size))
     final_record = len(blob) - HEADER_SIZE - 3 * RECORD
-    with pytest.raises(SealError, match="truncated|authenticate"):
+    with pytest.raises(SealError, match=r"truncated|authenticate"):
         unseal(KEY, blob[: len(blob) - final_record], label=LABEL)
     with pytest.raises(SealError):
         unseal(KEY, blob[: len(blob) - final_record - RECORD], label=LABEL)
@@ -215,7 +215,8 @@ def _small_model() -> bytes:
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    data: bytes = model.SerializeToString()
+    return data
 
 
 def test_encrypted_model_file_round_trip(tmp_path: Path) -> None:
@@ -422,7 +423,7 @@ def test_chain_links(server_key: ec.EllipticCurvePrivateKey) -> None:
     signer = _signer(server_key)
     receipts = [_sign(signer, f"req-{i}") for i in range(4)]
     assert [r.sequence for r in receipts] == [0, 1, 2, 3]
-    for previous, receipt in zip(receipts, receipts[1:], strict=False):
+    for previous, receipt in itertools.pairwise(receipts):
         assert receipt.previous_sha256 == previous.digest()
         verify_receipt(receipt, server_key.public_key(), previous=previous)
     chain = ReceiptChainVerifier(allow_gaps=False)
@@ -483,21 +484,6 @@ def test_chain_first_receipt_must_link_to_zero(server_key: ec.EllipticCurvePriva
 # --- offline bundle ---
 
 
-def _certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "blindfold-test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-
-
 def _stub_verifier(calls: list[tuple[Evidence, bytes]]) -> Callable[[Evidence, bytes], Verdict]:
     """Stands in for the real evidence verifier (tested elsewhere): a verdict whose report
     data binds the certificate's key, as DESIGN.md specifies."""
@@ -518,7 +504,11 @@ def _stub_verifier(calls: list[tuple[Evidence, bytes]]) -> Callable[[Evidence, b
 
 
 def _bundle(key: ec.EllipticCurvePrivateKey) -> SavedReceipt:
-    pem = _certificate(key).public_bytes(serialization.Encoding.PEM).decode()
+    pem = (
+        self_signed_certificate(key, "blindfold-test")
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
     return SavedReceipt(receipt=_sign(_signer(key)), evidence=EVIDENCE, certificate_pem=pem)
 
 

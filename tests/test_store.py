@@ -21,7 +21,6 @@ import sqlite3
 import ssl
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,9 @@ from blindfold.server.store import (
 from blindfold.server.tee.simulation import SEALING_KEY_FILE
 
 from conftest import ServerProcess, start_server
+from helpers import connect
 from onnx_models import identity_model, matmul_model
+from server_process import unverified_context
 from transports import send
 
 X = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -57,7 +58,8 @@ X = np.arange(6, dtype=np.float32).reshape(2, 3)
 
 def model_bytes(tag: str) -> bytes:
     """Distinct ONNX identity models (the graph name changes the bytes)."""
-    return identity_model(TensorProto.FLOAT, name=tag).SerializeToString()
+    data: bytes = identity_model(TensorProto.FLOAT, name=tag).SerializeToString()
+    return data
 
 
 def sha(data: bytes) -> str:
@@ -89,7 +91,7 @@ def blob_names(directory: Path) -> set[str]:
     return {p.name for p in (directory / BLOB_DIR).iterdir()}
 
 
-@pytest.fixture()
+@pytest.fixture
 def key() -> bytes:
     return secrets.token_bytes(32)
 
@@ -253,7 +255,8 @@ def _put_back(db_path: Path, name: str, row: tuple[Any, ...], keys: list[Any]) -
         with db:
             db.execute("DELETE FROM run_keys WHERE model = ?", (name,))
             db.execute("DELETE FROM models WHERE name = ?", (name,))
-            db.execute(f"INSERT INTO models VALUES ({', '.join('?' * len(row))})", row)
+            placeholders = ", ".join("?" * len(row))  # values are bound, never formatted in
+            db.execute(f"INSERT INTO models VALUES ({placeholders})", row)  # noqa: S608
             db.executemany("INSERT INTO run_keys VALUES (?, ?, ?)", keys)
     finally:
         db.close()
@@ -424,7 +427,7 @@ def test_store_external_counter_catches_rollback_of_db_and_epoch_file(
     (store_dir / f"{DB_FILE}-wal").unlink(missing_ok=True)
     _copy_db(tmp_path / "old", store_dir)
     ModelStore(store_dir, key).close()  # the sealed file alone cannot tell (documented)
-    with pytest.raises(StoreError, match="older than epoch 2 .*the test counter"):
+    with pytest.raises(StoreError, match=r"older than epoch 2 .*the test counter"):
         ModelStore(store_dir, key, external_counter=counter)
 
 
@@ -482,7 +485,7 @@ def test_store_refuses_a_manifest_edited_outside(tmp_path: Path, key: bytes) -> 
             "UPDATE meta SET value = replace(value, '\"epoch\":0', '\"epoch\":9') "
             "WHERE key = 'manifest'"
         )
-    with pytest.raises(StoreError, match="manifest .* does not authenticate"):
+    with pytest.raises(StoreError, match=r"manifest .* does not authenticate"):
         ModelStore(tmp_path, key)
 
 
@@ -520,7 +523,7 @@ def test_store_refused_without_sealing_key(tmp_path: Path, kind: str) -> None:
 # --- real servers ---
 
 
-@pytest.fixture()
+@pytest.fixture
 def store_dir(tmp_path: Path) -> Path:
     return tmp_path / "store"
 
@@ -529,19 +532,13 @@ def serve(tmp_path: Path, store_dir: Path, *extra: str, **env: str) -> ServerPro
     return start_server(tmp_path, "--open-upload", "--store", str(store_dir), *extra, env=env)
 
 
-@pytest.fixture()
+@pytest.fixture
 def servers() -> Iterator[list[ServerProcess]]:
     """Every server a test starts, stopped at the end whatever happens."""
     started: list[ServerProcess] = []
     yield started
     for process in started:
         process.stop(signal.SIGKILL)
-
-
-def connect(server: ServerProcess, token: str | None = None) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(server.url, allow_simulation=True, token=token)
 
 
 def run_as(server: ServerProcess, token: str, model: str) -> Any:
@@ -635,14 +632,14 @@ def test_identical_bytes_share_one_blob(
     tmp_path: Path, store_dir: Path, servers: list[ServerProcess]
 ) -> None:
     data = model_bytes("shared")
-    server, client = restart(servers, tmp_path, store_dir)
+    _server, client = restart(servers, tmp_path, store_dir)
     with client:
         first = client.upload_model(data, name="first", public=True)
         second = client.upload_model(data, name="second", public=True)
         assert blob_names(store_dir) == {f"{sha(data)}.sealed"}
         client.delete_model("first", token=first.owner_token)
         assert blob_names(store_dir) == {f"{sha(data)}.sealed"}
-    server, client = restart(servers, tmp_path, store_dir)
+    _server, client = restart(servers, tmp_path, store_dir)
     with client:
         np.testing.assert_array_equal(client.run_model("second", X)["y"], X)
         client.delete_model("second", token=second.owner_token)
@@ -697,7 +694,7 @@ def test_sigkill_at_each_write_step_leaves_store_consistent(
         keep = client.upload_model(model_bytes("keep"), name="keep", public=False)
     server, client = restart(servers, tmp_path, store_dir, **{CRASH_ENV: point})
     new = model_bytes("new")
-    with pytest.raises(Exception):  # noqa: B017 - the server dies mid-request
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the server dies mid-request
         client.upload_model(new, name="new", public=True)
     _wait_killed(server)
     assert f"crash point {point} reached" in server.log()
@@ -726,7 +723,7 @@ def test_sigkill_between_delete_commit_and_blob_removal(
         client.upload_model(model_bytes("keep"), name="keep", public=True)
         gone = client.upload_model(model_bytes("gone"), name="gone", public=True)
     server, client = restart(servers, tmp_path, store_dir, **{CRASH_ENV: "after_delete_commit"})
-    with pytest.raises(Exception):  # noqa: B017
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the server dies mid-request
         client.delete_model("gone", token=gone.owner_token)
     _wait_killed(server)
     assert f"{gone.sha256}.sealed" in blob_names(store_dir)  # left behind by the crash
@@ -738,9 +735,7 @@ def test_sigkill_between_delete_commit_and_blob_removal(
 
 def _raw_upload_start(server: ServerProcess, name: str, total: int, first: bytes) -> ssl.SSLSocket:
     """Starts a raw upload over TLS announcing `total` bytes and sends only `first`."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = unverified_context()
     sock = context.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=10))
     head = (
         f"POST /v2/repository/models/{name}/load HTTP/1.1\r\n"
@@ -784,7 +779,7 @@ def test_sigkill_at_a_random_moment_of_a_large_upload(
         try:
             with connect(server) as uploader:
                 uploader.upload_model(big, name="big", public=True)
-        except BaseException as exc:  # noqa: BLE001 - the server may die at any moment
+        except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=upload)
@@ -916,7 +911,7 @@ def test_sigkill_while_revoking_a_run_key(
         owned = client.upload_model(model_bytes("m"), name="m", public=False)
         key_id, run_key = client.create_run_key("m", token=owned.owner_token)
     server, client = restart(servers, tmp_path, store_dir, **{CRASH_ENV: point})
-    with pytest.raises(Exception):  # noqa: B017 - the server dies mid-request
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the server dies mid-request
         client.revoke_run_key("m", key_id, token=owned.owner_token)
     _wait_killed(server)
     server, client = restart(servers, tmp_path, store_dir)
@@ -1034,9 +1029,11 @@ def test_damaged_row_only_its_owner_or_an_admin_key_may_take_the_name(
             owner.delete_model(name)
         assert name not in index(connect(server))
     else:  # nobody owns a planted row: the operator's admin key takes the name
-        with connect(server, victim.owner_token) as owner:
-            with pytest.raises(blindfold.AuthenticationError):
-                owner.delete_model(name)
+        with (
+            connect(server, victim.owner_token) as owner,
+            pytest.raises(blindfold.AuthenticationError),
+        ):
+            owner.delete_model(name)
         with connect(server, admin_key) as admin:
             taken = admin.upload_model(model_bytes("fresh"), name=name, public=True)
         assert taken.owner_token is not None

@@ -11,6 +11,7 @@ import struct
 import urllib.parse
 import uuid
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
@@ -30,7 +31,7 @@ SGX_VECTOR = "sgx/dcapqvl-sample-fmspc-00A067110000"
 TDX_VECTOR = "tdx/dcapqvl-sample-fmspc-B0C06F000000"
 
 
-def vector_meta(vectors_dir: Path, vector_id: str) -> dict:
+def vector_meta(vectors_dir: Path, vector_id: str) -> dict[str, Any]:
     manifest = json.loads((vectors_dir / "manifest.json").read_text())
     return next(v for v in manifest["vectors"] if v["id"] == vector_id)
 
@@ -54,7 +55,10 @@ class FakePcs:
         self.urls.append(url)
         parsed = urllib.parse.urlparse(url)
         query = urllib.parse.parse_qs(parsed.query)
-        read = lambda name: (self.folder / name).read_bytes()  # noqa: E731
+
+        def read(name: str) -> bytes:
+            return (self.folder / name).read_bytes()
+
         if url == INTEL_ROOT_CA_CRL_URL or parsed.path.endswith("/rootcacrl"):
             return read("root_ca_crl.der"), {}
         if parsed.path.endswith("/certification/v4/tcb"):
@@ -311,7 +315,7 @@ def test_configfs_persistent_generation_race_is_a_clear_error(
 
 
 def test_configfs_missing_root(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match="configfs-tsm not found at .*Linux >= 6.7"):
+    with pytest.raises(ConfigurationError, match=r"configfs-tsm not found at .*Linux >= 6.7"):
         ConfigfsTsmProvider("tdx", tmp_path / "missing")
 
 
@@ -380,7 +384,7 @@ def test_attack_server_refuses_a_v5_quote_every_client_refuses(
     with pytest.raises(EvidenceError, match="version 5"):
         dcap.parse_quote(v5)
     provider = tdx_provider(tmp_path, FakeKernelFs("tdx_guest", v5), vectors_dir)
-    with pytest.raises(TeeUnavailable, match="quote that clients refuse.*version 5"):
+    with pytest.raises(TeeUnavailable, match=r"quote that clients refuse.*version 5"):
         provider.evidence(dcap.parse_quote(tdx_quote).report_data)
 
 
@@ -393,7 +397,7 @@ def test_attack_server_refuses_an_snp_report_with_trailing_bytes(
     provider = ConfigfsTsmProvider(
         "sev-snp", tmp_path, fs=fs, sev_guest_device=tmp_path / "no-sev-guest"
     )
-    with pytest.raises(TeeUnavailable, match="report clients refuse.*trailing data"):
+    with pytest.raises(TeeUnavailable, match=r"report clients refuse.*trailing data"):
         provider.evidence(report[0x50:0x90])
 
 
@@ -445,7 +449,7 @@ def test_sev_guest_cert_table_parsing() -> None:
 
 
 def test_sev_guest_missing_device(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match="not found.*modprobe sev-guest"):
+    with pytest.raises(ConfigurationError, match=r"not found.*modprobe sev-guest"):
         sev_guest.SevGuestProvider(tmp_path / "sev-guest")
 
 
@@ -477,7 +481,7 @@ def test_attack_server_refuses_a_nitro_document_clients_refuse(vectors_dir: Path
         vectors_dir / "nitro" / "evervault-2022-10-13-production-pcrs" / "attestation_doc.cbor"
     ).read_bytes()
     retagged = cbor2.dumps(cbor2.CBORTag(17, cbor2.loads(doc)))
-    with pytest.raises(TeeUnavailable, match="document clients refuse.*CBOR tag 17"):
+    with pytest.raises(TeeUnavailable, match=r"document clients refuse.*CBOR tag 17"):
         nitro_nsm.document_valid_until(retagged)
 
 
@@ -505,7 +509,7 @@ def test_detect_each_kind(tmp_path: Path) -> None:
     (tmp_path / "dev").mkdir()
     (tmp_path / "cpuinfo").write_text("processor: 0\nflags\t\t: fpu vme sse2\n")
     assert detect_tee(True, paths) == "simulation"
-    with pytest.raises(ConfigurationError, match="no TEE found.*--tee simulation"):
+    with pytest.raises(ConfigurationError, match=r"no TEE found.*--tee simulation"):
         detect_tee(False, paths)
     paths.nsm.touch()
     assert detect_tee(False, paths) == "nitro"

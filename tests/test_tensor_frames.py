@@ -18,7 +18,7 @@ import pytest
 from blindfold.server import tensor_frames as frames
 
 
-@pytest.fixture()
+@pytest.fixture
 def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     yield ours, theirs
@@ -108,7 +108,7 @@ def test_a_sealed_memfd_is_read_only_for_everyone(
 ) -> None:
     ours, theirs = pair
     frames.send(theirs, {"id": 1}, [np.ones(100_000, np.float32)])
-    raw, fds, _flags, _address = socket.recv_fds(ours, frames.MAX_MESSAGE, 1)
+    _raw, fds, _flags, _address = socket.recv_fds(ours, frames.MAX_MESSAGE, 1)
     (fd,) = fds
     with pytest.raises(PermissionError):
         mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -125,7 +125,10 @@ def test_tensors_round_trip_through_a_shared_buffer(
 ) -> None:
     ours, theirs = pair
     buffer = frames.SharedBuffer.create(1 << 20)
-    arrays = [np.arange(50_000, dtype=np.float32), np.full((3, 70_000), 7, np.int16)]
+    arrays: list[np.ndarray] = [
+        np.arange(50_000, dtype=np.float32),
+        np.full((3, 70_000), 7, np.int16),
+    ]
     frames.send(theirs, {"id": 3}, arrays, shared=buffer.view)
     message = frames.receive(ours)
     assert message is not None and message.header["data"] == "shared"
@@ -160,7 +163,7 @@ def test_a_shared_buffer_that_could_be_resized_is_refused() -> None:
     finally:
         os.close(fd)
     buffer = frames.SharedBuffer.create(4096)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError):  # noqa: PT011 (EPERM: the message is the C library's)
         os.ftruncate(buffer.fd, 0)
     buffer.close()
 

@@ -18,11 +18,13 @@ from onnx import TensorProto
 
 import blindfold
 
-from conftest import ServerProcess, start_server, write_self_signed
+from conftest import ServerProcess, start_server
+from helpers import write_self_signed
 from onnx_models import add_mul_model, identity_model
 from transports import send
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
+from tritonclient.http import InferenceServerClient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 UPLOAD_KEYS = ("upload-key-triton-one-long", "upload-key-triton-two-long")
@@ -39,8 +41,18 @@ def export_cert(server: ServerProcess, out: Path) -> Path:
     policy = out.with_suffix(".policy.toml")
     policy.write_text(server_policy(server).to_toml())
     result = subprocess.run(
-        [sys.executable, "-m", "blindfold", "export-cert", server.url, "--out", str(out)]
-        + ["--allow-simulation", "--policy", str(policy)],
+        [
+            sys.executable,
+            "-m",
+            "blindfold",
+            "export-cert",
+            server.url,
+            "--out",
+            str(out),
+            "--allow-simulation",
+            "--policy",
+            str(policy),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -50,10 +62,8 @@ def export_cert(server: ServerProcess, out: Path) -> Path:
     return out
 
 
-def triton(
-    server: ServerProcess, ca_file: Path, host: str = "127.0.0.1"
-) -> tritonclient_http.InferenceServerClient:
-    return tritonclient_http.InferenceServerClient(
+def triton(server: ServerProcess, ca_file: Path, host: str = "127.0.0.1") -> InferenceServerClient:
+    return InferenceServerClient(
         f"{host}:{server.port}",
         ssl=True,
         ssl_options={"ca_certs": str(ca_file)},
@@ -117,7 +127,7 @@ def test_health_and_server_metadata(server: ServerProcess, open_cert: Path, host
 
 def test_load_infer_index_open_upload(server: ServerProcess, open_cert: Path) -> None:
     """load_model(files=...) as Triton users write it, then JSON and binary inference."""
-    cases = [
+    cases: list[tuple[str, int, str, np.ndarray]] = [
         ("triton-fp32", TensorProto.FLOAT, "FP32", np.arange(6, dtype=np.float32).reshape(2, 3)),
         ("triton-int64", TensorProto.INT64, "INT64", np.array([[1, -2, 3]], dtype=np.int64)),
         (
@@ -181,7 +191,7 @@ def test_load_with_dynamic_batching(server: ServerProcess, open_cert: Path) -> N
         with triton(server, open_cert) as own:
             tensor = tritonclient_http.InferInput("x", list(data.shape), "INT32")
             tensor.set_data_from_numpy(data, binary_data=True)
-            out = own.infer(name, [tensor]).as_numpy("y")
+            out: np.ndarray | None = own.infer(name, [tensor]).as_numpy("y")
             assert out is not None
             return out
 
@@ -262,9 +272,11 @@ def test_keyed_load_and_owner_unload(keyed_server: ServerProcess, keyed_cert: Pa
 
 
 def test_other_ca_file_cannot_connect(server: ServerProcess, tmp_path: Path) -> None:
-    with triton(server, write_self_signed(tmp_path, "someone-else")[0]) as client:
-        with pytest.raises(ssl.SSLError) as failure:
-            client.is_server_live()
+    with (
+        triton(server, write_self_signed(tmp_path, "someone-else")[0]) as client,
+        pytest.raises(ssl.SSLError) as failure,
+    ):
+        client.is_server_live()
     assert (
         "CERTIFICATE_VERIFY_FAILED" in str(failure.value)
         or "certificate" in str(failure.value).lower()
@@ -297,7 +309,7 @@ def test_ca_environment_does_not_make_tritonclient_trust_a_proxy(
     try:
         for variable in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
             monkeypatch.setenv(variable, str(proxy.cert_path))
-        client = tritonclient_http.InferenceServerClient(
+        client = InferenceServerClient(
             f"127.0.0.1:{proxy.port}",
             ssl=True,
             ssl_options={"ca_certs": str(open_cert)},
@@ -320,9 +332,7 @@ def owner_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
-def load_with(
-    client: tritonclient_http.InferenceServerClient, name: str, headers: dict[str, str]
-) -> None:
+def load_with(client: InferenceServerClient, name: str, headers: dict[str, str]) -> None:
     client.load_model(
         name,
         config=config_for(name),
@@ -336,12 +346,12 @@ def bearer(secret: str) -> dict[str, str]:
 
 
 def infer_ones(
-    client: tritonclient_http.InferenceServerClient, name: str, headers: dict[str, str] | None
+    client: InferenceServerClient, name: str, headers: dict[str, str] | None
 ) -> np.ndarray:
     tensor = tritonclient_http.InferInput("x", [1, 3], "FP32")
     tensor.set_data_from_numpy(np.ones((1, 3), np.float32), binary_data=True)
     result = client.infer(name, [tensor], headers=headers)
-    out = result.as_numpy("y")
+    out: np.ndarray | None = result.as_numpy("y")
     assert out is not None
     return out
 

@@ -5,7 +5,6 @@ model that does not exist (same status, same message), by name and by hash."""
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,10 +12,10 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-import blindfold
 from blindfold.client.client import Client
 
 from conftest import ServerProcess, start_server
+from helpers import connect
 from onnx_models import identity_model
 from transports import send
 
@@ -36,12 +35,6 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     process.stop()
 
 
-def _connect(server: ServerProcess, token: str | None = None) -> Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(server.url, allow_simulation=True, token=token)
-
-
 def _answer(client: Client, method: str, path: str, token: str | None) -> tuple[int, str]:
     body = b"{}" if method == "POST" else None
     response = send(client, method, path, body, token=token or client.token)
@@ -53,7 +46,7 @@ def _answer(client: Client, method: str, path: str, token: str | None) -> tuple[
 def test_restricted_model_is_indistinguishable_from_a_missing_one(
     keyed: ServerProcess, tmp_path: Path
 ) -> None:
-    with _connect(keyed, UPLOAD_KEY) as uploader:
+    with connect(keyed, UPLOAD_KEY) as uploader:
         public = uploader.upload_model(
             identity_model(TensorProto.FLOAT, name="vis-pub"), name="vis-public", public=True
         )
@@ -66,13 +59,13 @@ def test_restricted_model_is_indistinguishable_from_a_missing_one(
             public=False,
         )
     assert secret.owner_token and other.owner_token
-    with _connect(keyed, secret.owner_token) as owner:
+    with connect(keyed, secret.owner_token) as owner:
         _, run_key = owner.create_run_key("vis-secret")
-    _, other_run_key = _connect(keyed, other.owner_token).create_run_key("vis-other")
+    _, other_run_key = connect(keyed, other.owner_token).create_run_key("vis-other")
 
     outsiders = [None, "bfr_guessed-run-key", other_run_key, other.owner_token, UPLOAD_KEY]
     references = {"vis-secret": "vis-missing", f"sha256:{secret.sha256}": f"sha256:{'0' * 64}"}
-    with _connect(keyed) as anonymous:
+    with connect(keyed) as anonymous:
         for token in outsiders:
             for hidden, missing in references.items():
                 for suffix, method in (("", "GET"), ("/ready", "GET"), ("/infer", "POST")):
@@ -80,7 +73,7 @@ def test_restricted_model_is_indistinguishable_from_a_missing_one(
                     absent = _answer(anonymous, method, f"/v2/models/{missing}{suffix}", token)
                     assert seen[0] == absent[0] == 404, (token, hidden, suffix, seen)
                     assert seen[1].replace(hidden, "?") == absent[1].replace(missing, "?")
-            with _connect(keyed, token) as holder:
+            with connect(keyed, token) as holder:
                 names = {row["name"] for row in holder.list_models()}
             assert "vis-secret" not in names
             assert secret.sha256 not in str(names)
@@ -89,7 +82,7 @@ def test_restricted_model_is_indistinguishable_from_a_missing_one(
 
     # The owner and a run-key holder still see and run it.
     for token in (secret.owner_token, run_key):
-        with _connect(keyed, token) as holder:
+        with connect(keyed, token) as holder:
             rows = {row["name"]: row for row in holder.list_models()}
             assert rows["vis-secret"]["sha256"] == secret.sha256
             assert "vis-other" not in rows

@@ -32,7 +32,7 @@ SENTENCE = "The staff were wonderful and the treatment worked, I feel great!"
 WORDS = """the a an and or but not no very really so too i you we they it this that was were is
 are be been feel felt great good wonderful excellent happy love loved like best amazing
 bad terrible awful sad hate hated worst poor boring slow rude pain staff treatment worked
-work movie food service doctor nurse hospital day time!""".split()
+work movie food service doctor nurse hospital day time!""".split()  # noqa: SIM905 (a paragraph of words reads better than a list)
 
 
 def vocabulary(size: int) -> list[str]:

@@ -10,6 +10,8 @@ Everything a caller names (the client, what it verified, policies, receipts, eve
 and the simulation warning) is importable from here.
 """
 
+# The one place the version is written: pyproject.toml reads it from here (setuptools'
+# dynamic version), the server's metadata (GET /v2) and the OpenAPI document state it.
 __version__ = "0.1.0"
 
 from blindfold.attestation.kinds import VerifierOptions

@@ -53,7 +53,9 @@ BODY_LEN = {"sgx": 384, "tdx": 584}
 
 
 @pytest.fixture
-def vector(request: pytest.FixtureRequest, vectors_dir: Path, vector_manifest: list[dict]) -> Any:
+def vector(
+    request: pytest.FixtureRequest, vectors_dir: Path, vector_manifest: list[dict[str, Any]]
+) -> Any:
     by_id = {v["id"]: v for v in vector_manifest}
     v = dict(by_id[request.param])
     folder = vectors_dir / v["dir"]
@@ -76,7 +78,9 @@ def _expected_measurements(v: dict[str, Any]) -> dict[str, Any]:
     return expected
 
 
-def _other_collateral(v: dict[str, Any], vectors_dir: Path, manifest: list[dict]) -> list[Any]:
+def _other_collateral(
+    v: dict[str, Any], vectors_dir: Path, manifest: list[dict[str, Any]]
+) -> list[Any]:
     others = [
         o
         for o in manifest
@@ -167,7 +171,7 @@ def test_one_flipped_bit_is_rejected(vector: dict[str, Any], field: str) -> None
 
 @pytest.mark.parametrize("vector", ACCEPTED, indirect=True)
 def test_another_vectors_collateral_is_rejected(
-    vector: dict[str, Any], vectors_dir: Path, vector_manifest: list[dict]
+    vector: dict[str, Any], vectors_dir: Path, vector_manifest: list[dict[str, Any]]
 ) -> None:
     others = _other_collateral(vector, vectors_dir, vector_manifest)
     assert others, "need a second vector of the same kind"
@@ -185,7 +189,7 @@ def test_tampered_tcb_info_is_rejected(vector: dict[str, Any]) -> None:
     split["tcb_info.json"] = split["tcb_info.json"].replace(
         b'"tcbEvaluationDataNumber":', b'"tcbEvaluationDataNumber": ', 1
     )
-    with pytest.raises(EvidenceError, match="signature|TCB"):
+    with pytest.raises(EvidenceError, match=r"signature|TCB"):
         vector["verify"](vector["quote"], split, vector["verify_at"])
 
 
@@ -236,7 +240,7 @@ def test_truncated_quote_is_rejected(vector: dict[str, Any], cut: int) -> None:
 @pytest.mark.parametrize("vector", ACCEPTED, indirect=True)
 @pytest.mark.parametrize("garbage", [b"", b"garbage" * 100, bytes(range(256)) * 20])
 def test_garbage_is_rejected(vector: dict[str, Any], garbage: bytes) -> None:
-    with pytest.raises(EvidenceError, match="truncated|not a supported DCAP quote"):
+    with pytest.raises(EvidenceError, match=r"truncated|not a supported DCAP quote"):
         vector["verify"](garbage, vector["collateral"], vector["verify_at"])
 
 
@@ -268,7 +272,7 @@ class _RevokedVerifier:
 def test_revoked_status_is_rejected(
     vector: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dcap.dcap_qvl, "QuoteVerifier", _RevokedVerifier)
+    monkeypatch.setattr(dcap_qvl, "QuoteVerifier", _RevokedVerifier)
     with pytest.raises(EvidenceError, match="Revoked"):
         vector["verify"](vector["quote"], vector["collateral"], vector["verify_at"])
 
@@ -276,7 +280,7 @@ def test_revoked_status_is_rejected(
 @pytest.mark.parametrize("vector", ACCEPTED, indirect=True)
 def test_incomplete_collateral_names_what_is_missing(vector: dict[str, Any]) -> None:
     partial = {"tcb_info.json": vector["collateral"]["tcb_info.json"]}
-    with pytest.raises(EvidenceError, match="qe_identity.json"):
+    with pytest.raises(EvidenceError, match=r"qe_identity.json"):
         vector["verify"](vector["quote"], partial, vector["verify_at"])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -80,6 +81,7 @@ def test_endorsements_verify_and_refuse_tampering(curve: str) -> None:
         parsed.verify(hashlib.sha256(b"other").digest())
     with pytest.raises(EvidenceError, match="does not verify"):
         Endorsement.from_json(endorsement.to_json() | {"deployment": "staging"}).verify(SPKI)
+    broken: object
     for broken in ({}, {"format": "x"}, endorsement.to_json() | {"signature": "!"}, []):
         with pytest.raises(EvidenceError, match="malformed"):
             Endorsement.from_json(broken)
@@ -156,7 +158,7 @@ def test_same_deployment_decision() -> None:
 
 @pytest.mark.parametrize("vector_id", ["sev-snp/virtee-milan", "sev-snp/gosevguest-milan"])
 def test_real_snp_evidence_without_host_data_names_no_deployment(
-    vector_id: str, vectors_dir: Path, vector_manifest: list[dict[str, object]]
+    vector_id: str, vectors_dir: Path, vector_manifest: list[dict[str, Any]]
 ) -> None:
     from blindfold.attestation import sevsnp
 

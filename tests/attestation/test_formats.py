@@ -91,7 +91,7 @@ def test_quote_debug_bits_are_read(vectors_dir: Path) -> None:
 def test_v5_and_unknown_quotes_are_refused_with_the_reason(vectors_dir: Path) -> None:
     tdx = (vectors_dir / "tdx/dcapqvl-sample-fmspc-B0C06F000000" / "quote.bin").read_bytes()
     v5 = struct.pack("<H", 5) + tdx[2:48] + struct.pack("<HI", 2, 584) + tdx[48:]
-    with pytest.raises(EvidenceError, match="version 5 .*TDX 1.5.* not supported"):
+    with pytest.raises(EvidenceError, match=r"version 5 .*TDX 1.5.* not supported"):
         dcap.parse_quote(v5)
     with pytest.raises(EvidenceError, match="version 7"):
         dcap.parse_quote(struct.pack("<H", 7) + tdx[2:])
@@ -266,7 +266,7 @@ def test_signed_text_cut_whatever_the_key_order_and_spacing(vectors_dir: Path) -
     ],
 )
 def test_malformed_signed_json_is_refused(body: bytes) -> None:
-    with pytest.raises(EvidenceError, match="tcb_info.json is not an Intel PCS response"):
+    with pytest.raises(EvidenceError, match=r"tcb_info.json is not an Intel PCS response"):
         files.signed_body(body, "tcbInfo", files.TCB_INFO)
 
 

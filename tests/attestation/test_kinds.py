@@ -22,7 +22,7 @@ from blindfold.attestation.verify import verify_evidence, verify_server_evidence
 from blindfold.cli import main
 from blindfold.errors import ConfigurationError, EvidenceError
 
-from conftest import write_self_signed
+from helpers import write_self_signed
 
 # --- AllOf ---
 

@@ -69,7 +69,9 @@ class Snp:
 
 
 @pytest.fixture(params=SNP_IDS)
-def snp(request: pytest.FixtureRequest, vectors_dir: Path, vector_manifest: list) -> Snp:
+def snp(
+    request: pytest.FixtureRequest, vectors_dir: Path, vector_manifest: list[dict[str, Any]]
+) -> Snp:
     return Snp(vectors_dir, vector_manifest, request.param)
 
 
@@ -123,7 +125,7 @@ def test_snp_vcek_pem_is_accepted(snp: Snp) -> None:
 
 
 @pytest.mark.parametrize(
-    "field,offset",
+    ("field", "offset"),
     [
         ("report_data", 0x50 + 7),
         ("measurement", 0x90 + 3),
@@ -144,7 +146,7 @@ def test_snp_flipped_chip_id_is_rejected(snp: Snp) -> None:
 
 
 def test_snp_collateral_of_another_vector_is_rejected(
-    snp: Snp, vectors_dir: Path, vector_manifest: list
+    snp: Snp, vectors_dir: Path, vector_manifest: list[dict[str, Any]]
 ) -> None:
     other_id = next(i for i in SNP_IDS if i != snp.vector["id"])
     other = Snp(vectors_dir, vector_manifest, other_id)
@@ -191,14 +193,14 @@ def test_snp_vcek_from_cache_dir(snp: Snp, tmp_path: Path) -> None:
 
 
 def test_snp_missing_vcek_says_what_to_do(snp: Snp, tmp_path: Path) -> None:
-    with pytest.raises(EvidenceError, match="no VCEK.*vcek_cache_dir"):
+    with pytest.raises(EvidenceError, match=r"no VCEK.*vcek_cache_dir"):
         snp.verify(collateral={})
     with pytest.raises(EvidenceError, match="KDS"):
         snp.verify(collateral={}, vcek_cache_dir=tmp_path)
 
 
 def test_snp_cached_vcek_for_another_chip_is_rejected(
-    snp: Snp, tmp_path: Path, vectors_dir: Path, vector_manifest: list
+    snp: Snp, tmp_path: Path, vectors_dir: Path, vector_manifest: list[dict[str, Any]]
 ) -> None:
     other = Snp(vectors_dir, vector_manifest, next(i for i in SNP_IDS if i != snp.vector["id"]))
     report = snp_format.parse_report(snp.report)
@@ -215,7 +217,7 @@ def test_snp_foreign_ark_is_rejected(snp: Snp) -> None:
 
 
 def test_snp_garbage_vcek_is_rejected(snp: Snp) -> None:
-    with pytest.raises(EvidenceError, match="not a valid X.509"):
+    with pytest.raises(EvidenceError, match=r"not a valid X.509"):
         snp.verify(collateral={"vcek.der": b"garbage"})
 
 
@@ -259,11 +261,14 @@ class Nitro:
 
     def payload(self) -> dict[str, Any]:
         cose = cbor2.loads(self.doc)
-        return cbor2.loads(cose[2])
+        payload: dict[str, Any] = cbor2.loads(cose[2])
+        return payload
 
 
 @pytest.fixture(params=NITRO_IDS)
-def doc(request: pytest.FixtureRequest, vectors_dir: Path, vector_manifest: list) -> Nitro:
+def doc(
+    request: pytest.FixtureRequest, vectors_dir: Path, vector_manifest: list[dict[str, Any]]
+) -> Nitro:
     return Nitro(vectors_dir, vector_manifest, request.param)
 
 
@@ -330,7 +335,7 @@ def test_nitro_flipped_signature_is_rejected(doc: Nitro) -> None:
 
 
 def test_nitro_certificates_of_another_vector_are_rejected(
-    doc: Nitro, vectors_dir: Path, vector_manifest: list
+    doc: Nitro, vectors_dir: Path, vector_manifest: list[dict[str, Any]]
 ) -> None:
     other = Nitro(vectors_dir, vector_manifest, next(i for i in NITRO_IDS if i != doc.vector["id"]))
     theirs = other.payload()
@@ -369,7 +374,7 @@ def test_nitro_outside_validity_window_is_rejected(doc: Nitro) -> None:
 
 
 def test_nitro_truncated_document_is_rejected(doc: Nitro) -> None:
-    with pytest.raises(EvidenceError, match="not valid CBOR.*truncated"):
+    with pytest.raises(EvidenceError, match=r"not valid CBOR.*truncated"):
         doc.verify(doc=doc.doc[: len(doc.doc) // 2])
     with pytest.raises(EvidenceError, match="not valid CBOR"):
         doc.verify(doc=doc.doc[:-1])
@@ -403,5 +408,5 @@ def test_nitro_missing_field_is_rejected(doc: Nitro) -> None:
 
 def test_snp_ask_ark_with_one_certificate_is_rejected(snp: Snp) -> None:
     only_vcek = {**snp.collateral, "ask_ark.pem": snp.collateral["vcek.der"]}
-    with pytest.raises(EvidenceError, match="collateral 'ask_ark.pem': expected 2 certificates"):
+    with pytest.raises(EvidenceError, match=r"collateral 'ask_ark.pem': expected 2 certificates"):
         snp.verify(collateral=only_vcek)

@@ -99,7 +99,7 @@ def bundled_root() -> x509.Certificate:
 
 def _load_chain(doc: dict[str, Any]) -> list[x509.Certificate]:
     """Root first, leaf last: cabundle[0] (the root), cabundle[1:], certificate."""
-    blobs = list(doc["cabundle"]) + [doc["certificate"]]
+    blobs = [*doc["cabundle"], doc["certificate"]]
     if len(doc["cabundle"]) == 0:
         raise EvidenceError(
             "Nitro attestation document has an empty cabundle; expected the AWS Nitro root "

@@ -14,11 +14,12 @@ kind means adding a spec here and a `TeeKind` in `attestation.kinds`.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+import tomllib
 
 from blindfold.attestation.formats import snp
 from blindfold.attestation.verdict import Verdict
@@ -31,11 +32,6 @@ from blindfold.errors import (
 
 if TYPE_CHECKING:
     from blindfold.attestation.deployment import DeploymentPolicy
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 _UPDATE_ADVICE = "If the server was updated on purpose, update the policy's {field} after review."
 

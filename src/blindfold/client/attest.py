@@ -18,7 +18,7 @@ import http.client
 import json
 import secrets
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cryptography import x509
@@ -63,7 +63,7 @@ class AttestedServer:
     spki_sha256: bytes
     nonce: bytes | None
     endorsement: Endorsement | None = None
-    deployment: DeploymentIdentity = DeploymentIdentity()
+    deployment: DeploymentIdentity = field(default_factory=DeploymentIdentity)
     # The identity document the evidence binds (None from a server that predates it).
     identity: IdentityDocument | None = None
 
@@ -135,9 +135,12 @@ def _read_bounded(response: http.client.HTTPResponse, where: str) -> bytes:
         "unread: this is not a Blindfold server, or someone on the path is attacking the client"
     )
     declared = response.getheader("content-length")
-    if declared is not None and declared.strip().isdigit():
-        if int(declared) > MAX_ATTESTATION_BYTES:
-            raise too_large
+    if (
+        declared is not None
+        and declared.strip().isdigit()
+        and int(declared) > MAX_ATTESTATION_BYTES
+    ):
+        raise too_large
     body = response.read(MAX_ATTESTATION_BYTES + 1)
     if len(body) > MAX_ATTESTATION_BYTES:
         raise too_large

@@ -611,7 +611,11 @@ class Client:
         receipt = Receipt.from_json(document)
         certificate = x509.load_pem_x509_certificate(self.attestation.certificate_pem.encode())
         public_key = certificate.public_key()
-        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise ReceiptError(
+                "the attested certificate's key is not an EC key, so it cannot have signed "
+                "an inference receipt; the server is not a Blindfold server"
+            )
         self._receipt_chain.verify(
             receipt,
             public_key,

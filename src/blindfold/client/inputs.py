@@ -20,17 +20,16 @@ def to_array(value: Any, name: str, datatype: str, dtype: Any = None) -> np.ndar
     if _is_torch(value):
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
-        if dtype is not None:
-            value = value.astype(dtype, copy=False)
-        found = tensors.np_to_oip_dtype(value.dtype)
+        array: np.ndarray = value if dtype is None else value.astype(dtype, copy=False)
+        found = tensors.np_to_oip_dtype(array.dtype)
         if found != datatype:
             raise InputError(
-                f"input {name!r} is {value.dtype} ({found}) but the model expects {datatype}; "
+                f"input {name!r} is {array.dtype} ({found}) but the model expects {datatype}; "
                 f"convert it, e.g. array.astype({tensors.oip_to_np_dtype(datatype).name!r})"
                 if datatype != "BYTES"
-                else f"input {name!r} is {value.dtype} but the model expects strings (BYTES)"
+                else f"input {name!r} is {array.dtype} but the model expects strings (BYTES)"
             )
-        return value
+        return array
     if isinstance(value, (list, tuple, int, float, bool, str, bytes)):
         target = dtype if dtype is not None else tensors.oip_to_np_dtype(datatype)
         try:

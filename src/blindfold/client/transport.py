@@ -116,7 +116,11 @@ class PinnedConnection(http.client.HTTPSConnection):
                 f"attested one ({exc.verify_message}); it restarted or someone is in the "
                 "middle. No data was sent."
             ) from None
-        assert isinstance(self.sock, ssl.SSLSocket)
+        if not isinstance(self.sock, ssl.SSLSocket):
+            raise PinnedKeyMismatch(
+                f"the connection to {self.host}:{self.port} is not TLS, so its key cannot be "
+                "checked against the attested one. No data was sent."
+            )
         self.peer_certificate = self.sock.getpeercert(binary_form=True) or b""
         if self._pin is not None and spki_sha256(self.peer_certificate) != self._pin:
             self.sock.close()

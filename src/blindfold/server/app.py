@@ -543,7 +543,8 @@ async def revoke_run_key(request: Request) -> Response:
 
 
 async def rejected(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestRejected)
+    if not isinstance(exc, RequestRejected):  # registered for RequestRejected only
+        raise exc
     headers = dict(exc.headers)
     if await admission.must_close(request):
         headers["Connection"] = "close"
@@ -643,7 +644,8 @@ ROUTES = [
 
 async def no_route(request: Request, exc: Exception) -> Response:
     """Starlette's own answers (no such route, or method) as JSON errors like all others."""
-    assert isinstance(exc, HTTPException)
+    if not isinstance(exc, HTTPException):  # registered for HTTPException only
+        raise exc
     what = "no such route" if exc.status_code == 404 else exc.detail
     response = JSONResponse(
         {"error": f"{what}; the routes are described at GET /openapi.json"},

@@ -37,13 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from blindfold.attestation.policy import Policy, tomllib
+from blindfold.attestation.policy import Policy
 from blindfold.attestation.verdict import Evidence, Verdict
 from blindfold.attestation.verify import verify_evidence
 from blindfold.client.attest import attest

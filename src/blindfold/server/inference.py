@@ -17,7 +17,8 @@ from blindfold.receipts import ReceiptSigner
 from blindfold.server.model_record import ModelRecord
 from blindfold.server.pools import Pool
 from blindfold.server.refusals import InvalidRequest
-from blindfold.server.runtime import InferenceRunner, RunTiming, Session
+from blindfold.server.runtime import InferenceRunner, Session
+from blindfold.server.scheduler import RunTiming
 
 # The receipt format signs the nonce as lowercase hex (receipts.Receipt).
 RECEIPT_NONCE = re.compile(r"(?:[0-9a-f]{2})*")

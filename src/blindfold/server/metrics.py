@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from blindfold.errors import RequestRejected
 from blindfold.server import http_errors
 from blindfold.server.refusals import Refusal
-from blindfold.server.runtime import RunTiming
+from blindfold.server.scheduler import RunTiming
 
 RESTRICTED = "(restricted)"
 CONTENT_TYPE = CONTENT_TYPE_LATEST

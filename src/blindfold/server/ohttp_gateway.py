@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from blindfold import ohttp
 from blindfold.errors import RequestRejected
 from blindfold.server.admission import read_body
+from blindfold.server.limits import Limits
 
 logger = logging.getLogger("blindfold.server")
 
@@ -92,7 +93,7 @@ class _Inner(Exception):
 
 
 def body_limit(state: Any) -> int:
-    limits = state.service.limits
+    limits: Limits = state.service.limits
     return max(limits.max_model_bytes, limits.max_request_bytes) + FRAMING_SLACK
 
 

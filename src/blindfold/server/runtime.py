@@ -223,7 +223,8 @@ class IsolatedSession(Session):
         if worker is None or not worker.alive:
             await asyncio.to_thread(self._start)
             worker = self._worker
-            assert worker is not None
+            if worker is None:  # close() ran between the start and here
+                raise Conflict("the model was unloaded while this request waited")
         names = list(feeds)
         arrays = [feeds[name] for name in names]
         try:

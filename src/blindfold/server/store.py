@@ -443,7 +443,12 @@ class ModelStore:
             if verified is None:
                 self._create(db)
                 verified = self._verify(db, epoch_path, external, reset)
-                assert verified is not None
+                if verified is None:
+                    raise StoreError(
+                        f"the model store database {path} was created but reads back empty; "
+                        "check that the directory is writable and not replaced underneath "
+                        "the server"
+                    )
         except sqlite3.DatabaseError as exc:
             db.close()
             raise StoreError(f"cannot open the store database {path}: {exc}") from None
@@ -885,7 +890,7 @@ class ModelStore:
         for counter in self._counters:
             try:
                 counter.advance(epoch)
-            except Exception as exc:  # noqa: BLE001 - an external counter may raise anything
+            except Exception as exc:
                 logger.error(
                     "store: cannot advance %s to epoch %d (%s): a rollback to the previous "
                     "epoch would go unnoticed until the next change",

@@ -30,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from blindfold import tensors
+from blindfold.errors import InputError
 from blindfold.server import tensor_frames as frames
 
 _CLONE_NEWUSER = 0x10000000
@@ -66,7 +67,7 @@ def main(sock: socket.socket, settings: WorkerSettings) -> None:
         session = _load(bytes(message.data), options)
         message.data.release()
         del message
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types
+    except Exception as exc:
         # The text goes back to the uploader: it names operators and types, and at this point
         # the worker has seen nothing but the uploader's own model.
         _send(sock, threading.Lock(), {"ok": False, "error": "load_failed", "detail": str(exc)})
@@ -191,7 +192,7 @@ def _serve_run(
     try:
         results = session.run(header["outputs"], feeds, options)
         outputs = [_checked_output(value) for value in results]
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types
+    except Exception as exc:
         error = "timeout" if options.terminate else _error_kind(exc)
         _send(sock, lock, {"id": request_id, "ok": False, "error": error, "detail": _kind(exc)})
         return
@@ -292,7 +293,7 @@ def _checked_output(value: Any) -> np.ndarray:
 def _error_kind(exc: Exception) -> str:
     if isinstance(exc, MemoryError):
         return "memory"
-    if isinstance(exc, (UnsupportedOutput, tensors.InputError)):
+    if isinstance(exc, (UnsupportedOutput, InputError)):
         return "unsupported_output"
     text = str(exc)
     if "bad_alloc" in text or "Failed to allocate" in text or "failed to allocate" in text:

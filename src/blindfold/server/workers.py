@@ -15,6 +15,7 @@ TLS and sealing keys into every worker). Answers are read as data, never unpickl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -260,10 +261,8 @@ class ModelWorker:
             self._killed_because = because
         if self._process.pid is not None and self._process.exitcode is None:
             self._process.kill()
-        try:
+        with contextlib.suppress(OSError):
             self._socket.shutdown(socket.SHUT_RDWR)  # the reader sees the end at once
-        except OSError:
-            pass
         if self._death is None and (self._loop is None or not self._loop.is_running()):
             # No event loop reads its socket (it never ran, or the server is stopping): no
             # reader will see the end, so tidy up here.

@@ -203,7 +203,8 @@ class ConfigfsTsmProvider:
         parsed, platform = read_quote(quote, "tdx")
         if parsed.report_data != report_data:
             raise TeeUnavailable("the TDX quote does not carry the requested report data")
-        assert self._collateral is not None
+        if self._collateral is None:  # created for kind "tdx", the only caller
+            raise TeeUnavailable("no Intel collateral source is configured for TDX quotes")
         collateral = self._collateral.get(platform)
         return Evidence(self.kind, quote, dict(collateral.files))
 

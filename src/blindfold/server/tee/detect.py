@@ -7,6 +7,7 @@ removing one configfs-tsm entry to read its `provider` when no device node gives
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +57,8 @@ def _configfs_provider(root: Path) -> str | None:
     except OSError:
         return None
     finally:
-        try:
+        with contextlib.suppress(OSError):
             entry.rmdir()
-        except OSError:
-            pass
 
 
 def detect_tee(allow_simulation_fallback: bool, paths: TeePaths | None = None) -> str:

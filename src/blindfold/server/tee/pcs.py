@@ -38,8 +38,13 @@ INTEL_ROOT_CA_CRL_URL = "https://certificates.trustedservices.intel.com/IntelSGX
 
 def urllib_fetch(url: str, timeout: float = 30.0) -> tuple[bytes, dict[str, str]]:
     """The default fetch: one HTTPS GET with the system trust store."""
-    request = urllib.request.Request(url, headers={"Accept": "*/*"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (https)
+    if urllib.parse.urlsplit(url).scheme not in ("https", "http"):
+        # urlopen would also read file: and custom schemes; collateral only comes over HTTP.
+        raise CollateralUnavailable(
+            f"collateral URL {url[:200]!r} is not http(s); give an https:// PCS or PCCS URL"
+        )
+    request = urllib.request.Request(url, headers={"Accept": "*/*"})  # noqa: S310 (checked above)
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (checked above)
         return response.read(), {k: v for k, v in response.headers.items()}
 
 
