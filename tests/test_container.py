@@ -34,6 +34,7 @@ from onnx import TensorProto
 from conftest import PROJECT_ROOT, free_port
 from helpers import connect
 from onnx_models import identity_model
+from server_process import debian_tool
 
 pytestmark = pytest.mark.container
 
@@ -58,16 +59,8 @@ def _run(command: list[str], timeout: float, **kwargs: Any) -> subprocess.Comple
 
 def _install_host_tools() -> None:
     """apt-get installs podman, runc and debootstrap when missing, or skips saying why."""
-    missing = [package for tool, package in HOST_TOOLS.items() if shutil.which(tool) is None]
-    if not missing:
-        return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip(f"needs {', '.join(missing)} (Debian packages) and root to install them")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", *missing]):
-        result = _run(command, timeout=900, env=env)
-        if result.returncode != 0:
-            pytest.skip(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
+    for tool, package in HOST_TOOLS.items():
+        debian_tool(tool, package)
 
 
 def _os_release() -> dict[str, str]:

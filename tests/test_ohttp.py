@@ -12,7 +12,6 @@ import asyncio
 import email.utils
 import http.client
 import json
-import shutil
 import socket
 import ssl
 import subprocess
@@ -38,11 +37,9 @@ from blindfold.errors import EvidenceError, PinnedKeyMismatch, ReportDataMismatc
 
 from conftest import ServerProcess, free_port, start_server
 from helpers import write_self_signed
-from server_process import unverified_context
+from server_process import debian_tool, unverified_context
 
 pytestmark = pytest.mark.filterwarnings("ignore:SIMULATION TEE")
-
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 
 def _secret_model(seed: int = 11) -> tuple[onnx.ModelProto, bytes]:
@@ -130,7 +127,7 @@ class RecordingRelay:
 
 
 class Nginx:
-    def __init__(self, directory: Path, upstream_port: int) -> None:
+    def __init__(self, executable: str, directory: Path, upstream_port: int) -> None:
         self.directory = directory
         self.cert_path, key_path = write_self_signed(directory, "proxy")
         self.port = free_port()
@@ -168,7 +165,7 @@ http {{
 """
         )
         self.process = subprocess.Popen(
-            [NGINX, "-c", str(config), "-g", "daemon off;"],
+            [executable, "-c", str(config), "-g", "daemon off;"],
             stdout=subprocess.DEVNULL,
             stderr=(directory / "nginx.stderr").open("wb"),
         )
@@ -212,10 +209,9 @@ def gateway_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
 def proxied(
     gateway_server: ServerProcess, tmp_path: Path
 ) -> Iterator[tuple[Nginx, RecordingRelay]]:
-    if not Path(NGINX).exists():
-        pytest.skip("nginx is not installed (apt-get install -y nginx-light)")
+    nginx_path = debian_tool("nginx", "nginx-light")
     relay = RecordingRelay(gateway_server.port)
-    nginx = Nginx(tmp_path, relay.port)
+    nginx = Nginx(nginx_path, tmp_path, relay.port)
     yield nginx, relay
     nginx.stop()
     relay.close()
