@@ -36,6 +36,7 @@ from blindfold.server.worker import (
     session_options,
     tensor_spec,
     to_ort,
+    warm_up,
 )
 from blindfold.server.workers import ModelWorker, WorkerDied
 
@@ -213,6 +214,7 @@ class IsolatedSession(Session):
                 raise RequestRejected(400, f"onnxruntime cannot load the model: {detail}")
             self._worker = worker
             _report_confinement(_confinement(worker.ready))
+            _report_warmup(self.sha256, worker.ready)
             return worker.ready
 
     async def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -269,6 +271,23 @@ def _confinement(ready: Mapping[str, Any]) -> str:
     return value if value in (CONFINED_CHROOT, CONFINED_CHDIR) else "unknown"
 
 
+def _report_warmup(sha256: str, ready: Mapping[str, Any]) -> None:
+    """Logs whether the worker ran the model once on zero inputs before reporting it ready
+    (so the first user request pays no first-run cost). A failed warm-up does not refuse
+    the model: some models need particular shapes or values."""
+    # The answer comes from a process that has run an untrusted model: printable, bounded.
+    warmup = _printable(str(ready.get("warmup", "not reported")))[:200]
+    if warmup == "ok":
+        logger.info("model sha256:%s warmed up (one run on zero inputs) before ready", sha256)
+    else:
+        logger.warning(
+            "model sha256:%s was not warmed up (%s); its first request pays onnxruntime's "
+            "first-run cost",
+            sha256,
+            warmup,
+        )
+
+
 _reported_confinements: set[str] = set()
 _report_lock = threading.Lock()
 
@@ -320,6 +339,7 @@ class InProcessSession(Session):
             self._session = ort.InferenceSession(
                 data, sess_options=options, providers=["CPUExecutionProvider"]
             )
+            self._session._model_bytes = None  # see worker._load: a second copy otherwise
         except Exception as exc:  # onnxruntime raises several unrelated exception types
             self.close()
             raise RequestRejected(
@@ -327,6 +347,8 @@ class InProcessSession(Session):
             ) from None
         self.inputs = [_trusted_spec(arg) for arg in self._session.get_inputs()]
         self.outputs = [_trusted_spec(arg) for arg in self._session.get_outputs()]
+        # No watchdog runs in the front process, and this unsafe mode enforces no time limit.
+        _report_warmup(sha256, {"warmup": warm_up(self._session, 3600.0)})
 
     async def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
