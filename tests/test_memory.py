@@ -141,3 +141,27 @@ def test_a_path_loaded_model_cannot_read_any_file_as_external_data(
         assert "external" in str(refused.value).lower()
     finally:
         runner.shutdown()
+
+
+def test_an_upload_streams_into_one_copy_in_the_front(server: ServerProcess) -> None:
+    """The front holds an upload once: streamed into a sealed memfd that the checker reads
+    in place (its parse is the one other copy, freed before the worker loads). Buffering the
+    body, copying it to bytes and again into a memfd held it three times over, plus the
+    parse. The worker's own load peak beyond its loaded session (onnxruntime reading the
+    file, and prepacking MatMul weights) stays well under one more copy of the model and a
+    half."""
+    size = 96
+    with connect(server) as client:
+        warm = client.upload_model(identity_model(TensorProto.FLOAT, [6]), name="mem-peak-warm")
+        front = server.process.pid
+        before = proc_field(front, "status", "VmHWM")
+        known = workers(server)
+        model = client.upload_model(weights_model(size, seed=1), name="mem-peak")
+        (worker,) = workers(server) - known
+        front_growth = proc_field(front, "status", "VmHWM") - before
+        load_transient = proc_field(worker, "status", "VmHWM") - tree_memory(worker)
+        figures = (front_growth / MiB, load_transient / MiB)
+        assert front_growth < 2.3 * size * MiB, figures
+        assert load_transient < 1.6 * size * MiB, figures
+        client.delete_model(model.name)
+        client.delete_model(warm.name)

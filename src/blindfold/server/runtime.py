@@ -28,6 +28,7 @@ from blindfold.errors import RequestRejected
 from blindfold.server import ort_extensions, workers
 from blindfold.server import tensor_frames as frames
 from blindfold.server.limits import Limits, MiB
+from blindfold.server.model_bytes import ModelBytes, ModelData
 from blindfold.server.scheduler import DEFAULT, RunTiming, Scheduler, SchedulingOptions
 from blindfold.server.worker import (
     CONFINED_CHDIR,
@@ -160,7 +161,7 @@ class IsolatedSession(Session):
 
     def __init__(
         self,
-        data: bytes,
+        data: ModelData,
         sha256: str,
         limits: Limits,
         budget: MemoryBudget,
@@ -179,7 +180,10 @@ class IsolatedSession(Session):
             concurrency=limits.max_concurrent_inferences,
             custom_ops_library=custom_ops_library,
         )
-        self._model_fd = frames.sealed_memfd(data)
+        # The restart copy: the upload's own sealed memfd when it streamed into one.
+        self._model_fd = (
+            os.dup(data.fd) if isinstance(data, ModelBytes) else frames.sealed_memfd(data)
+        )
         self._start_lock = threading.Lock()
         self._worker: ModelWorker | None = None
         try:
@@ -491,12 +495,15 @@ class InferenceRunner:
             max_workers=limits.max_concurrent_inferences, thread_name_prefix="infer"
         )
 
-    def new_session(self, data: bytes, sha256: str) -> Session:
+    def new_session(self, data: ModelData, sha256: str) -> Session:
         """A ready session for `data` (blocking: loads the model)."""
         if self.limits.isolation:
             return IsolatedSession(
                 data, sha256, self.limits, self.budget, self._threads, self._custom_ops
             )
+        if isinstance(data, ModelBytes):  # onnxruntime in this process takes only bytes
+            with data.view() as view:
+                data = bytes(view)
         return InProcessSession(
             data, sha256, self.budget, self._threads, self._executor, self._custom_ops
         )
