@@ -45,7 +45,7 @@ import blindfold
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from server_process import proc_field, process_tree, start_server, tree_memory  # noqa: E402
+from server_process import model_workers, proc_field, start_server, tree_memory  # noqa: E402
 
 MiB = 1 << 20
 
@@ -95,14 +95,6 @@ def model_memfds(pid: int) -> int:
     return total
 
 
-def workers(front: int) -> set[int]:
-    return {
-        pid
-        for pid in process_tree(front)
-        if pid != front and proc_field(pid, "status", "PPid") // 1024 != front
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=int, default=4)
@@ -138,7 +130,7 @@ def main() -> None:
             with blindfold.connect(server.url, allow_simulation=True) as client:
                 # The fork server starts with the first upload: measure from after it.
                 first = client.upload_model(paths[0], name="m0")
-                base = tree_memory(front) - tree_memory(next(iter(workers(front))))
+                base = tree_memory(front) - tree_memory(next(iter(model_workers(front))))
                 for index in range(1, args.models):
                     client.upload_model(paths[index], name=f"m{index}")
                 loaded = tree_memory(front) - base
@@ -148,9 +140,9 @@ def main() -> None:
                 # Resets the front's VmHWM to its current resident size (proc(5) clear_refs).
                 Path(f"/proc/{front}/clear_refs").write_text("5")
                 peak_before = proc_field(front, "status", "VmHWM")
-                known = workers(front)
+                known = model_workers(front)
                 client.upload_model(paths[args.models], name="peak")
-                (worker,) = workers(front) - known
+                (worker,) = model_workers(front) - known
                 size = paths[args.models].stat().st_size
                 front_growth = proc_field(front, "status", "VmHWM") - peak_before
                 load_transient = proc_field(worker, "status", "VmHWM") - proc_field(

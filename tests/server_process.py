@@ -219,13 +219,20 @@ def process_tree(pid: int) -> list[int]:
 
 
 def proc_field(pid: int, path: str, name: str) -> int:
-    """A `Name: N kB` field of /proc/PID/status or smaps_rollup, in bytes (0 when gone)."""
+    """A `Name: N kB` field of /proc/PID/status or smaps_rollup, in bytes (0 when gone;
+    fields without a unit, such as PPid, come multiplied by 1024 too)."""
     try:
         text = Path(f"/proc/{pid}/{path}").read_text()
     except OSError:
         return 0
     line = next((x for x in text.splitlines() if x.startswith(name + ":")), None)
     return int(line.split()[1]) * 1024 if line else 0
+
+
+def model_workers(front: int) -> set[int]:
+    """A server's model workers: the processes below its fork server (its grandchildren)."""
+    children = set(process_tree(front)) - {front}
+    return {pid for pid in children if proc_field(pid, "status", "PPid") // 1024 != front}
 
 
 def tree_memory(pid: int) -> int:

@@ -19,7 +19,7 @@ from blindfold.errors import RequestRejected
 
 from conftest import ServerProcess, start_server
 from onnx_models import external_data_model, identity_model
-from server_process import proc_field, process_tree, tree_memory
+from server_process import model_workers, proc_field, tree_memory
 
 MiB = 1 << 20
 
@@ -71,13 +71,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 def workers(server: ServerProcess) -> set[int]:
-    """The model workers: the server's grandchildren (below its fork server)."""
-    front = server.process.pid
-    return {
-        pid
-        for pid in process_tree(front)
-        if pid != front and proc_field(pid, "status", "PPid") // 1024 != front
-    }
+    return model_workers(server.process.pid)
 
 
 def test_a_loaded_model_costs_one_copy_of_it_not_two(server: ServerProcess) -> None:

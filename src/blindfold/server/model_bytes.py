@@ -30,17 +30,6 @@ class ModelBytes:
         self.size = size
         self.sha256 = sha256
 
-    @classmethod
-    def from_bytes(cls, data: bytes | memoryview) -> ModelBytes:
-        """For models that arrive whole (decrypted files, a peer replica's copy)."""
-        writer = ModelBytesWriter()
-        try:
-            writer.write(data)
-            return writer.finish()
-        except BaseException:
-            writer.abandon()
-            raise
-
     def __len__(self) -> int:
         return self.size
 
