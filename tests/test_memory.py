@@ -161,3 +161,21 @@ def test_an_upload_streams_into_one_copy_in_the_front(server: ServerProcess) -> 
         assert load_transient < 1.6 * size * MiB, figures
         client.delete_model(model.name)
         client.delete_model(warm.name)
+
+
+def test_a_model_declaring_huge_inputs_loads_without_warm_up(server: ServerProcess) -> None:
+    """Warm-up zeros are not made beyond 256 MiB over all inputs (each input within the
+    server's element limit): the model loads unwarmed, and its worker's memory is left for
+    the runs users ask for."""
+    shape = [8192, 4097]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("a", "b")]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "huge", inputs, [y])
+    huge = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with connect(server) as client:
+        model = client.upload_model(huge, name="huge")
+        assert (
+            f"model sha256:{model.sha256} was not warmed up (skipped: its declared inputs "
+            "exceed 256 MiB)" in server.log()
+        )
+        client.delete_model(model.name)

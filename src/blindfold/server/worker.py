@@ -46,6 +46,9 @@ _MS_PRIVATE = 1 << 18
 _MNT_DETACH = 2
 _FD_DIRECTORY = "fd"  # where the worker sees its own descriptors while it loads the model
 MAX_NAME_LENGTH = 256
+# Warm-up inputs larger than this are not made: a model declaring huge static inputs would
+# spend its memory limit on zeros before any user asked for a run.
+WARMUP_INPUT_LIMIT = 256 << 20
 # What `_confine` achieved, as the worker reports it to the front process.
 CONFINED_CHROOT = "chroot into an empty directory"
 CONFINED_CHDIR = "empty working directory"
@@ -225,11 +228,15 @@ def warm_up(session: ort.InferenceSession, timeout: float) -> str:
     type, never a message (its text could quote the model's initializers). A model whose
     warm-up fails (one needing particular shapes or values) still loads."""
     feeds: dict[str, np.ndarray] = {}
+    total = 0
     for arg in session.get_inputs():
         entry = tensors.by_ort(arg.type)
         if entry is None:
-            return f"skipped: input {arg.name[:MAX_NAME_LENGTH]!r} is not a tensor"
+            return "skipped: an input is not a tensor"  # names come from the model: not logged
         shape = [dim if isinstance(dim, int) and dim >= 0 else 1 for dim in arg.shape or []]
+        total += int(np.prod(shape, dtype=np.float64)) * entry.numpy.itemsize
+        if total > WARMUP_INPUT_LIMIT:
+            return f"skipped: its declared inputs exceed {WARMUP_INPUT_LIMIT >> 20} MiB"
         if entry.numpy == np.dtype(object):
             feeds[arg.name] = np.full(shape, "", dtype=object)
         else:
