@@ -231,3 +231,50 @@ def inferences_served(server: ServerProcess) -> int:
         for sample in family.samples
         if sample.name == "blindfold_inferences_total"
     )
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (for the server: the fork server and the workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                status = Path(f"/proc/{entry}/status").read_text()
+            except OSError:
+                continue
+            ppid = int(next(x for x in status.splitlines() if x.startswith("PPid:")).split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found, queue = [pid], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def proc_field(pid: int, path: str, name: str) -> int:
+    """A `Name: N kB` field of /proc/PID/status or smaps_rollup, in bytes (0 when gone;
+    fields without a unit, such as PPid, come multiplied by 1024 too)."""
+    try:
+        text = Path(f"/proc/{pid}/{path}").read_text()
+    except OSError:
+        return 0
+    line = next((x for x in text.splitlines() if x.startswith(name + ":")), None)
+    return int(line.split()[1]) * 1024 if line else 0
+
+
+def model_workers(front: int) -> set[int]:
+    """A server's model workers: the processes below its fork server (its grandchildren)."""
+    children = set(process_tree(front)) - {front}
+    return {pid for pid in children if proc_field(pid, "status", "PPid") // 1024 != front}
+
+
+def tree_memory(pid: int) -> int:
+    """The proportional set size (PSS) of a process tree, in bytes: pages shared between its
+    processes count once. Memory held only in unmapped memfds is not included."""
+    return sum(proc_field(p, "smaps_rollup", "Pss") for p in process_tree(pid))
+
+
+def tree_peak(pid: int) -> int:
+    """The sum of each process's peak resident size (VmHWM) over a process tree, in bytes."""
+    return sum(proc_field(p, "status", "VmHWM") for p in process_tree(pid))

@@ -27,6 +27,8 @@ DOMAIN_MODULES = (
     "refusals.py",
     "inference.py",
     "encrypted_models.py",
+    "model_bytes.py",
+    "model_record.py",
 )
 
 

@@ -172,6 +172,18 @@ def seal_into(
     _seal_stream(key, io.BytesIO(plaintext), dst, label=label, chunk_size=chunk_size)
 
 
+def seal_reader(
+    key: bytes,
+    src: BinaryIO,
+    dst: BinaryIO,
+    *,
+    label: bytes,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> None:
+    """Seals what `src` reads (say, a model's sealed memfd) into `dst`, chunk by chunk."""
+    _seal_stream(key, src, dst, label=label, chunk_size=chunk_size)
+
+
 def seal_file(
     key: bytes,
     src: Path,

@@ -1,12 +1,14 @@
 """Admitting request bodies: the global budget of body bytes in flight, and reading a body
-into one buffer while it is counted, size-checked and (optionally) hashed.
+into one buffer (or streaming it into a sink) while it is counted, size-checked and
+(optionally) hashed.
 
-Routes authorize a request from its headers first and only then call `read_body`: a body
-the server would refuse is never read. A body that does not fit the budget is refused with
-503 and Retry-After before its first byte is read."""
+Routes authorize a request from its headers first and only then call `read_body` or
+`stream_body`: a body the server would refuse is never read. A body that does not fit the
+budget is refused with 503 and Retry-After before its first byte is read."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -131,6 +133,44 @@ async def read_body(
         raise RequestRejected(400, f"the body ended after {size} of {length} bytes")
     request.state.body_read = True
     return buffer
+
+
+async def stream_body(
+    request: Request,
+    budget: BodyBudget,
+    limit: int,
+    what: str,
+    flag: str,
+    sink: Callable[[bytes], None],
+) -> int:
+    """Passes the body to `sink` chunk by chunk (nothing is buffered here) under the same
+    rules as `read_body`: refused from its headers when it declares more than `limit` or
+    does not fit the budget, and chunk by chunk when it grows past either. The bytes the
+    sink holds stay counted in the budget until the request ends. Returns the body's size."""
+    refuse_if_larger(request, limit, what, flag)
+    length = declared_length(request)
+    reservation = _Reservation(budget)
+    request.state.body_started = True
+    request.state.reservations = [*getattr(request.state, "reservations", []), reservation]
+    if length is not None:
+        reservation.grow(length)
+    size = 0
+    async for chunk in request.stream():
+        if not chunk:
+            continue
+        end = size + len(chunk)
+        if end > limit:
+            raise _too_large(what, limit, flag)
+        if length is None:
+            reservation.grow(len(chunk))
+        elif end > length:
+            raise RequestRejected(400, "the body is longer than its Content-Length")
+        sink(chunk)
+        size = end
+    if length is not None and size != length:
+        raise RequestRejected(400, f"the body ended after {size} of {length} bytes")
+    request.state.body_read = True
+    return size
 
 
 def release(request: Request) -> None:

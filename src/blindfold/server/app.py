@@ -28,12 +28,13 @@ from blindfold.errors import ConfigurationError, EvidenceError, RequestRejected
 from blindfold.receipts import ReceiptSigner
 from blindfold.sealing import ModelKey
 from blindfold.server import admission, cluster, http_errors, logs, ohttp_gateway, oip
-from blindfold.server.admission import BodyBudget, read_body
+from blindfold.server.admission import BodyBudget, read_body, stream_body
 from blindfold.server.encrypted_models import EncryptedModels
 from blindfold.server.identity import ServerIdentity
 from blindfold.server.inference import InferenceResult, InferenceService, ReceiptRequest
 from blindfold.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from blindfold.server.metrics import LoadedModel, Metrics, Snapshot
+from blindfold.server.model_bytes import ModelBytesWriter
 from blindfold.server.model_record import ModelRecord
 from blindfold.server.models import OWNER_SECRET_HEADER
 from blindfold.server.ohttp_gateway import ReplayGuard, gateway
@@ -377,29 +378,43 @@ async def repository_load(request: Request) -> Response:
     if "public" in request.query_params:
         public = request.query_params["public"].lower() in ("1", "true", "yes")
     scheduling = SchedulingOptions.parse(request.query_params)
-    hasher = hashlib.sha256()
     if request.headers.get("content-type", "").startswith("application/octet-stream"):
-        # Blindfold's raw upload: the body is the ONNX file, no base64 blow-up, hashed as
-        # it arrives.
-        buffer = await read_body(
-            request,
-            state.body_budget,
-            limits.max_model_bytes,
-            "model",
-            "--max-model-bytes",
-            hasher,
-        )
-        # onnx and onnxruntime take bytes: one copy (off the event loop), then one again.
-        data = await state.pools.loading.call(bytes, buffer)
-        del buffer
-    else:
-        limit = limits.max_model_bytes * 4 // 3 + JSON_SLACK
-        body = await read_body(request, state.body_budget, limit, "model", "--max-model-bytes")
-        data, parameter, options = await state.pools.loading.call(_model_from_triton_load, body)
-        public = public if parameter is None else parameter
-        scheduling = scheduling if options is None else options
-        del body
-        hasher = await state.pools.loading.call(hashlib.sha256, data)
+        # Blindfold's raw upload: the body is the ONNX file, no base64 blow-up. It streams
+        # into one sealed memfd, hashed as it arrives; the checker, the store and the
+        # model's worker all read that one copy.
+        writer = ModelBytesWriter()
+        try:
+            await stream_body(
+                request,
+                state.body_budget,
+                limits.max_model_bytes,
+                "model",
+                "--max-model-bytes",
+                writer.write,
+            )
+            model = writer.finish()
+        finally:
+            writer.abandon()
+        try:
+            result = await state.service.load(
+                name,
+                model,
+                credentials.token,
+                public=public,
+                sha256=model.sha256,
+                owner_secret=credentials.owner_secret,
+                scheduling=scheduling,
+            )
+        finally:
+            model.close()  # a session made from it holds its own descriptor
+        return _load_answer(name, result)
+    limit = limits.max_model_bytes * 4 // 3 + JSON_SLACK
+    body = await read_body(request, state.body_budget, limit, "model", "--max-model-bytes")
+    data, parameter, options = await state.pools.loading.call(_model_from_triton_load, body)
+    public = public if parameter is None else parameter
+    scheduling = scheduling if options is None else options
+    del body
+    hasher = await state.pools.loading.call(hashlib.sha256, data)
     result = await state.service.load(
         name,
         data,

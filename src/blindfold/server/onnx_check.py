@@ -37,10 +37,12 @@ ONNXRUNTIME_DOMAINS = frozenset(
 )
 
 
-def check_model(data: bytes, limits: Limits) -> onnx.ModelProto:
-    """Parses and checks `data`; raises InvalidModel naming the problem."""
+def check_model(data: bytes | memoryview, limits: Limits) -> onnx.ModelProto:
+    """Parses and checks `data` (bytes, or a view of a sealed memfd); raises InvalidModel
+    naming the problem."""
+    model = onnx.ModelProto()
     try:
-        model = onnx.load_model_from_string(data)
+        model.ParseFromString(data)
     except (DecodeError, ValueError, RuntimeError):
         raise _bad("the uploaded bytes are not an ONNX model (protobuf parse failed)") from None
     if not model.HasField("graph") or model.ir_version <= 0:
@@ -87,7 +89,7 @@ def _messages(model: onnx.ModelProto) -> Iterator[tuple[Location, Message, Field
     stack: list[tuple[Location, Message]] = [(None, model)]
     while stack:
         location, message = stack.pop()
-        fields = message.ListFields()
+        fields = _set_fields(message)
         yield location, message, fields
         for field, value in fields:
             if field.type != FieldDescriptor.TYPE_MESSAGE:
@@ -96,6 +98,26 @@ def _messages(model: onnx.ModelProto) -> Iterator[tuple[Location, Message, Field
                 stack.extend(((location, field.name, i), item) for i, item in enumerate(value))
             else:
                 stack.append(((location, field.name, None), value))
+
+
+# The field types the checks read. Reading a bytes field (a tensor's raw_data) would copy it
+# into a Python object: ListFields() would briefly hold every initializer a second time.
+_READ_TYPES = (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_STRING)
+
+
+def _set_fields(message: Message) -> Fields:
+    """The set message and string fields of `message` (as ListFields, without the rest)."""
+    fields: Fields = []
+    for field in message.DESCRIPTOR.fields:
+        if field.type not in _READ_TYPES:
+            continue
+        if _is_repeated(field):
+            value = getattr(message, field.name)
+            if len(value):
+                fields.append((field, value))
+        elif message.HasField(field.name):
+            fields.append((field, getattr(message, field.name)))
+    return fields
 
 
 def _spell(location: Location, field: str | None = None) -> str:

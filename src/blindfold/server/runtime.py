@@ -27,6 +27,7 @@ from blindfold import tensors
 from blindfold.server import ort_extensions, workers
 from blindfold.server import tensor_frames as frames
 from blindfold.server.limits import Limits, MiB
+from blindfold.server.model_bytes import ModelBytes, ModelData
 from blindfold.server.refusals import (
     Conflict,
     InferenceTimeout,
@@ -45,6 +46,7 @@ from blindfold.server.worker import (
     session_options,
     tensor_spec,
     to_ort,
+    warm_up,
 )
 from blindfold.server.workers import ModelWorker, WorkerDied
 
@@ -161,7 +163,7 @@ class IsolatedSession(Session):
 
     def __init__(
         self,
-        data: bytes,
+        data: ModelData,
         sha256: str,
         limits: Limits,
         budget: MemoryBudget,
@@ -180,7 +182,10 @@ class IsolatedSession(Session):
             concurrency=limits.max_concurrent_inferences,
             custom_ops_library=custom_ops_library,
         )
-        self._model_fd = frames.sealed_memfd(data)
+        # The restart copy: the upload's own sealed memfd when it streamed into one.
+        self._model_fd = (
+            os.dup(data.fd) if isinstance(data, ModelBytes) else frames.sealed_memfd(data)
+        )
         self._start_lock = threading.Lock()
         self._worker: ModelWorker | None = None
         try:
@@ -216,6 +221,7 @@ class IsolatedSession(Session):
                 raise InvalidModel(f"onnxruntime cannot load the model: {detail}")
             self._worker = worker
             _report_confinement(_confinement(worker.ready))
+            _report_warmup(self.sha256, worker.ready)
             return worker.ready
 
     async def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -272,6 +278,23 @@ def _confinement(ready: Mapping[str, Any]) -> str:
     return value if value in (CONFINED_CHROOT, CONFINED_CHDIR) else "unknown"
 
 
+def _report_warmup(sha256: str, ready: Mapping[str, Any]) -> None:
+    """Logs whether the worker ran the model once on zero inputs before reporting it ready
+    (so the first user request pays no first-run cost). A failed warm-up does not refuse
+    the model: some models need particular shapes or values."""
+    # The answer comes from a process that has run an untrusted model: printable, bounded.
+    warmup = _printable(str(ready.get("warmup", "not reported")))[:200]
+    if warmup == "ok":
+        logger.info("model sha256:%s warmed up (one run on zero inputs) before ready", sha256)
+    else:
+        logger.warning(
+            "model sha256:%s was not warmed up (%s); its first request pays onnxruntime's "
+            "first-run cost",
+            sha256,
+            warmup,
+        )
+
+
 _reported_confinements: set[str] = set()
 _report_lock = threading.Lock()
 
@@ -323,6 +346,7 @@ class InProcessSession(Session):
             self._session = ort.InferenceSession(
                 data, sess_options=options, providers=["CPUExecutionProvider"]
             )
+            self._session._model_bytes = None  # see worker._load: a second copy otherwise
         except Exception as exc:  # onnxruntime raises several unrelated exception types
             self.close()
             raise InvalidModel(
@@ -330,6 +354,8 @@ class InProcessSession(Session):
             ) from None
         self.inputs = [_trusted_spec(arg) for arg in self._session.get_inputs()]
         self.outputs = [_trusted_spec(arg) for arg in self._session.get_outputs()]
+        # No watchdog runs in the front process, and this unsafe mode enforces no time limit.
+        _report_warmup(sha256, {"warmup": warm_up(self._session, 3600.0)})
 
     async def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
@@ -468,12 +494,15 @@ class InferenceRunner:
             max_workers=limits.max_concurrent_inferences, thread_name_prefix="infer"
         )
 
-    def new_session(self, data: bytes, sha256: str) -> Session:
+    def new_session(self, data: ModelData, sha256: str) -> Session:
         """A ready session for `data` (blocking: loads the model)."""
         if self.limits.isolation:
             return IsolatedSession(
                 data, sha256, self.limits, self.budget, self._threads, self._custom_ops
             )
+        if isinstance(data, ModelBytes):  # onnxruntime in this process takes only bytes
+            with data.view() as view:
+                data = bytes(view)
         return InProcessSession(
             data, sha256, self.budget, self._threads, self._executor, self._custom_ops
         )

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from blindfold.server.limits import Limits
+from blindfold.server.model_bytes import ModelBytes, ModelData
 from blindfold.server.model_record import ModelRecord, token_hash
 from blindfold.server.models import (
     HASH_PREFIX,
@@ -354,7 +355,7 @@ class ModelService:
     async def load(
         self,
         name: str,
-        data: bytes,
+        data: ModelData,
         token: str | None,
         *,
         public: bool | None = None,
@@ -387,7 +388,7 @@ class ModelService:
     async def _load(
         self,
         name: str,
-        data: bytes,
+        data: ModelData,
         existing: ModelRecord | None,
         token: str | None,
         public: bool | None,
@@ -400,7 +401,9 @@ class ModelService:
         self.registry.check_capacity(name)
         if len(data) > self.limits.max_model_bytes:
             raise _too_large(len(data), self.limits.max_model_bytes)
-        if sha256 is None:
+        if isinstance(data, ModelBytes):
+            sha256 = data.sha256  # hashed as it streamed in
+        elif sha256 is None:
             sha256 = hashlib.sha256(data).hexdigest()
         session = await self._session_for(data, sha256)
         # A stored model whose row was refused keeps only its owner (when the manifest names
@@ -443,7 +446,7 @@ class ModelService:
             extra={"model": name, "model_sha256": sha256},
         )
         if self.on_change is not None:  # copies the bytes only when replicas need them
-            self._notify(Change("put", record, bytes(data), scheduling))
+            self._notify(Change("put", record, _copy(data), scheduling))
         chosen = owner_token is not None and owner_token == owner_secret
         return LoadResult(
             entry, None if chosen else owner_token, existing is not None, owner_chosen=chosen
@@ -512,7 +515,7 @@ class ModelService:
         existing: ModelRecord | None,
         record: ModelRecord,
         entry: ModelRecord,
-        data: bytes,
+        data: ModelData,
     ) -> None:
         """Durable first (blob, then row), visible second. Runs off the event loop."""
         with _storing():
@@ -523,7 +526,7 @@ class ModelService:
         existing: ModelRecord | None,
         record: ModelRecord,
         entry: ModelRecord,
-        data: bytes,
+        data: ModelData,
     ) -> None:
         store = self.store
         staged = None
@@ -570,7 +573,7 @@ class ModelService:
             del self.registry.unavailable[broken.name]
             logger.info("stored model %r is available again", broken.name)
 
-    async def _session_for(self, data: bytes, sha256: str) -> Session:
+    async def _session_for(self, data: ModelData, sha256: str) -> Session:
         """The live session for these bytes, or a new one; concurrent uploads of identical
         bytes share the one being made."""
         session = self.registry.session_for(sha256)
@@ -595,8 +598,12 @@ class ModelService:
         finally:
             del self._loading[sha256]
 
-    def _new_session(self, data: bytes, sha256: str) -> Session:
-        check_model(data, self.limits)
+    def _new_session(self, data: ModelData, sha256: str) -> Session:
+        if isinstance(data, ModelBytes):
+            with data.view() as view:
+                check_model(view, self.limits)
+        else:
+            check_model(data, self.limits)
         return self._runner.new_session(data, sha256)
 
     def unload(self, name: str, token: str | None) -> ModelRecord:
@@ -707,6 +714,13 @@ def _stored(model: ModelRecord) -> ModelRecord:
     """A copy of what the store keeps of `model`, as replicas are told of it: no session, no
     state, and run keys of its own (the live record's change after this)."""
     return replace(model, run_keys=dict(model.run_keys), session=None, reason="")
+
+
+def _copy(data: ModelData) -> bytes:
+    if isinstance(data, ModelBytes):
+        with data.view() as view:
+            return bytes(view)
+    return bytes(data)
 
 
 def _too_large(size: int, limit: int) -> PayloadTooLarge:

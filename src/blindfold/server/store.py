@@ -75,7 +75,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from blindfold.errors import BlindfoldError, ConfigurationError, SealError
-from blindfold.sealing import KEY_SIZE, seal, seal_into, unseal, unseal_to_bytes
+from blindfold.sealing import KEY_SIZE, seal, seal_into, seal_reader, unseal, unseal_to_bytes
+from blindfold.server.model_bytes import ModelBytes, ModelData
 from blindfold.server.model_record import ModelRecord
 
 logger = logging.getLogger("blindfold.store")
@@ -730,14 +731,18 @@ class ModelStore:
 
     # --- writing ---
 
-    def stage_blob(self, sha256: str, data: bytes) -> Path:
+    def stage_blob(self, sha256: str, data: ModelData) -> Path:
         """Seals `data` into a durable temp file in the blob directory (slow; no lock)."""
         _check_sha(sha256)
         temp = self.blob_dir / f"{TEMP_PREFIX}{sha256[:16]}-{secrets.token_hex(8)}"
         try:
             descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "wb") as handle:
-                seal_into(self._key, data, handle, label=blob_label(sha256))
+                if isinstance(data, ModelBytes):
+                    with data.reader() as source:
+                        seal_reader(self._key, source, handle, label=blob_label(sha256))
+                else:
+                    seal_into(self._key, data, handle, label=blob_label(sha256))
                 handle.flush()
                 os.fsync(handle.fileno())
         except OSError as exc:

@@ -228,11 +228,6 @@ def sealed_memfd(data: bytes | memoryview, name: str = "blindfold-model") -> int
         raise
 
 
-def send_sealed(sock: socket.socket, header: dict[str, Any], fd: int) -> None:
-    """Sends `header` with an already sealed memfd (the caller keeps its descriptor)."""
-    _send_header(sock, {**header, "data": "memfd"}, [fd])
-
-
 def shared_data(message: Message, buffer: SharedBuffer) -> memoryview:
     """The view on `buffer` that a "shared" message's tensors lie in, after checking that
     its declared size fits."""

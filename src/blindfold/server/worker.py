@@ -6,7 +6,9 @@ worth nothing to an attacker who takes it over: it is forked from a clean fork s
 never held the TLS key, the receipt key, token hashes or the sealing key), and before it
 reads the model it moves into an empty directory (chroot inside a new user and mount
 namespace where the kernel allows, else a plain chdir), gives up the right to gain
-privileges, and takes an address-space limit and no core dumps. Each run has a time limit
+privileges, and takes an address-space limit and no core dumps. onnxruntime opens the model
+by a path to its sealed memfd (a session built from bytes would keep a second copy), and
+runs it once on zero inputs (warm-up) before the worker reports it loaded. Each run has a time limit
 (onnxruntime's `RunOptions.terminate`); the front kills the worker if that is not enough.
 
 Everything this module imports is imported before confinement: after chroot there is no
@@ -17,6 +19,7 @@ allows (onnxruntime-extensions, when enabled) is registered, and so loaded, befo
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import resource
 import signal
@@ -38,7 +41,15 @@ _CLONE_NEWNS = 0x00020000
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 _M_ARENA_MAX = -8
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_PRIVATE = 1 << 18
+_MNT_DETACH = 2
+_FD_DIRECTORY = "fd"  # where the worker sees its own descriptors while it loads the model
 MAX_NAME_LENGTH = 256
+# Warm-up inputs larger than this are not made: a model declaring huge static inputs would
+# spend its memory limit on zeros before any user asked for a run.
+WARMUP_INPUT_LIMIT = 256 << 20
 # What `_confine` achieved, as the worker reports it to the front process.
 CONFINED_CHROOT = "chroot into an empty directory"
 CONFINED_CHDIR = "empty working directory"
@@ -59,19 +70,26 @@ class WorkerSettings:
 def main(sock: socket.socket, settings: WorkerSettings) -> None:
     """The worker's entry point (the target of its `multiprocessing.Process`)."""
     options = session_options(settings.intra_op_threads, settings.custom_ops_library)
-    confinement = _confine(settings)
+    # The model's sealed memfd arrives before confinement (nothing of it is read yet), so
+    # that confinement can leave a path to it: onnxruntime keeps a second copy of a model
+    # given as bytes, none of one given as a path.
+    message = frames.receive(sock, extra_fds=True)
+    if message is None or len(message.fds) != 1:
+        return
+    model_fd = message.fds[0]
+    confinement, model_path = _confine(settings, model_fd)
     try:
-        message = frames.receive(sock)
-        if message is None:
-            return
-        session = _load(bytes(message.data), options)
-        message.data.release()
-        del message
+        session = _load(model_fd, model_path, options)
     except Exception as exc:
         # The text goes back to the uploader: it names operators and types, and at this point
         # the worker has seen nothing but the uploader's own model.
         _send(sock, threading.Lock(), {"ok": False, "error": "load_failed", "detail": str(exc)})
         return
+    finally:
+        _close_model_path(model_path)
+        os.close(model_fd)
+    _WATCHDOG.start()
+    warmup = warm_up(session, settings.inference_timeout)
     lock = threading.Lock()
     _send(
         sock,
@@ -79,11 +97,12 @@ def main(sock: socket.socket, settings: WorkerSettings) -> None:
         {
             "ok": True,
             "confinement": confinement,
+            "loaded_from": "bytes" if model_path is None else "path",
+            "warmup": warmup,
             "inputs": [tensor_spec(arg) for arg in session.get_inputs()],
             "outputs": [tensor_spec(arg) for arg in session.get_outputs()],
         },
     )
-    _WATCHDOG.start()
     # The run threads start now, while memory is plentiful: a thread started after a model
     # exhausted the address space could not get its stack. Each reads the socket itself (a
     # SOCK_SEQPACKET read takes one whole message), so no run waits for a hand-off.
@@ -112,29 +131,66 @@ def _run_loop(
         os._exit(70)
 
 
-def _confine(settings: WorkerSettings) -> str:
-    """Cuts the worker off from the server's files and privileges; returns what it got."""
+def _confine(settings: WorkerSettings, model_fd: int) -> tuple[str, str | None]:
+    """Cuts the worker off from the server's files and privileges; returns what it got and
+    the path onnxruntime opens the model by (None: only its bytes can be reached)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     os.environ.clear()
     os.chdir(settings.directory)
     confinement = CONFINED_CHDIR
+    model_path: str | None = f"/proc/self/fd/{model_fd}"
     # A new user namespace gives the right to chroot without real root, and takes away
     # every capability in the server's own namespace (no ptrace of the front process).
     if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS) == 0:
+        model_path = _bind_own_descriptors(libc, model_fd)
         try:
             os.chroot(".")
             os.chdir("/")
             confinement = CONFINED_CHROOT
         except OSError:
-            pass
+            if model_path is not None:
+                libc.umount2(_FD_DIRECTORY.encode(), _MNT_DETACH)
+                os.rmdir(_FD_DIRECTORY)
+            model_path = f"/proc/self/fd/{model_fd}"
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     libc.mallopt(_M_ARENA_MAX, 2)  # glibc reserves 64 MiB of address space per arena
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a core dump would hold tensors
     if settings.address_space_bytes:
         limit = settings.address_space_bytes
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    return confinement
+    return confinement, model_path
+
+
+def _bind_own_descriptors(libc: ctypes.CDLL, model_fd: int) -> str | None:
+    """Makes this process's own descriptor directory visible as `/fd` inside the chroot (in
+    the worker's private mount namespace), so the model opens as `/fd/N` without a copy.
+    Only until the model is loaded: `_close_model_path` removes it before any run. None when
+    the kernel refuses (the model is then loaded from its bytes)."""
+    # Private first: nothing mounted here may propagate back to the server's namespace.
+    if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        return None
+    try:
+        os.mkdir(_FD_DIRECTORY)
+    except OSError:
+        return None
+    source = f"/proc/{os.getpid()}/fd".encode()
+    if libc.mount(source, _FD_DIRECTORY.encode(), None, _MS_BIND, None) != 0:
+        os.rmdir(_FD_DIRECTORY)
+        return None
+    return f"/{_FD_DIRECTORY}/{model_fd}"
+
+
+def _close_model_path(model_path: str | None) -> None:
+    """Unmounts `/fd` once the session holds the model: a run never sees a path to the
+    worker's descriptors (through it a descriptor could be reopened with other rights)."""
+    if model_path is None or not model_path.startswith(f"/{_FD_DIRECTORY}/"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(f"/{_FD_DIRECTORY}".encode(), _MNT_DETACH) != 0:
+        # A mount that would not go: the process cannot be trusted to run without it.
+        os._exit(71)
+    os.rmdir(f"/{_FD_DIRECTORY}")
 
 
 def session_options(threads: int, custom_ops_library: str) -> ort.SessionOptions:
@@ -149,8 +205,54 @@ def session_options(threads: int, custom_ops_library: str) -> ort.SessionOptions
     return options
 
 
-def _load(data: bytes, options: ort.SessionOptions) -> ort.InferenceSession:
-    return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+def _load(
+    model_fd: int, model_path: str | None, options: ort.SessionOptions
+) -> ort.InferenceSession:
+    if model_path is not None:
+        return ort.InferenceSession(
+            model_path, sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    with mmap.mmap(model_fd, 0, mmap.MAP_SHARED, mmap.PROT_READ) as mapped:
+        data = mapped[:]
+    session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+    # onnxruntime's Python wrapper keeps the bytes it was given for as long as the session
+    # lives (only to rebuild the session on a provider fallback, which the CPU provider never
+    # needs): drop that copy.
+    session._model_bytes = None
+    return session
+
+
+def warm_up(session: ort.InferenceSession, timeout: float) -> str:
+    """Runs the model once on zero inputs of its declared shape (dynamic dimensions 1,
+    strings empty) so that onnxruntime's first-run cost is paid before the model is
+    reported ready. Returns "ok", or why it did not run: only an error kind and exception
+    type, never a message (its text could quote the model's initializers). A model whose
+    warm-up fails (one needing particular shapes or values) still loads."""
+    feeds: dict[str, np.ndarray] = {}
+    total = 0
+    for arg in session.get_inputs():
+        entry = tensors.by_ort(arg.type)
+        if entry is None:
+            return "skipped: an input is not a tensor"  # names come from the model: not logged
+        shape = [dim if isinstance(dim, int) and dim >= 0 else 1 for dim in arg.shape or []]
+        total += int(np.prod(shape, dtype=np.float64)) * entry.numpy.itemsize
+        if total > WARMUP_INPUT_LIMIT:
+            return f"skipped: its declared inputs exceed {WARMUP_INPUT_LIMIT >> 20} MiB"
+        if entry.numpy == np.dtype(object):
+            feeds[arg.name] = np.full(shape, "", dtype=object)
+        else:
+            feeds[arg.name] = np.zeros(shape, dtype=entry.numpy)
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    _WATCHDOG.watch(options, timeout)
+    try:
+        session.run(None, feeds, options)
+    except Exception as exc:
+        error = "timeout" if options.terminate else _error_kind(exc)
+        return f"failed: {error} ({_kind(exc)})"
+    finally:
+        _WATCHDOG.forget(options)
+    return "ok"
 
 
 def tensor_spec(arg: Any) -> dict[str, Any]:

@@ -136,7 +136,7 @@ class ModelWorker:
     def _load(self, model_fd: int, timeout: float) -> dict[str, Any]:
         """Sends the model and waits for the worker's description of it (or its failure)."""
         try:
-            frames.send_sealed(self._socket, {"op": "load"}, model_fd)
+            frames.send(self._socket, {"op": "load"}, fds=(model_fd,))
             self._socket.settimeout(timeout)
             message = frames.receive(self._socket)
         except TimeoutError:

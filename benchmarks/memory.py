@@ -1,0 +1,214 @@
+"""Server memory per loaded model and upload cost, against in-process onnxruntime.
+
+    .venv/bin/python benchmarks/memory.py [--models 4] [--model-mb 64] [--large-mb 320]
+                                          [--json out.json]
+
+Builds models with `onnx.helper` (one MatMul on random float32 weights, which nothing can
+compress), starts a real `blindfold serve --open-upload` (simulation TEE) on a free loopback
+port and measures, in the same run:
+
+* **loaded**: the proportional set size (PSS) of the server's process tree after uploading
+  `--models` models of `--model-mb` MiB, minus before; against the same sessions opened by
+  path in one in-process onnxruntime process (a child interpreter, PSS after minus before).
+  Goal: ratio <= 1.15. The sealed memfds the front keeps to restart a crashed worker are
+  printed apart: they are in no process's PSS.
+* **upload peak**: uploading one more model, the front's peak resident growth (VmHWM: the
+  streamed memfd, mapped, and the checker's parse) and the new worker's load peak beyond its
+  loaded session, each over the file size; the peak beyond the loaded session is the larger
+  of the front's growth and the memfd plus the worker's load peak (the two phases follow each
+  other). Goal: <= 1.3 x the file.
+* **upload rate**: a `--large-mb` MiB model uploaded through the SDK (attested, pinned TLS),
+  end to end: streamed in, checked, sealed in a memfd, loaded and warmed up by its worker.
+  Goal: >= 200 MB/s.
+
+A benchmark, not a test: absolute numbers depend on the machine and what else it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import blindfold
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from server_process import model_workers, proc_field, start_server, tree_memory  # noqa: E402
+
+MiB = 1 << 20
+
+# Opens each path given as an onnxruntime session (the server's options), warms it up, then
+# prints its PSS before and after.
+IN_PROCESS = """
+import sys, numpy as np, onnxruntime as ort
+def pss():
+    text = open("/proc/self/smaps_rollup").read()
+    return int(next(l for l in text.splitlines() if l.startswith("Pss:")).split()[1]) * 1024
+before = pss()
+sessions = []
+for path in sys.argv[1:]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session.run(None, {"x": np.zeros((1, 1024), np.float32)})
+    sessions.append(session)
+print(before, pss())
+"""
+
+
+def weights_model(megabytes: int, seed: int) -> onnx.ModelProto:
+    columns = megabytes * 256
+    weights = np.random.default_rng(seed).random((1024, columns), dtype=np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1024])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", columns])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "weights",
+        [x],
+        [y],
+        initializer=[numpy_helper.from_array(weights, "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def model_memfds(pid: int) -> int:
+    """Bytes in the model memfds the front process holds (restart copies)."""
+    total = 0
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if "memfd:blindfold-model" in os.readlink(entry):
+                total += entry.stat().st_size
+        except OSError:
+            continue
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=int, default=4)
+    parser.add_argument("--model-mb", type=int, default=64)
+    parser.add_argument("--large-mb", type=int, default=320)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    results: dict[str, Any] = {"load_average": os.getloadavg()}
+    with tempfile.TemporaryDirectory() as temp:
+        folder = Path(temp)
+        paths = []
+        for index in range(args.models + 1):
+            path = folder / f"model-{index}.onnx"
+            onnx.save(weights_model(args.model_mb, seed=index), path)
+            paths.append(path)
+        large = folder / "large.onnx"
+        onnx.save(weights_model(args.large_mb, seed=1000), large)
+
+        answer = subprocess.run(
+            [sys.executable, "-c", IN_PROCESS, *map(str, paths[: args.models])],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        before, after = map(int, answer.stdout.split())
+        in_process = after - before
+        in_process_total = after
+
+        server = start_server(folder, "--open-upload")
+        try:
+            front = server.process.pid
+            with blindfold.connect(server.url, allow_simulation=True) as client:
+                # The fork server starts with the first upload: measure from after it.
+                first = client.upload_model(paths[0], name="m0")
+                base = tree_memory(front) - tree_memory(next(iter(model_workers(front))))
+                for index in range(1, args.models):
+                    client.upload_model(paths[index], name=f"m{index}")
+                loaded = tree_memory(front) - base
+                server_total = tree_memory(front)
+                restart_copies = model_memfds(front)
+
+                # Resets the front's VmHWM to its current resident size (proc(5) clear_refs).
+                Path(f"/proc/{front}/clear_refs").write_text("5")
+                peak_before = proc_field(front, "status", "VmHWM")
+                known = model_workers(front)
+                client.upload_model(paths[args.models], name="peak")
+                (worker,) = model_workers(front) - known
+                size = paths[args.models].stat().st_size
+                front_growth = proc_field(front, "status", "VmHWM") - peak_before
+                load_transient = proc_field(worker, "status", "VmHWM") - proc_field(
+                    worker, "status", "VmRSS"
+                )
+                for index in range(args.models):
+                    client.delete_model(f"m{index}")
+                client.delete_model("peak")
+
+                data = large.read_bytes()
+                started = time.perf_counter()
+                client.upload_model(data, name="large")
+                seconds = time.perf_counter() - started
+                client.delete_model("large")
+                del first
+        finally:
+            server.stop()
+    results.update(
+        {
+            "models": args.models,
+            "model_mb": args.model_mb,
+            "server_loaded_bytes": loaded,
+            "in_process_loaded_bytes": in_process,
+            "loaded_ratio": loaded / in_process,
+            "server_total_bytes": server_total,
+            "in_process_total_bytes": in_process_total,
+            "restart_memfd_bytes": restart_copies,
+            "upload_size_bytes": size,
+            "front_peak_growth_over_size": front_growth / size,
+            "worker_load_peak_beyond_session_over_size": load_transient / size,
+            "large_upload_bytes": len(data),
+            "large_upload_seconds": seconds,
+            "large_upload_mb_per_s": len(data) / 1e6 / seconds,
+        }
+    )
+    results["load_average_after"] = os.getloadavg()
+    mib = float(MiB)
+    print(f"load average before {results['load_average']}, after {os.getloadavg()}")
+    print(
+        f"loaded {args.models} x {args.model_mb} MiB: server PSS +{loaded / mib:.0f} MiB, "
+        f"in-process +{in_process / mib:.0f} MiB, ratio {loaded / in_process:.2f} "
+        f"(goal <= 1.15) {'PASS' if loaded / in_process <= 1.15 else 'MISS'}"
+    )
+    print(
+        f"  totals: server tree PSS {server_total / mib:.0f} MiB (front, fork server, "
+        f"{args.models} workers), in-process {in_process_total / mib:.0f} MiB, ratio "
+        f"{server_total / in_process_total:.2f}"
+    )
+    print(f"  restart copies in sealed memfds (in no PSS): {restart_copies / mib:.0f} MiB")
+    # While the checker parses, the front holds the memfd and the parse; while the worker
+    # loads, the memfd (kept as the restart copy) and the worker's load transient.
+    beyond = max(front_growth, size + load_transient) / size
+    print(
+        f"upload of {size / mib:.0f} MiB: front peak growth {front_growth / size:.2f} x, "
+        f"worker load peak beyond its session {load_transient / size:.2f} x; "
+        f"peak beyond the loaded session {beyond:.2f} x (goal <= 1.3) "
+        f"{'PASS' if beyond <= 1.3 else 'MISS'}"
+    )
+    rate = results["large_upload_mb_per_s"]
+    print(
+        f"upload of {len(data) / 1e6:.0f} MB end to end: {seconds:.2f} s, {rate:.0f} MB/s "
+        f"(goal >= 200) {'PASS' if rate >= 200 else 'MISS'}"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
