@@ -44,7 +44,8 @@ def encode_head(
     for name, value in headers.items():
         if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
             raise ValueError(f"header {name!r} contains a line break; refusing to send it")
-        if name.lower() not in ("host", "content-length"):
+        # Host and the framing are the transport's: a caller's copy would contradict them.
+        if name.lower() not in ("host", "content-length", "transfer-encoding"):
             lines.append(f"{name}: {value}\r\n")
     if content_length is not None:
         lines.append(f"Content-Length: {content_length}\r\n")

@@ -110,9 +110,8 @@ class PinnedConnection:
         self._context = context
         self._pin = pin
         self._timeout = timeout
-        self._host_header = (
-            endpoint.host if endpoint.port == 443 else f"{endpoint.host}:{endpoint.port}"
-        )
+        name = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host  # IPv6
+        self._host_header = name if endpoint.port == 443 else f"{name}:{endpoint.port}"
         self.sock: ssl.SSLSocket | None = None
         self._reader: http11.ResponseReader | None = None
         self.peer_certificate: bytes = b""
