@@ -22,6 +22,8 @@ from typing import cast
 # response head (http.client's limits were 64 KiB a line and 100 fields).
 HEAD_LIMIT = 64 * 1024
 MAX_FIELDS = 100
+# Interim (1xx) answers skipped before the real one; endless ones would never end the read.
+MAX_INTERIM = 8
 # Below this, one joined write (one TLS record) costs less than a write per part.
 JOIN_BELOW = 64 * 1024
 # Responses that never have a body (RFC 9112 section 6.3).
@@ -110,10 +112,12 @@ class ResponseReader:
     ) -> tuple[int, dict[str, str], bytes | bytearray, bool]:
         """One response: status, header fields (names lowercase), body, and whether the
         connection may carry another request."""
-        while True:
+        for _ in range(MAX_INTERIM + 1):
             version, status, headers = self._read_head()
             if not 100 <= status < 200:
-                break  # an interim 1xx answer precedes the real one
+                break  # interim 1xx answers precede the real one
+        else:
+            raise ProtocolError(f"the server sent more than {MAX_INTERIM} interim 1xx answers")
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
         if method == "HEAD" or status in _NO_BODY:
             return status, headers, b"", keep_alive
