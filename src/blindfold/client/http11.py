@@ -2,10 +2,11 @@
 request written as its parts, the response read with `recv_into` into a reused buffer and
 parsed strictly (status line, header fields, Content-Length or chunked framing).
 
-Hand-written rather than `h11` or `http.client`, by measurement (see `benchmarks/client_cost.py`):
-per exchange on a tiny-model request, h11 0.16.0 cost about 180 µs of CPU to frame the request
-and parse the response, this parser about 10 µs, and `http.client` (email.parser for the
-header, HTTPResponse and its buffered reader) was most of the SDK's 0.23 ms per request.
+Hand-written rather than `h11` or `http.client`, by measurement: framing a tiny-model request
+and parsing its response cost h11 0.16.0 about 180 µs of CPU and this module about 17 µs
+(the same canned response, in-process); `http.client` (email.parser for the header,
+HTTPResponse, buffered small reads) was much of the SDK's per-request CPU, which this module
+cut by about a third (`benchmarks/client_cost.py`).
 
 Everything read here arrives before it is trusted (a hostile server or proxy may write it),
 so it is bounded: the response head to `HEAD_LIMIT` bytes and `MAX_FIELDS` fields, the body to
