@@ -33,7 +33,7 @@ def metric(client: blindfold.Client, name: str) -> float:
 
 def post_json(
     client: blindfold.Client, path: str, document: dict[str, Any]
-) -> tuple[int, dict[str, Any], bytes, dict[str, str]]:
+) -> tuple[int, dict[str, Any], bytes | bytearray, dict[str, str]]:
     """POSTs a JSON (non-binary) OIP request; returns status, JSON header, binary tail,
     response headers."""
     body = json.dumps(document).encode()
@@ -48,7 +48,7 @@ def post_json(
     )
 
 
-def split_binary(header: dict[str, Any], tail: bytes) -> dict[str, np.ndarray]:
+def split_binary(header: dict[str, Any], tail: bytes | bytearray) -> dict[str, np.ndarray]:
     """Decodes every output of a response, JSON `data` or binary, in the header's order."""
     offset = 0
     result: dict[str, np.ndarray] = {}
@@ -60,7 +60,7 @@ def split_binary(header: dict[str, Any], tail: bytes) -> dict[str, np.ndarray]:
             )
         else:
             result[item["name"]] = tensors.tensor_from_bytes(
-                tail[offset : offset + size], item["datatype"], item["shape"]
+                memoryview(tail)[offset : offset + size], item["datatype"], item["shape"]
             )
             offset += size
     assert offset == len(tail)

@@ -33,7 +33,7 @@ def kserve_python() -> str:
     """KServe's interpreter, installing KServe from PyPI into its own environment (as the
     benchmark does) when it is not there yet."""
     try:
-        return peers.kserve_python()
+        return str(peers.kserve_python())
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"could not install KServe from PyPI into {peers.PEERS_VENV}: {exc}")
 

@@ -160,6 +160,83 @@ def test_moderately_nested_attestation_answer_is_refused(
     assert "nest" in str(refused.value)
 
 
+def _endless(conn: ssl.SSLSocket, opening: bytes, filler: bytes) -> None:
+    conn.sendall(opening)
+    block = filler * ((1 << 20) // len(filler))
+    for _ in range(GIB // len(block)):
+        conn.sendall(block)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(lambda conn: _endless(conn, b"HTTP/1.1 200 OK", b"x"), id="endless-line"),
+        pytest.param(
+            lambda conn: _endless(conn, b"HTTP/1.1 200 OK\r\n", b"X-Fill: y\r\n"),
+            id="endless-fields",
+        ),
+        pytest.param(
+            lambda conn: _endless(conn, b"", b"HTTP/1.1 100 Continue\r\n\r\n"),
+            id="endless-interim",
+        ),
+    ],
+)
+def test_endless_response_head_is_refused_without_reading_it(
+    hostile: Callable[[Answer], HostileServer], answer: Answer
+) -> None:
+    server = hostile(answer)
+    with pytest.raises(blindfold.AttestationError) as refused:
+        blindfold.connect(server.url, allow_simulation=True, timeout=30)
+    assert "response head exceeds" in str(refused.value) or "interim" in str(refused.value)
+    assert server.done.wait(30)
+    assert server.sent < (32 << 20)
+
+
+@pytest.mark.parametrize(
+    ("head", "complaint"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 9\r\n", "two different"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n", "Transfer-Encoding 'gzip'"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n",
+            "and a Content-Length",
+        ),
+        (b"HTTP/1.1 200 OK\r\n", "no valid Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n", "no valid Content-Length"),
+        (b"HTTP/1.1 200 OK\r\n Folded: x\r\nContent-Length: 2\r\n", "malformed header"),
+        (b"HTTP/9 200 OK\r\nContent-Length: 2\r\n", "status line"),
+        (b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n", "status line"),
+    ],
+)
+def test_ambiguous_response_framing_is_refused(
+    hostile: Callable[[Answer], HostileServer], head: bytes, complaint: str
+) -> None:
+    """Framing that two parsers could read differently (the stuff of response smuggling)
+    is refused, with what was wrong, rather than guessed at."""
+    server = hostile(lambda conn: conn.sendall(head + b"\r\n{}"))
+    with pytest.raises(blindfold.AttestationError) as refused:
+        blindfold.connect(server.url, allow_simulation=True, timeout=30)
+    assert complaint in str(refused.value)
+
+
+def test_chunked_attestation_answer_is_decoded(
+    hostile: Callable[[Answer], HostileServer],
+) -> None:
+    """A chunked answer within the bound is read (a proxy may re-frame responses so): the
+    document that arrives is the one the chunks carry, here refused for its nesting."""
+    body = b'{"kind": ' + b"[" * 500 + b"]" * 500 + b"}"
+    frames = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(part), part) for part in (body[:7], body[7:]))
+
+    def answer(conn: ssl.SSLSocket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + frames)
+        conn.sendall(b"0\r\nTrailer: x\r\n\r\n")
+
+    server = hostile(answer)
+    with pytest.raises(blindfold.EvidenceError) as refused:
+        blindfold.connect(server.url, allow_simulation=True, timeout=30)
+    assert "nest" in str(refused.value)
+
+
 MANY_FILES = textwrap.dedent(
     """
     import os, resource, sys, warnings

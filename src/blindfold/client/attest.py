@@ -14,7 +14,6 @@ what the SDK reads of it is bounded in size (`MAX_ATTESTATION_BYTES`) and JSON n
 
 from __future__ import annotations
 
-import http.client
 import json
 import secrets
 import ssl
@@ -31,8 +30,10 @@ from blindfold.attestation.kinds import VerifierOptions
 from blindfold.attestation.policy import Policy
 from blindfold.attestation.verdict import Evidence, Verdict
 from blindfold.attestation.verify import verify_server_evidence
+from blindfold.client.http11 import ResponseTooLarge
 from blindfold.client.transport import (
     Endpoint,
+    HttpRequest,
     PinnedConnection,
     unverified_context,
 )
@@ -110,14 +111,22 @@ def fetch_attestation(
     path = f"/v2/attestation?{nonce_parameter}binding={IDENTITY_BINDING}"
     where = f"https://{endpoint.host}:{endpoint.port}"
     try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        body = _read_bounded(response, where)
+        # Bounded before trust: the declared length is checked before anything is allocated,
+        # and a chunked answer is cut off at the bound.
+        response, _ = connection.exchange(HttpRequest("GET", path), MAX_ATTESTATION_BYTES)
+    except ResponseTooLarge:
+        raise AttestationError(
+            f"the attestation answer from {where} is too large (more than "
+            f"{MAX_ATTESTATION_BYTES} bytes); a Blindfold server sends tens of KiB. Refusing "
+            "it unread: this is not a Blindfold server, or someone on the path is attacking "
+            "the client"
+        ) from None
     except OSError as exc:
         raise AttestationError(f"cannot fetch attestation from {where}: {exc}") from None
     finally:
         peer = connection.peer_certificate
         connection.close()
+    body = response.body
     if response.status != 200:
         raise AttestationError(
             f"the server answered {response.status} to GET /v2/attestation: "
@@ -127,27 +136,7 @@ def fetch_attestation(
     return document, peer
 
 
-def _read_bounded(response: http.client.HTTPResponse, where: str) -> bytes:
-    """The body, or an error as soon as it is known to exceed MAX_ATTESTATION_BYTES."""
-    too_large = AttestationError(
-        f"the attestation answer from {where} is too large (more than "
-        f"{MAX_ATTESTATION_BYTES} bytes); a Blindfold server sends tens of KiB. Refusing it "
-        "unread: this is not a Blindfold server, or someone on the path is attacking the client"
-    )
-    declared = response.getheader("content-length")
-    if (
-        declared is not None
-        and declared.strip().isdigit()
-        and int(declared) > MAX_ATTESTATION_BYTES
-    ):
-        raise too_large
-    body = response.read(MAX_ATTESTATION_BYTES + 1)
-    if len(body) > MAX_ATTESTATION_BYTES:
-        raise too_large
-    return body
-
-
-def _parse_bounded(body: bytes) -> dict[str, Any]:
+def _parse_bounded(body: bytes | bytearray) -> dict[str, Any]:
     too_deep = EvidenceError(
         f"the attestation document nests JSON more than {MAX_ATTESTATION_DEPTH} levels deep; "
         "a Blindfold server's document is flat. Refusing it"

@@ -18,7 +18,6 @@ replaces them, e.g. to record every exchange.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import io
 import json
 import logging
@@ -295,7 +294,7 @@ class Client:
                 )
             except PinnedKeyMismatch:
                 raise
-            except (ConnectionError, http.client.HTTPException, ssl.SSLError) as exc:
+            except (ConnectionError, ssl.SSLError) as exc:  # http11.ProtocolError included
                 if not retry or attempt == RETRIES:
                     raise
                 logger.info("retrying %s %s after %s", method, path, type(exc).__name__)
