@@ -233,8 +233,8 @@ def inferences_served(server: ServerProcess) -> int:
     )
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and every process below it (for the server: the fork server and the workers)."""
+def children_of() -> dict[int, list[int]]:
+    """Every live process's children, by parent pid (read from /proc)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -244,6 +244,12 @@ def process_tree(pid: int) -> list[int]:
                 continue
             ppid = int(next(x for x in status.splitlines() if x.startswith("PPid:")).split()[1])
             children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (for the server: the fork server and the workers)."""
+    children = children_of()
     found, queue = [pid], [pid]
     while queue:
         for child in children.get(queue.pop(), []):

@@ -21,6 +21,7 @@ from blindfold.errors import ServerError
 from conftest import ServerProcess, start_server
 from helpers import connect
 from onnx_models import identity_model, matmul_model
+from server_process import children_of, process_tree
 
 MiB = 1 << 20
 
@@ -41,30 +42,6 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
 
 
 # --- what the worker can reach ---
-
-
-def children_of() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                status = Path(f"/proc/{entry}/status").read_text()
-            except OSError:
-                continue
-            ppid = int(next(x for x in status.splitlines() if x.startswith("PPid:")).split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (the fork server and the model workers)."""
-    children = children_of()
-    found, queue = [], [pid]
-    while queue:
-        for child in children.get(queue.pop(), []):
-            found.append(child)
-            queue.append(child)
-    return found
 
 
 def worker_pids(server: ServerProcess) -> list[int]:
@@ -269,7 +246,7 @@ def test_a_model_asking_for_gigabytes_gets_an_error_and_memory_stays_bounded(
     def watch() -> None:
         nonlocal peak
         while not done.is_set():
-            pids = [limited.process.pid, *descendants(limited.process.pid)]
+            pids = [limited.process.pid, *process_tree(limited.process.pid)[1:]]
             peak = max(peak, resident_bytes(pids))
             time.sleep(0.02)
 

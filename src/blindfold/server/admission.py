@@ -95,43 +95,31 @@ async def read_body(
     flag: str,
     hasher: Any = None,
 ) -> bytearray:
-    """The whole body in one buffer (never a second copy), refused before any byte is read
-    when it declares more than `limit` or does not fit the budget; `hasher` (e.g. a
-    hashlib object) sees each chunk as it arrives."""
-    refuse_if_larger(request, limit, what, flag)
+    """The whole body in one buffer (never a second copy), under `stream_body`'s rules;
+    `hasher` (e.g. a hashlib object) sees each chunk as it arrives."""
     length = declared_length(request)
-    reservation = _Reservation(budget)
-    request.state.body_started = True
-    request.state.reservations = [*getattr(request.state, "reservations", []), reservation]
-    if length is not None:
-        reservation.grow(length)
-        buffer = bytearray(length)
-    else:
-        buffer = bytearray()
-    view = memoryview(buffer)
+    buffer = bytearray()
+    view: memoryview | None = None
     size = 0
+
+    def keep(chunk: bytes) -> None:
+        nonlocal buffer, view, size
+        if hasher is not None:
+            hasher.update(chunk)
+        if length is None:
+            buffer.extend(chunk)
+            return
+        if view is None:  # allocated only once the budget has admitted the declared length
+            buffer = bytearray(length)
+            view = memoryview(buffer)
+        view[size : size + len(chunk)] = chunk
+        size += len(chunk)
+
     try:
-        async for chunk in request.stream():
-            if not chunk:
-                continue
-            end = size + len(chunk)
-            if end > limit:
-                raise _too_large(what, limit, flag)
-            if length is None:
-                reservation.grow(len(chunk))
-                buffer.extend(chunk)
-            elif end > length:
-                raise RequestRejected(400, "the body is longer than its Content-Length")
-            else:
-                view[size:end] = chunk
-            if hasher is not None:
-                hasher.update(chunk)
-            size = end
+        await stream_body(request, budget, limit, what, flag, keep)
     finally:
-        view.release()
-    if length is not None and size != length:
-        raise RequestRejected(400, f"the body ended after {size} of {length} bytes")
-    request.state.body_read = True
+        if view is not None:
+            view.release()
     return buffer
 
 
