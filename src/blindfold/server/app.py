@@ -27,7 +27,7 @@ from blindfold.attestation.deployment import Endorsement
 from blindfold.errors import ConfigurationError, EvidenceError, RequestRejected
 from blindfold.receipts import ReceiptSigner
 from blindfold.sealing import ModelKey
-from blindfold.server import admission, cluster, http_errors, logs, ohttp_gateway, oip
+from blindfold.server import admission, cluster, http_errors, logs, model_bytes, ohttp_gateway, oip
 from blindfold.server.admission import BodyBudget, read_body, stream_body
 from blindfold.server.encrypted_models import EncryptedModels
 from blindfold.server.identity import ServerIdentity
@@ -378,7 +378,23 @@ async def repository_load(request: Request) -> Response:
     if "public" in request.query_params:
         public = request.query_params["public"].lower() in ("1", "true", "yes")
     scheduling = SchedulingOptions.parse(request.query_params)
-    if request.headers.get("content-type", "").startswith("application/octet-stream"):
+    raw = request.headers.get("content-type", "").startswith("application/octet-stream")
+    if raw and not model_bytes.memfd_available():
+        body = await read_body(
+            request, state.body_budget, limits.max_model_bytes, "model", "--max-model-bytes"
+        )
+        data = bytes(body)
+        del body
+        result = await state.service.load(
+            name,
+            data,
+            credentials.token,
+            public=public,
+            owner_secret=credentials.owner_secret,
+            scheduling=scheduling,
+        )
+        return _load_answer(name, result)
+    if raw:
         # Blindfold's raw upload: the body is the ONNX file, no base64 blow-up. It streams
         # into one sealed memfd, hashed as it arrives; the checker, the store and the
         # model's worker all read that one copy.

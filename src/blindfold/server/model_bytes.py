@@ -11,6 +11,7 @@ so nobody, a worker included, can change the bytes the hash names.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import io
 import mmap
@@ -70,6 +71,18 @@ class _Reader(io.RawIOBase):
         count = os.preadv(self._fd, [buffer], self._position) if self._position < self._size else 0
         self._position += count
         return count
+
+
+@functools.cache
+def memfd_available() -> bool:
+    """Whether uploads can stream into a memfd. Gramine's SGX enclaves have none (Python's
+    `os.memfd_create` is missing there, or answers ENOSYS); there uploads arrive whole, as
+    bytes, and models run in the server process (`--unsafe-no-isolation`)."""
+    try:
+        os.close(os.memfd_create("blindfold-probe", os.MFD_CLOEXEC))
+    except (AttributeError, OSError):
+        return False
+    return True
 
 
 class ModelBytesWriter:
