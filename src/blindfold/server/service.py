@@ -600,8 +600,11 @@ class ModelService:
 
     def _new_session(self, data: ModelData, sha256: str) -> Session:
         if isinstance(data, ModelBytes):
-            with data.view() as view:
-                check_model(view, self.limits)
+            # Parsed from a transient bytes copy, not from a mapping of the memfd: after a
+            # failed parse protobuf's upb can keep the input buffer referenced, and the
+            # mapping then cannot be closed (BufferError, a 500 instead of the 400).
+            with data.reader() as reader:
+                check_model(reader.read(), self.limits)
         else:
             check_model(data, self.limits)
         return self._runner.new_session(data, sha256)
