@@ -380,8 +380,11 @@ async def repository_load(request: Request) -> Response:
     scheduling = SchedulingOptions.parse(request.query_params)
     raw = request.headers.get("content-type", "").startswith("application/octet-stream")
     if raw and not model_bytes.memfd_available():
+        # Hashed as it arrives, as the streamed path does: hashing in `load` would stall the
+        # event loop for a large model.
+        hasher = hashlib.sha256()
         body = await read_body(
-            request, state.body_budget, limits.max_model_bytes, "model", "--max-model-bytes"
+            request, state.body_budget, limits.max_model_bytes, "model", "--max-model-bytes", hasher
         )
         data = bytes(body)
         del body
@@ -390,6 +393,7 @@ async def repository_load(request: Request) -> Response:
             data,
             credentials.token,
             public=public,
+            sha256=hasher.hexdigest(),
             owner_secret=credentials.owner_secret,
             scheduling=scheduling,
         )
