@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,22 @@ def test_receipts_form_a_chain(client: blindfold.Client, add_mul: str) -> None:
     with pytest.raises(ReceiptError):
         chain.verify(first, key)
     assert isinstance(Receipt.from_json(first.to_json()), Receipt)
+
+
+def test_receipts_from_threads_sharing_one_client(client: blindfold.Client, add_mul: str) -> None:
+    """Threads sharing a Client get their receipts back in whatever order the server
+    answers; every one verifies, and none is taken for a replay."""
+    x = np.ones((1, 4), dtype=np.float32)
+
+    def run(_: int) -> int:
+        result = client.run_model(add_mul, [x, x], receipt=True).receipt
+        assert result is not None
+        sequence: int = result.receipt.sequence
+        return sequence
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        sequences = list(pool.map(run, range(160)))
+    assert len(set(sequences)) == len(sequences)
 
 
 def test_bytes_tensors_in_receipts(client: blindfold.Client) -> None:

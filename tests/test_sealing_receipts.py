@@ -445,15 +445,49 @@ def test_chain_dropped_receipt(server_key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def test_chain_reordered_or_replayed(server_key: ec.EllipticCurvePrivateKey) -> None:
+    """Concurrent requests get their receipts back in any order: a late one that fits the
+    chain is accepted (its successor links to it); a repeat, or one far older than the
+    window, is not."""
     signer = _signer(server_key)
-    r0, r1, r2 = (_sign(signer) for _ in range(3))
+    r0, r1, r2, r3 = (_sign(signer) for _ in range(4))
     chain = ReceiptChainVerifier()
     chain.verify(r0, server_key.public_key())
     chain.verify(r2, server_key.public_key())
-    with pytest.raises(ReceiptError, match="reordered"):
-        chain.verify(r1, server_key.public_key())
-    with pytest.raises(ReceiptError, match="replayed"):
-        chain.verify(r2, server_key.public_key())
+    chain.verify(r1, server_key.public_key())  # late, and r2 links to it
+    assert chain.last(r0.server_key_sha256) == r2
+    for again in (r0, r1, r2):
+        with pytest.raises(ReceiptError, match="replayed"):
+            chain.verify(again, server_key.public_key())
+    narrow = ReceiptChainVerifier(window=1)
+    narrow.verify(r3, server_key.public_key())
+    narrow.verify(r2, server_key.public_key())
+    with pytest.raises(ReceiptError, match="replayed or reordered"):
+        narrow.verify(r1, server_key.public_key())  # 2 behind the newest, window 1
+    strict = ReceiptChainVerifier(allow_gaps=False)
+    strict.verify(r0, server_key.public_key())
+    strict.verify(r1, server_key.public_key())
+    with pytest.raises(ReceiptError, match="dropped or reordered"):
+        strict.verify(r3, server_key.public_key())
+
+
+def test_chain_late_receipt_must_fit_between_its_neighbours(
+    server_key: ec.EllipticCurvePrivateKey,
+) -> None:
+    """A forked chain is caught whichever receipt arrives first: a late sequence 1 from
+    another signer does not fit under the sequence 2 already seen."""
+    a, b = _signer(server_key), _signer(server_key)
+    a0, _, a2 = (_sign(a, f"a{n}") for n in range(3))
+    _sign(b, "b0")
+    b1 = _sign(b, "b1")
+    chain = ReceiptChainVerifier()
+    chain.verify(a0, server_key.public_key())
+    chain.verify(a2, server_key.public_key())
+    with pytest.raises(ReceiptError, match="previous_sha256"):
+        chain.verify(b1, server_key.public_key())  # links to neither a0 nor under a2
+    lone = ReceiptChainVerifier()
+    lone.verify(a2, server_key.public_key())
+    with pytest.raises(ReceiptError, match="previous_sha256"):
+        lone.verify(b1, server_key.public_key())  # a2 does not extend b1
 
 
 def test_chain_broken_link(server_key: ec.EllipticCurvePrivateKey) -> None:

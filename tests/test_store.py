@@ -22,6 +22,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from blindfold.errors import ConfigurationError
 from blindfold.sealing import seal
 from blindfold.server.main import open_store
 from blindfold.server.model_record import ModelRecord
+from blindfold.server.scheduler import DEFAULT, SchedulingOptions
 from blindfold.server.store import (
     BLOB_DIR,
     CRASH_ENV,
@@ -145,6 +147,101 @@ def test_store_rules_update_is_durable(tmp_path: Path, key: bytes) -> None:
         assert loaded.problem is None and loaded.record == updated
     finally:
         store.close()
+
+
+BATCHED = SchedulingOptions(max_batch_size=8, max_queue_delay_us=500, max_concurrency=2)
+
+
+def test_store_keeps_scheduling_options_under_the_row_mac(tmp_path: Path, key: bytes) -> None:
+    data = model_bytes("a")
+    store = ModelStore(tmp_path, key)
+    put(store, record("a", data, scheduling=BATCHED), data)
+    put(store, record("b", data), data)
+    store.close()
+    store = ModelStore(tmp_path, key)
+    try:
+        batched, plain = store.records()
+        assert batched.problem is None and batched.record.scheduling == BATCHED
+        assert plain.problem is None and plain.record.scheduling == DEFAULT
+    finally:
+        store.close()
+    # The host widens a model's batching (or plants options on another): neither authenticates.
+    for name, options in (("a", '{"max_batch_size":64}'), ("b", '{"max_concurrency":1}')):
+        with sqlite3.connect(tmp_path / DB_FILE) as db:
+            db.execute("UPDATE models SET scheduling = ? WHERE name = ?", (options, name))
+    for text in ("not json", "[]", '{"max_batch_size":"many"}'):
+        with sqlite3.connect(tmp_path / DB_FILE) as db:
+            db.execute("UPDATE models SET scheduling = ? WHERE name = 'a'", (text,))
+        store = ModelStore(tmp_path, key)
+        try:
+            loaded = store.records()
+            assert [item.problem is not None for item in loaded] == [True, True], text
+            assert all(item.record.scheduling == DEFAULT for item in loaded)
+            assert "modified outside" in str(loaded[0].problem)
+        finally:
+            store.close()
+
+
+STORE_V2 = Path(__file__).parent / "data" / "store-v2"
+STORE_V2_KEY = bytes(range(32))  # the key the fixture was written under (tests/data/README)
+
+
+def test_store_migrates_a_version_2_store_and_loses_nothing(tmp_path: Path) -> None:
+    """A store written by the build before scheduling options were kept (schema version 2,
+    committed as written by that build) opens: its row and run keys still authenticate, the
+    schema becomes version 3 in place, and the new column then holds options."""
+    if not STORE_V2.is_dir():
+        pytest.skip(f"the version 2 store fixture {STORE_V2} is missing")
+    directory = tmp_path / "store"
+    shutil.copytree(STORE_V2, directory)
+    with sqlite3.connect(directory / DB_FILE) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+            "2",
+        )
+    store = ModelStore(directory, STORE_V2_KEY)
+    try:
+        (loaded,) = store.records()
+        assert loaded.problem is None
+        assert loaded.record.name == "written-by-v2" and loaded.record.version == 3
+        assert loaded.record.run_keys == {"k1": sha(b"run")}
+        assert loaded.record.scheduling == DEFAULT
+        data = store.read_model(loaded.record, 1 << 20)
+        assert sha(data) == loaded.record.sha256
+        epoch = store.epoch
+        store.update_rules(replace(loaded.record, scheduling=BATCHED, public=True))
+        assert store.epoch == epoch + 1
+    finally:
+        store.close()
+    with sqlite3.connect(directory / DB_FILE) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+            "3",
+        )
+    store = ModelStore(directory, STORE_V2_KEY)
+    try:
+        (loaded,) = store.records()
+        assert loaded.problem is None and loaded.record.scheduling == BATCHED
+        assert loaded.record.public is True
+    finally:
+        store.close()
+
+
+def test_store_of_version_2_with_a_planted_column_is_refused(tmp_path: Path) -> None:
+    """Only the exact schema of a known version is migrated: a version 2 store that the host
+    gave an extra column (or the version 3 column under a version 2 label) is refused whole."""
+    if not STORE_V2.is_dir():
+        pytest.skip(f"the version 2 store fixture {STORE_V2} is missing")
+    for statement in (
+        "ALTER TABLE models ADD COLUMN extra TEXT",
+        "UPDATE meta SET value = '3' WHERE key = 'schema_version'",
+    ):
+        directory = tmp_path / secrets.token_hex(4)
+        shutil.copytree(STORE_V2, directory)
+        with sqlite3.connect(directory / DB_FILE) as db:
+            db.execute(statement)
+        before = snapshot(directory)
+        with pytest.raises(StoreError, match="schema"):
+            ModelStore(directory, STORE_V2_KEY)
+        assert snapshot(directory) == before
 
 
 def test_store_recover_removes_temp_files_and_orphans(tmp_path: Path, key: bytes) -> None:
@@ -626,6 +723,34 @@ def test_restart_keeps_models_and_access_rules(
     server, client = restart(servers, tmp_path, store_dir)
     with client:
         assert index(client) == {}
+
+
+def test_restart_keeps_scheduling_options(
+    tmp_path: Path, store_dir: Path, servers: list[ServerProcess]
+) -> None:
+    """Dynamic batching chosen at upload survives a restart, and a replacement without
+    options keeps them (as it does without a store)."""
+    _server, client = restart(servers, tmp_path, store_dir)
+    uploaded = client.upload_model(
+        model_bytes("batched"), name="batched", max_batch_size=4, max_queue_delay_us=200
+    )
+    assert uploaded.scheduling is not None and uploaded.scheduling["max_batch_size"] == 4
+    client.close()
+    for tag in ("restart", "replaced"):
+        _server, client = restart(servers, tmp_path, store_dir)
+        with client:
+            scheduling = client.model_metadata("batched", token=uploaded.owner_token).get(
+                "scheduling"
+            )
+            assert scheduling is not None, tag
+            assert scheduling["max_batch_size"] == 4 and scheduling["max_queue_delay_us"] == 200
+            np.testing.assert_array_equal(
+                client.run_model("batched", X, token=uploaded.owner_token)["y"], X
+            )
+            if tag == "restart":
+                client.upload_model(
+                    model_bytes("batched-v2"), name="batched", token=uploaded.owner_token
+                )
 
 
 def test_identical_bytes_share_one_blob(

@@ -362,34 +362,41 @@ def verify_receipt(
 
 
 class ReceiptChainVerifier:
-    """Checks a client's stream of receipts, remembering the last one per chain: per server
+    """Checks a client's stream of receipts, remembering the recent ones per chain: per server
     key and standing evidence. Replicas sharing one service key (README "Scaling out") each
     sign their own chain and each has its own standing evidence, which the receipt names, so
     the evidence tells their chains apart; a server renewing its evidence starts a new one.
 
     A client sees only its own requests' receipts, a subsequence of the server's chain, unless
-    it is the server's only client. So sequences must strictly increase (a decrease or repeat
-    is a replay or reordering and always fails); when a receipt directly follows the last one
-    seen (sequence == last + 1) its previous_sha256 must link to it (a broken link always
-    fails); a gap (sequence > last + 1) is accepted only with `allow_gaps=True`, the default
-    for servers with several clients. A sole client should pass `allow_gaps=False`, which
-    turns every dropped receipt into an error. A new server key (e.g. a restart) starts a
-    new chain.
+    it is the server's only client; and a client running requests from several threads gets
+    their receipts back in any order. So a sequence may arrive after a higher one, but never
+    twice (a repeat is a replay and always fails) and never more than `window` behind the
+    highest seen (older is refused as replayed or reordered beyond what concurrency explains).
+    Wherever two seen receipts are neighbours (sequence n and n + 1), n + 1's previous_sha256
+    must link to n, whichever arrived first (a broken link, a forked chain, always fails).
+    A gap is accepted only with `allow_gaps=True`, the default for servers with several
+    clients. A sole client that runs one request at a time should pass `allow_gaps=False`:
+    every receipt must then directly follow the last, so a dropped one is an error. A new
+    server key (e.g. a restart) starts a new chain.
     """
 
-    def __init__(self, *, allow_gaps: bool = True) -> None:
+    def __init__(self, *, allow_gaps: bool = True, window: int = 1024) -> None:
         self.allow_gaps = allow_gaps
-        self._last: dict[tuple[str, str], Receipt] = {}
+        self.window = window
+        # chain -> the receipts seen within the window, by sequence
+        self._seen: dict[tuple[str, str], dict[int, Receipt]] = {}
         self._lock = threading.Lock()
 
     def last(self, server_key_sha256: str, evidence_sha256: str | None = None) -> Receipt | None:
-        """The last receipt of that chain; without `evidence_sha256`, the latest one verified
-        under the key."""
+        """The highest receipt seen of that chain; without `evidence_sha256`, of the chain
+        under the key that was extended last."""
         with self._lock:
             if evidence_sha256 is not None:
-                return self._last.get((server_key_sha256, evidence_sha256))
-            under_key = [r for (key, _), r in self._last.items() if key == server_key_sha256]
-            return under_key[-1] if under_key else None
+                seen = self._seen.get((server_key_sha256, evidence_sha256))
+            else:
+                chains = [r for (key, _), r in self._seen.items() if key == server_key_sha256]
+                seen = chains[-1] if chains else None
+            return seen[max(seen)] if seen else None
 
     def verify(
         self,
@@ -401,11 +408,10 @@ class ReceiptChainVerifier:
         model_sha256: str | None = None,
         client_nonce: str | None = None,
     ) -> None:
-        """Verifies `receipt` and, only if it passes, remembers it as the last one."""
+        """Verifies `receipt` and, only if it passes, remembers it."""
         with self._lock:
             chain = (receipt.server_key_sha256, receipt.evidence_sha256)
-            last = self._last.get(chain)
-            follows = last is not None and receipt.sequence == last.sequence + 1
+            seen = self._seen.get(chain, {})
             # Signature and data first, so a forged receipt is reported as forged, not as
             # out of order.
             verify_receipt(
@@ -415,26 +421,44 @@ class ReceiptChainVerifier:
                 outputs=outputs,
                 model_sha256=model_sha256,
                 client_nonce=client_nonce,
-                previous=last if follows else None,
+                previous=seen.get(receipt.sequence - 1),
             )
-            if last is not None and receipt.sequence <= last.sequence:
-                raise _mismatch(
-                    "sequence",
-                    f"more than {last.sequence}",
-                    receipt.sequence,
-                    "receipts were replayed or reordered",
-                )
-            if last is not None and not follows and not self.allow_gaps:
-                raise _mismatch(
-                    "sequence",
-                    last.sequence + 1,
-                    receipt.sequence,
-                    "receipts were dropped (allow_gaps=False)",
-                )
-            self._last.pop(chain, None)  # re-inserted last: the newest chain is last
-            self._last[chain] = receipt
-            while len(self._last) > MAX_CHAINS:  # evidence renewals over a long life
-                del self._last[next(iter(self._last))]
+            self._check_order(receipt, seen)
+            seen[receipt.sequence] = receipt
+            newest = max(seen)
+            for sequence in [n for n in seen if n < newest - self.window]:
+                del seen[sequence]
+            self._seen.pop(chain, None)  # re-inserted last: the newest chain is last
+            self._seen[chain] = seen
+            while len(self._seen) > MAX_CHAINS:  # evidence renewals over a long life
+                del self._seen[next(iter(self._seen))]
+
+    def _check_order(self, receipt: Receipt, seen: dict[int, Receipt]) -> None:
+        if not seen:
+            return
+        newest = max(seen)
+        if receipt.sequence in seen:
+            raise _mismatch(
+                "sequence", "one not seen before", receipt.sequence, "the receipt was replayed"
+            )
+        if receipt.sequence < newest - self.window:
+            raise _mismatch(
+                "sequence",
+                f"at least {newest - self.window} (the newest seen, {newest}, minus the "
+                f"window of {self.window})",
+                receipt.sequence,
+                "receipts were replayed or reordered",
+            )
+        if not self.allow_gaps and receipt.sequence != newest + 1:
+            raise _mismatch(
+                "sequence",
+                newest + 1,
+                receipt.sequence,
+                "receipts were dropped or reordered (allow_gaps=False)",
+            )
+        following = seen.get(receipt.sequence + 1)
+        if following is not None:
+            _check_link(following, receipt)
 
 
 # --- offline bundle ---

@@ -32,7 +32,7 @@ class ModelState(enum.Enum):
 
 @dataclass
 class ModelRecord:
-    """One model. The first eight fields are what the store keeps (and MACs, `canonical`);
+    """One model. The first nine fields are what the store keeps (and MACs, `canonical`);
     the others are its state in this server and are never stored."""
 
     name: str
@@ -89,21 +89,22 @@ class ModelRecord:
         return any(hmac.compare_digest(digest, known) for known in self.run_keys.values())
 
     def canonical(self) -> bytes:
-        """The stored fields in one canonical form: what the store's MAC and manifest cover."""
-        return json.dumps(
-            {
-                "name": self.name,
-                "version": self.version,
-                "sha256": self.sha256,
-                "size": self.size,
-                "owner_token_sha256": self.owner_token_sha256,
-                "public": self.public,
-                "created": repr(float(self.created)),
-                "run_keys": sorted(self.run_keys.items()),
-            },
-            sort_keys=True,
-            separators=(",", ":"),
-        ).encode()
+        """The stored fields in one canonical form: what the store's MAC and manifest cover.
+        Scheduling options appear only when not the defaults, so rows written before the
+        store kept them (schema version 2) still authenticate."""
+        fields = {
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "size": self.size,
+            "owner_token_sha256": self.owner_token_sha256,
+            "public": self.public,
+            "created": repr(float(self.created)),
+            "run_keys": sorted(self.run_keys.items()),
+        }
+        if self.scheduling != DEFAULT:
+            fields["scheduling"] = self.scheduling.to_json()
+        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
     def digest(self) -> str:
         return hashlib.sha256(self.canonical()).hexdigest()

@@ -424,10 +424,13 @@ class ModelService:
             # New models are restricted unless the owner opts into public.
             public=(inherit.public if inherit else False) if public is None else public,
             run_keys=_run_keys(inherit),
+            # None keeps a replaced model's options (an untrusted row's are the defaults)
+            scheduling=scheduling
+            if scheduling is not None
+            else (inherit.scheduling if inherit else DEFAULT),
         )
-        if scheduling is None:  # (an UNAVAILABLE model has the defaults: none are stored)
-            scheduling = existing.scheduling if existing is not None else DEFAULT
-        entry = _loaded(record, session, scheduling)
+        scheduling = record.scheduling
+        entry = _loaded(record, session)
         try:
             scheduling.check_model(session)
             if self.store is None:
@@ -472,7 +475,8 @@ class ModelService:
         if hashlib.sha256(data).hexdigest() != record.sha256:
             raise InvalidRequest(f"replicated model {record.name!r}: bytes do not match")
         session = await self._session_for(data, record.sha256)
-        entry = _loaded(record, session, scheduling)
+        record = replace(record, scheduling=scheduling)
+        entry = _loaded(record, session)
         try:
             scheduling.check_model(session)
             if self.store is None:
@@ -706,11 +710,9 @@ def _run_keys(existing: ModelRecord | None) -> dict[str, str]:
     return dict(existing.run_keys)
 
 
-def _loaded(
-    record: ModelRecord, session: Session, scheduling: SchedulingOptions = DEFAULT
-) -> ModelRecord:
+def _loaded(record: ModelRecord, session: Session) -> ModelRecord:
     """The live record serving `record` (which stays what the store and replicas are given)."""
-    return replace(record, run_keys=dict(record.run_keys), session=session, scheduling=scheduling)
+    return replace(record, run_keys=dict(record.run_keys), session=session)
 
 
 def _stored(model: ModelRecord) -> ModelRecord:

@@ -78,6 +78,8 @@ from blindfold.errors import BlindfoldError, ConfigurationError, SealError
 from blindfold.sealing import KEY_SIZE, seal, seal_into, seal_reader, unseal, unseal_to_bytes
 from blindfold.server.model_bytes import ModelBytes, ModelData
 from blindfold.server.model_record import ModelRecord
+from blindfold.server.refusals import Refusal
+from blindfold.server.scheduler import DEFAULT, SchedulingOptions
 
 logger = logging.getLogger("blindfold.store")
 
@@ -89,7 +91,10 @@ BLOB_SUFFIX = ".sealed"
 TEMP_PREFIX = ".tmp-"
 # 2: rows bound together by the manifest. Version 1 stores (rows MAC'd one by one) are
 # refused: nothing in them tells a replayed row from a current one.
-SCHEMA_VERSION = 2
+# 3: each model's scheduling options (batching, concurrency) in its row. Version 2 stores are
+# migrated when opened read-write (see `_MIGRATIONS`).
+SCHEMA_VERSION = 3
+OLDEST_MIGRATED_VERSION = 2
 BLOB_LABEL_PREFIX = "blindfold-store-model:"
 EPOCH_LABEL = b"blindfold-store-epoch/v1"
 _MAC_INFO = b"blindfold-store/metadata-mac/v1"
@@ -112,8 +117,9 @@ CRASH_POINTS = frozenset(
     }
 )
 
-# The only schema the server accepts; created in one transaction, so a crash leaves either
-# all of it or none. Compared object by object with sqlite_master at every start.
+# The schema of version 2, the oldest this server opens; created in one transaction, so a
+# crash leaves either all of it or none. Compared object by object with sqlite_master at
+# every start.
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE models ("
@@ -125,19 +131,39 @@ _SCHEMA = (
     "token_sha256 TEXT NOT NULL, PRIMARY KEY (model, key_id))",
     "CREATE INDEX models_sha256 ON models(sha256)",
 )
+# What takes a store from the version before to this one. A new store is made by the same
+# statements, so a migrated store's sqlite_master reads exactly like a new one's (ALTER TABLE
+# rewrites the stored CREATE statement).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    3: ("ALTER TABLE models ADD COLUMN scheduling TEXT NOT NULL DEFAULT '{}'",),
+}
 _SchemaObject = tuple[str, str, str, str | None]
 
 
+def _statements(version: int) -> tuple[str, ...]:
+    """The statements that create a store of `version`."""
+    migrations = (_MIGRATIONS[v] for v in range(OLDEST_MIGRATED_VERSION + 1, version + 1))
+    return _SCHEMA + tuple(statement for steps in migrations for statement in steps)
+
+
 @functools.cache
-def _expected_schema() -> frozenset[_SchemaObject]:
-    """sqlite_master as `_SCHEMA` makes it (with SQLite's own automatic indexes)."""
+def _expected_schema(version: int = SCHEMA_VERSION) -> frozenset[_SchemaObject]:
+    """sqlite_master as a store of `version` has it (with SQLite's own automatic indexes)."""
     db = sqlite3.connect(":memory:")
     try:
-        for statement in _SCHEMA:
+        for statement in _statements(version):
             db.execute(statement)
         return frozenset(db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
     finally:
         db.close()
+
+
+def _schema_version(schema: frozenset[_SchemaObject]) -> int | None:
+    """The version whose schema `schema` is exactly; None for any other."""
+    for version in range(SCHEMA_VERSION, OLDEST_MIGRATED_VERSION - 1, -1):
+        if schema == _expected_schema(version):
+            return version
+    return None
 
 
 MEASUREMENT_KEY_CHANGES = (
@@ -313,6 +339,7 @@ class _Verified:
     epoch_file: SealedEpochFile
     counters: list[EpochCounter]
     behind: list[EpochCounter]  # counters to bring up to `epoch`
+    schema_version: int
 
 
 _RESET_HINT = (
@@ -450,6 +477,11 @@ class ModelStore:
                         "check that the directory is writable and not replaced underneath "
                         "the server"
                     )
+            if verified.schema_version < SCHEMA_VERSION:
+                self._migrate(db, verified.schema_version)
+                verified = self._verify(db, epoch_path, external, reset)
+                if verified is None or verified.schema_version != SCHEMA_VERSION:
+                    raise StoreError(f"the store database {path} did not migrate; nothing lost")
         except sqlite3.DatabaseError as exc:
             db.close()
             raise StoreError(f"cannot open the store database {path}: {exc}") from None
@@ -485,7 +517,8 @@ class ModelStore:
                         f"database. {_RESET_HINT} (as a new, empty store)"
                     )
                 return None
-            if schema != _expected_schema():
+            version = _schema_version(schema)
+            if version is None:
                 raise StoreError(_schema_difference(path, schema))
             problems = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
@@ -496,13 +529,13 @@ class ModelStore:
             meta = {str(k): str(v) for k, v in db.execute("SELECT key, value FROM meta")}
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open the store database {path}: {exc}") from None
-        if meta.get("schema_version") != str(SCHEMA_VERSION):
+        if meta.get("schema_version") != str(version):
             raise StoreError(
                 f"the store {self.directory} has schema version "
-                f"{meta.get('schema_version', 'none')}, this server reads version "
-                f"{SCHEMA_VERSION} only (version 1 stores do not bind their rows together, so "
-                "replayed rows cannot be told apart); serve it with the build that wrote it, "
-                "or move it aside and upload the models again"
+                f"{meta.get('schema_version', 'none')}, this server reads versions "
+                f"{OLDEST_MIGRATED_VERSION} to {SCHEMA_VERSION} only (version 1 stores do not "
+                "bind their rows together, so replayed rows cannot be told apart); serve it "
+                "with the build that wrote it, or move it aside and upload the models again"
             )
         if not hmac.compare_digest(meta.get("key_check", ""), self._key_check()):
             raise StoreError(
@@ -520,14 +553,37 @@ class ModelStore:
             for counter in counters
             if self._compare_epoch(counter, epoch, reset and counter is epoch_file)
         ]
-        return _Verified(store_id, epoch, manifest, epoch_file, counters, behind)
+        return _Verified(store_id, epoch, manifest, epoch_file, counters, behind, version)
+
+    def _migrate(self, db: sqlite3.Connection, version: int) -> None:
+        """Brings a verified store of an older `version` to SCHEMA_VERSION in one
+        transaction. Rows keep their MACs and the manifest its digests: a field a migration
+        adds is in a row's canonical form only when it differs from its default."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    db.execute(statement)
+            db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        logger.info(
+            "store: migrated %s from schema version %d to %d",
+            self.directory,
+            version,
+            SCHEMA_VERSION,
+        )
 
     def _create(self, db: sqlite3.Connection) -> None:
         """A new store: schema, identity and an empty manifest at epoch 0, all or nothing."""
         store_id = secrets.token_hex(16)
         db.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _SCHEMA:
+            for statement in _statements(SCHEMA_VERSION):
                 db.execute(statement)
             db.executemany(
                 "INSERT INTO meta(key, value) VALUES (?, ?)",
@@ -653,8 +709,8 @@ class ModelStore:
         not trusted (None when its row is exactly the one the manifest records)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT name, version, sha256, size, owner_token_sha256, public, created, mac "
-                "FROM models ORDER BY name"
+                "SELECT name, version, sha256, size, owner_token_sha256, public, created, "
+                "scheduling, mac FROM models ORDER BY name"
             ).fetchall()
             keys: dict[str, dict[str, str]] = {}
             for model, key_id, token_sha256 in self._db.execute(
@@ -663,7 +719,8 @@ class ModelStore:
                 keys.setdefault(str(model), {})[str(key_id)] = str(token_sha256)
             manifest = dict(self._manifest)
         loaded = []
-        for name, version, sha256, size, owner, public, created, mac in rows:
+        for name, version, sha256, size, owner, public, created, scheduling, mac in rows:
+            options = _scheduling(scheduling)
             record = ModelRecord(
                 name=str(name),
                 version=int(version),
@@ -673,10 +730,11 @@ class ModelStore:
                 public=bool(public),
                 created=float(created),
                 run_keys=keys.get(str(name), {}),
+                scheduling=options or DEFAULT,
             )
             entry = manifest.pop(record.name, None)
             problem = None
-            if not hmac.compare_digest(self._mac(record), str(mac)):
+            if options is None or not hmac.compare_digest(self._mac(record), str(mac)):
                 problem = (
                     "its row (access rules, hash or tokens) was modified outside the server "
                     "and does not authenticate"
@@ -829,10 +887,11 @@ class ModelStore:
     def _write_row(self, record: ModelRecord) -> None:
         self._db.execute(
             "INSERT INTO models(name, version, sha256, size, owner_token_sha256, public, "
-            "created, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+            "created, scheduling, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET "
             "version = excluded.version, sha256 = excluded.sha256, size = excluded.size, "
             "owner_token_sha256 = excluded.owner_token_sha256, public = excluded.public, "
-            "created = excluded.created, mac = excluded.mac",
+            "created = excluded.created, scheduling = excluded.scheduling, mac = excluded.mac",
             (
                 record.name,
                 record.version,
@@ -841,6 +900,7 @@ class ModelStore:
                 record.owner_token_sha256,
                 int(record.public),
                 float(record.created),
+                json.dumps(record.scheduling.to_json(), sort_keys=True, separators=(",", ":")),
                 self._mac(record),
             ),
         )
@@ -931,6 +991,17 @@ class ModelStore:
             except OSError as exc:
                 # Harmless: recover() removes unreferenced blobs at the next start.
                 logger.warning("store: cannot remove unused blob %s (%s)", path.name, exc.strerror)
+
+
+def _scheduling(stored: object) -> SchedulingOptions | None:
+    """A row's scheduling options; None when they do not parse (only an edited row's)."""
+    try:
+        values = json.loads(str(stored))
+        if not isinstance(values, dict):
+            return None
+        return SchedulingOptions.parse(values) or DEFAULT
+    except (ValueError, Refusal):
+        return None
 
 
 def _harden(db: sqlite3.Connection) -> None:
