@@ -234,10 +234,12 @@ class IsolatedSession(Session):
         names = list(feeds)
         arrays = [feeds[name] for name in names]
         try:
-            message = await asyncio.wait_for(
-                worker.run(names, arrays, output_names, send_off_loop=_heavy(arrays)),
-                self._limits.inference_timeout + TIMEOUT_GRACE,
-            )
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the run in a task of
+            # its own, one more trip through the event loop on every inference.
+            async with asyncio.timeout(self._limits.inference_timeout + TIMEOUT_GRACE):
+                message = await worker.run(
+                    names, arrays, output_names, send_off_loop=_heavy(arrays)
+                )
         except TimeoutError:
             worker.kill("a run exceeded --inference-timeout")
             raise _timeout(self._limits) from None
