@@ -37,14 +37,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 import blindfold
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+from onnx_models import weights_model  # noqa: E402
 from server_process import model_workers, proc_field, start_server, tree_memory  # noqa: E402
 
 MiB = 1 << 20
@@ -66,21 +65,6 @@ for path in sys.argv[1:]:
     sessions.append(session)
 print(before, pss())
 """
-
-
-def weights_model(megabytes: int, seed: int) -> onnx.ModelProto:
-    columns = megabytes * 256
-    weights = np.random.default_rng(seed).random((1024, columns), dtype=np.float32)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1024])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", columns])
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])],
-        "weights",
-        [x],
-        [y],
-        initializer=[numpy_helper.from_array(weights, "W")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def model_memfds(pid: int) -> int:

@@ -103,3 +103,20 @@ def custom_domain_model(domain: str = "com.evil") -> onnx.ModelProto:
     return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)]
     )
+
+
+def weights_model(megabytes: int, seed: int = 0) -> onnx.ModelProto:
+    """y = x @ W with W a random float32 [1024, megabytes * 256]: `megabytes` MiB of weights
+    that no compression or deduplication can shrink."""
+    columns = megabytes * 256
+    weights = np.random.default_rng(seed).random((1024, columns), dtype=np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1024])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", columns])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "weights",
+        [x],
+        [y],
+        initializer=[numpy_helper.from_array(weights, "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

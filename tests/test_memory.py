@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 import blindfold
 
 from conftest import ServerProcess, start_server
-from onnx_models import external_data_model, identity_model
+from onnx_models import external_data_model, identity_model, weights_model
 from server_process import model_workers, proc_field, tree_memory
 
 MiB = 1 << 20
@@ -27,23 +27,6 @@ def connect(server: ServerProcess) -> blindfold.Client:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return blindfold.connect(server.url, allow_simulation=True)
-
-
-def weights_model(megabytes: int, seed: int = 0) -> onnx.ModelProto:
-    """y = x @ W with W a random float32 [1024, megabytes * 256]: `megabytes` MiB of weights
-    that no compression or deduplication can shrink."""
-    columns = megabytes * 256
-    weights = np.random.default_rng(seed).random((1024, columns), dtype=np.float32)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1024])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", columns])
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])],
-        "weights",
-        [x],
-        [y],
-        initializer=[numpy_helper.from_array(weights, "W")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def reshape_model() -> onnx.ModelProto:

@@ -4,6 +4,7 @@ on their back."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +70,17 @@ def test_tokenizer_runs_in_the_confined_worker_on_python_strings(plain: ServerPr
         by_hash = client.run_model(f"sha256:{uploaded.sha256}", np.array(["world"], object))
         assert by_hash["input_ids"].tolist() == [2, 6, 3]
     assert "secret" not in plain.log().lower()
+
+
+def test_the_front_process_loads_no_pytorch(plain: ServerProcess) -> None:
+    """Importing onnxruntime_extensions imports PyTorch when it is installed: the front, which
+    holds the server's keys, finds the operator library without importing the package."""
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("PyTorch is not installed here, so nothing could load it")
+    with connect(plain) as client:  # a model with the extension's operators loaded
+        client.upload_model(tokenizer_model(), name="tokenizer-no-torch")
+    maps = Path(f"/proc/{plain.process.pid}/maps").read_text()
+    assert "libtorch" not in maps and "/torch/" not in maps
 
 
 def test_other_custom_domains_are_still_refused(plain: ServerProcess) -> None:

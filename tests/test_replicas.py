@@ -19,9 +19,10 @@ from blindfold.errors import BlindfoldError, ConfigurationError
 from blindfold.server.cluster import ClusterPolicy
 
 from helpers import connect
-from onnx_models import add_mul_model, matmul_model
+from onnx_models import add_mul_model, matmul_model, weights_model
 from server_process import (
     ServerProcess,
+    proc_field,
     run_replica_expecting_failure,
     start_replica,
     unverified_context,
@@ -112,6 +113,55 @@ def test_a_joiner_presents_the_same_identity_and_serves_every_change(
         finally:
             second.stop()
     assert "released the service identity to a replica" in first.log()
+
+
+def test_replicas_keep_no_second_copy_of_a_model(
+    tmp_path: Path, policy: Path, first: ServerProcess
+) -> None:
+    """A model's bytes live once per replica, in its worker's sealed memfd: neither the
+    replica it was uploaded to nor the one it was copied to (by a change, or by a joiner's
+    snapshot) keeps another copy in its front process to send on later."""
+    size = 64
+    second = start_replica(tmp_path, policy, join=first)
+    try:
+        before = {p.process.pid: front_rss(p) for p in (first, second)}
+        with connect(first) as on_first, connect(second) as on_second:
+            model = weights_model(size, seed=7).SerializeToString()
+            big = on_first.upload_model(model, name="replicated-big")
+            x = np.ones((1, 1024), np.float32)
+            expected = on_first.run_model("replicated-big", x)["y"]
+
+            def copied() -> bool:
+                try:
+                    got = on_second.run_model("replicated-big", x, token=big.owner_token)["y"]
+                except BlindfoldError:
+                    return False
+                return bool(np.array_equal(got, expected))
+
+            eventually(copied, "the big model copied", within=60)
+            third = start_replica(tmp_path, policy, join=first)  # snapshot
+            try:
+                with connect(third) as on_third:
+                    got = on_third.run_model("replicated-big", x, token=big.owner_token)["y"]
+                    np.testing.assert_array_equal(got, expected)
+            finally:
+                third.stop()
+        for replica in (first, second):
+            grown = front_rss(replica) - before[replica.process.pid]
+            assert grown < size * MIB // 2, (
+                f"replica {replica.url} front grew by {grown >> 20} MiB for a {size} MiB model"
+            )
+        with connect(first) as on_first:
+            on_first.delete_model("replicated-big", token=big.owner_token)
+    finally:
+        second.stop()
+
+
+def front_rss(replica: ServerProcess) -> int:
+    return proc_field(replica.process.pid, "status", "VmRSS")
+
+
+MIB = 1 << 20
 
 
 def test_a_replica_running_other_code_is_refused_and_gets_nothing(
@@ -434,10 +484,12 @@ def test_replicas_starting_together_make_one_identity(tmp_path: Path, policy: Pa
     waiting = ServerProcess(second_port, process, log_path)
     bootstrapped = None
     try:
+        # It finds nobody, and is not the one that may bootstrap: it waits.
+        eventually(lambda: "waits to join" in waiting.log(), "the other waits", 60)
         bootstrapped = start_server(tmp_path, *args("replica-0", second_port), port=first_port)
         assert "starting a NEW service identity" in bootstrapped.log()
         eventually(lambda: "joined the cluster" in waiting.log(), "the other joins", 90)
-        assert "waits to join" in waiting.log() and "NEW service identity" not in waiting.log()
+        assert "NEW service identity" not in waiting.log()
         eventually(lambda: _live(waiting), "the joiner serves", 60)
         with connect(bootstrapped) as a, connect(waiting) as b:
             assert a.attestation.spki_sha256 == b.attestation.spki_sha256

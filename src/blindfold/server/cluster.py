@@ -56,6 +56,7 @@ from blindfold.errors import (
     EvidenceError,
     RequestRejected,
 )
+from blindfold.server.model_bytes import ModelBytes
 from blindfold.server.model_record import ModelRecord
 from blindfold.server.scheduler import DEFAULT, SchedulingOptions
 from blindfold.server.service import Change, ModelService
@@ -380,14 +381,19 @@ def _record_from_json(data: dict[str, Any]) -> ModelRecord:
 @dataclass
 class _Member:
     url: str
-    # (route, body, what) to post, in order; None stops the sender.
-    pending: queue.Queue[tuple[str, bytes, str] | None] = field(default_factory=queue.Queue)
+    # (route, body, what) to post, in order; None stops the sender. A body that is a put
+    # Change without bytes is framed when sent, from the model's memfd: a member that is
+    # down does not make this replica hold a copy of every model uploaded meanwhile.
+    pending: queue.Queue[tuple[str, bytes | Change, str] | None] = field(
+        default_factory=queue.Queue
+    )
     thread: threading.Thread | None = None
 
 
 class Replicator:
-    """This replica's view of the cluster: its members, and the bytes of every model it
-    serves (kept so that changes and snapshots can be sent; one copy per distinct model)."""
+    """This replica's view of the cluster: its members, and how to reach the bytes of every
+    model it serves for snapshots: the sealed memfd of the model's isolated session, or, for
+    sessions that keep none (`--unsafe-no-isolation`, Gramine), a copy kept here."""
 
     def __init__(self, identity: ServiceIdentity, service: ModelService, self_url: str) -> None:
         self.identity = identity
@@ -395,7 +401,7 @@ class Replicator:
         self.self_url = self_url
         self._key = identity.replication_key()
         self._members: dict[str, _Member] = {}
-        self._blobs: dict[str, bytes] = {}
+        self._blobs: dict[str, bytes] = {}  # only for sessions without their own copy
         # Other members' standing evidence by hash (`find_evidence`), oldest first.
         self._evidence: dict[str, dict[str, Any]] = {}
         self._lookups = threading.BoundedSemaphore(MAX_EVIDENCE_LOOKUPS)
@@ -442,22 +448,26 @@ class Replicator:
     def _local_change(self, change: Change) -> None:
         self._keep(change)
         what = f"{change.op} of model {change.record.name!r}"
-        self._push(("/v2/cluster/apply", encode_change(change), what))
+        deferred = change.op == "put" and not change.data
+        self._push(("/v2/cluster/apply", change if deferred else encode_change(change), what))
 
     def share_endorsement(self, endorsement: dict[str, Any]) -> None:
         """An operator endorsement posted here: it binds the shared key, so it holds for
         every replica."""
         self._push(("/v2/cluster/endorsement", json.dumps(endorsement).encode(), "endorsement"))
 
-    def _push(self, item: tuple[str, bytes, str]) -> None:
+    def _push(self, item: tuple[str, bytes | Change, str]) -> None:
         with self._lock:
             members = list(self._members.values())
         for member in members:
             member.pending.put(item)
 
     def _keep(self, change: Change) -> None:
+        held = self._held(change.record.sha256) if change.op == "put" else None
+        if held is not None:
+            held.close()
         with self._lock:
-            if change.op == "put":
+            if change.op == "put" and held is None:
                 self._blobs[change.record.sha256] = change.data
             elif change.op == "delete":
                 live = {e.sha256 for e in self.service.registry.entries()}
@@ -481,10 +491,20 @@ class Replicator:
             if item is None:
                 transport.close()
                 return
-            route, body, what = item
+            route, content, what = item
+            del item  # the body (a model, for a put) is freed once sent, not when the next comes
             failing_since: float | None = None
             while True:
+                body = None
                 try:
+                    if failing_since is not None or not isinstance(content, bytes):
+                        # A cheap request first: a model's frame is a copy of it, made only
+                        # for a member that answers.
+                        transport.request("GET", "/v2/health/live", None, self._headers())
+                    body = self._framed(content)
+                    if body is None:
+                        logger.info("%s not sent to %s: the model is gone", what, member.url)
+                        break
                     response = transport.request("POST", route, body, self._headers())
                 except OSError as exc:
                     now = time.monotonic()
@@ -500,6 +520,7 @@ class Replicator:
                             self._members.pop(member.url, None)
                         transport.close()
                         return
+                    body = None
                     time.sleep(0.25)
                     continue
                 if response.status != 200:
@@ -510,6 +531,7 @@ class Replicator:
                         response.body[:300].decode(errors="replace"),
                     )
                 break
+            del content, body
 
     # incoming
 
@@ -525,9 +547,32 @@ class Replicator:
         self._keep(change)
         return changed
 
+    def _framed(self, content: bytes | Change) -> bytes | None:
+        """The body to post: `content`, or a deferred put framed with its model's bytes as
+        they are now (None when the model has been unloaded since: its delete follows)."""
+        if isinstance(content, bytes):
+            return content
+        held = self._held(content.record.sha256)
+        if held is None:
+            return None
+        try:
+            with held.view() as view:
+                return encode_change(content) + view
+        finally:
+            held.close()
+
+    def _held(self, sha256: str) -> ModelBytes | None:
+        """The model's bytes as its live session keeps them, if it does."""
+        session = self.service.registry.session_for(sha256)
+        return session.model_bytes() if session is not None else None
+
     def snapshot(self) -> Iterator[bytes]:
         """Every model this replica serves, as `u64 length || change` frames."""
         for record, scheduling in self.service.snapshot():
+            frame = self._framed(Change("put", record, b"", scheduling))
+            if frame is not None:  # read from the model's memfd
+                yield struct.pack(">Q", len(frame)) + frame
+                continue
             data = self._blobs.get(record.sha256)
             if data is None and self.service.store is not None:
                 data = self.service.store.read_model(record, self.service.limits.max_model_bytes)

@@ -9,9 +9,12 @@ this library, before it confines itself (after chroot there is no file to load i
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
+from pathlib import Path
 
 DOMAIN = "ai.onnx.contrib"
+_LIBRARY = "_extensions_pydll"  # the package's compiled module: the operators' library
 
 
 def installed() -> bool:
@@ -20,7 +23,19 @@ def installed() -> bool:
 
 def library_path() -> str:
     """The shared library to register with `SessionOptions.register_custom_ops_library`;
-    raises ImportError when the package is missing."""
-    import onnxruntime_extensions
+    raises ImportError when the package is missing.
 
-    return str(onnxruntime_extensions.get_library_path())
+    Found on disk rather than through `onnxruntime_extensions.get_library_path()`: importing
+    the package imports PyTorch when it is installed (for its converters), which would load
+    libtorch into the process that holds the server's keys."""
+    spec = importlib.util.find_spec("onnxruntime_extensions")
+    folders = spec.submodule_search_locations if spec is not None else None
+    for folder in folders or []:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            candidate = Path(folder) / f"{_LIBRARY}{suffix}"
+            if candidate.is_file():
+                return str(candidate)
+    raise ImportError(
+        "onnxruntime-extensions is not installed, or its operator library "
+        f"({_LIBRARY}) is missing: pip install onnxruntime-extensions"
+    )

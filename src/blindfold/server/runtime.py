@@ -115,6 +115,13 @@ class Session:
         self._cost = cost
         self.closed = False
 
+    keeps_model_bytes = False  # whether `model_bytes` can hand the model back
+
+    def model_bytes(self) -> ModelBytes | None:
+        """A new handle on the model's bytes when this session keeps them (the caller closes
+        it); None when it does not."""
+        return None
+
     @property
     def admitted_memory(self) -> int:
         """The memory this session was admitted with (an estimate, see `memory_cost`)."""
@@ -263,6 +270,16 @@ class IsolatedSession(Session):
             raise WorkerFailed(
                 "the model's worker process answered with malformed tensors"
             ) from None
+
+    keeps_model_bytes = True
+
+    def model_bytes(self) -> ModelBytes | None:
+        """The model's sealed memfd, as a new descriptor: replicas copy models from it rather
+        than keep a second copy in memory."""
+        with self._start_lock:
+            if self.closed:
+                return None
+            return ModelBytes(os.dup(self._model_fd), self.size, self.sha256)
 
     def close(self) -> None:
         with self._start_lock:

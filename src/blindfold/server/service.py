@@ -448,8 +448,11 @@ class ModelService:
             sha256,
             extra={"model": name, "model_sha256": sha256},
         )
-        if self.on_change is not None:  # copies the bytes only when replicas need them
-            self._notify(Change("put", record, _copy(data), scheduling))
+        if self.on_change is not None:
+            # Replicas read the bytes from the session's own copy when it keeps one; only
+            # a session without one (no isolation) needs them copied here.
+            kept = session.keeps_model_bytes
+            self._notify(Change("put", record, b"" if kept else _copy(data), scheduling))
         chosen = owner_token is not None and owner_token == owner_secret
         return LoadResult(
             entry, None if chosen else owner_token, existing is not None, owner_chosen=chosen
