@@ -513,6 +513,10 @@ def _wire_cases() -> dict[str, bytes]:
         "float_data unpacked": b"\x25abcd\x25abcd",
         "raw_data twice": b"\x4a\x01a\x4a\x02bc",
         "raw_data past the end": b"\x4a\x7fa",
+        "end of group in a tensor": b"\x0c",
+        "group in a tensor": b"\xab\x06\x08\x01\xac\x06",
+        "raw_data with a 2 byte tag": b"\xca\x00\x02ab",
+        "raw_data with a 5 byte length": b"\x4a\x82\x80\x80\x80\x00ab",
     }
     for name, payload in payloads.items():
         # a graph initializer longer than VERBATIM_BELOW, so that it is walked
@@ -529,6 +533,21 @@ def test_wire_format_edge_cases(data: bytes) -> None:
     assert_same_verdict(data)
     assert_same_verdict(data + SMALL)
     assert_same_verdict(SMALL + data)
+
+
+def test_long_runs_of_scalar_fields() -> None:
+    """Runs of scalar fields (skipped by a regular expression, not a Python step each): many
+    dims, unpacked weights, unknown fields, mixed one and two byte tags."""
+    tensor = numpy_helper.from_array(np.ones(2, np.float32), "t").SerializeToString()
+    runs = [
+        b"\x08\x01" * 20_000,  # dims
+        b"\x25\x00\x00\x80\x3f" * 20_000,  # float_data, unpacked
+        b"\x51" + b"\x00" * 8 + b"\x90\x01\x05" * 10_000,  # double_data, unknown field 18
+        b"\x08\x01\x25abcd\x80\x01\x07" * 10_000 + b"\x08\x80",  # ends truncated
+    ]
+    for run in runs:
+        assert_same_verdict(b"\x08\x07" + _field(7, _field(5, tensor + run)))
+    assert_same_verdict(SMALL + b"\x10\x01\xc8\x01\x02" * 50_000)  # ModelProto scalars
 
 
 # --- memory: checking a model held in a memfd does not copy its weights ---

@@ -224,6 +224,7 @@ def _walk(
         if number == 0:
             raise _Malformed
         if wire == _WIRE_LEN:
+            tag_end = pos
             length, body = _varint(view, pos, end, 5)
             pos = body + length
             if pos > end:
@@ -240,11 +241,11 @@ def _walk(
                     raise _Malformed
                 child = bytearray()
                 _walk(view, body, pos, plan.children[number], depth + 1, child, verbatim_below)
-                out += view[start:body]
+                out += view[start:tag_end]
                 out += _encode_varint(len(child))
                 out += child
             elif action == _EMPTY:
-                out += view[start:body]
+                out += view[start:tag_end]
                 out.append(0)
             else:
                 _check_packed(view, body, pos, action)
