@@ -22,7 +22,8 @@ nesting depth. Only what it leaves out is checked here, by protobuf's (upb's) ru
 varints of at most 10 bytes) and nesting (at most 100 messages below the model). Unknown
 length-delimited fields, which protobuf never looks into and the checks never read, are left
 out. Anything else refused raises `MalformedModel`, without reading further and without
-allocating more than the skeleton so far.
+allocating more than the skeleton so far. A model with more fields to walk than MAX_STEPS (no
+exporter writes one) is returned whole, for protobuf to parse as it did before this walker.
 """
 
 from __future__ import annotations
@@ -42,11 +43,21 @@ MAX_DEPTH = 100
 # node of a large graph would cost Python time for no memory saved.
 VERBATIM_BELOW = 256
 
+# At most this many steps of the walk (a field, or a run of scalar fields): about two seconds
+# of Python. An ONNX exporter writes far fewer (a node or a tensor is one field of its
+# graph, a tensor a handful), but a crafted model could hold hundreds of millions of empty
+# fields; such a model is handed to protobuf whole instead, costing what it did before.
+MAX_STEPS = 4_000_000
+
 _WIRE_VARINT, _WIRE_FIXED64, _WIRE_LEN, _WIRE_SGROUP, _WIRE_EGROUP, _WIRE_FIXED32 = range(6)
 
 
 class MalformedModel(ValueError):
     """The bytes are not a protobuf message protobuf's own parser would accept."""
+
+
+class _TooManyFields(Exception):
+    """More than MAX_STEPS fields to walk one by one."""
 
 
 class _Malformed(Exception):
@@ -166,17 +177,23 @@ _SCALAR_RUN = re.compile(
 _OVERLONG_VARINT = re.compile(rb"[\x80-\xff]{10}")
 
 
-def skeleton(data: bytes | memoryview, verbatim_below: int = VERBATIM_BELOW) -> bytes:
+def skeleton(
+    data: bytes | memoryview, verbatim_below: int = VERBATIM_BELOW, max_steps: int = MAX_STEPS
+) -> bytes:
     """The serialization of the ModelProto in `data` with its weights emptied; raises
     MalformedModel where protobuf's parse of `data` would fail on what the skeleton leaves
     out. `data` is only read, through views released before this returns."""
     out = bytearray()
     with memoryview(data) as view:
         try:
-            _walk(view, 0, len(view), _MODEL_PLAN, 0, out, verbatim_below)
+            _Walk(view, verbatim_below, max_steps).message(0, len(view), _MODEL_PLAN, 0, out)
             malformed = False
         except _Malformed:
             malformed = True
+        except _TooManyFields:
+            # Handed to protobuf whole, as before this walker existed: protobuf's parse, in
+            # C, is faster than walking so many fields in Python; memory is what it was.
+            return bytes(view)
     if malformed:
         raise MalformedModel("not a protobuf message (the wire format is malformed)")
     return bytes(out)
@@ -197,77 +214,82 @@ def _varint(view: memoryview, pos: int, end: int, limit: int) -> tuple[int, int]
     raise _Malformed
 
 
-def _walk(
-    view: memoryview,
-    pos: int,
-    end: int,
-    plan: _Plan,
-    depth: int,
-    out: bytearray,
-    verbatim_below: int,
-) -> None:
-    """Appends the skeleton of the message in view[pos:end] to `out`."""
-    actions = plan.actions
-    kept = pos  # start of the bytes not yet copied, all to be copied as they are
-    while pos < end:
-        start = pos
-        byte = view[pos]
-        if byte < 0x80:
-            tag = byte
-            pos += 1
-        else:
-            tag, pos = _varint(view, pos, end, 5)
-            if tag > 0xFFFFFFFF:
-                raise _Malformed
-        number = tag >> 3
-        wire = tag & 7
-        if number == 0:
-            raise _Malformed
-        if wire == _WIRE_LEN:
-            tag_end = pos
-            length, body = _varint(view, pos, end, 5)
-            pos = body + length
-            if pos > end:
-                raise _Malformed
-            action = actions.get(number)
-            if action == _KEEP or (action == _WALK and length < verbatim_below):
-                continue
-            out += view[kept:start]
-            kept = pos
-            if action is None:  # unknown: protobuf keeps it unread, the checks never read it
-                continue
-            if action == _WALK:
-                if depth >= MAX_DEPTH:
-                    raise _Malformed
-                child = bytearray()
-                _walk(view, body, pos, plan.children[number], depth + 1, child, verbatim_below)
-                out += view[start:tag_end]
-                out += _encode_varint(len(child))
-                out += child
-            elif action == _EMPTY:
-                out += view[start:tag_end]
-                out.append(0)
+class _Walk:
+    """One walk over `view`, with its step budget."""
+
+    def __init__(self, view: memoryview, verbatim_below: int, max_steps: int) -> None:
+        self.view = view
+        self.verbatim_below = verbatim_below
+        self.steps = max_steps
+
+    def message(self, pos: int, end: int, plan: _Plan, depth: int, out: bytearray) -> None:
+        """Appends the skeleton of the message in view[pos:end] to `out`."""
+        view = self.view
+        actions = plan.actions
+        kept = pos  # start of the bytes not yet copied, all to be copied as they are
+        while pos < end:
+            self.steps -= 1
+            if self.steps < 0:
+                raise _TooManyFields
+            start = pos
+            byte = view[pos]
+            if byte < 0x80:
+                tag = byte
+                pos += 1
             else:
-                _check_packed(view, body, pos, action)
-        elif wire == _WIRE_VARINT:
-            _, pos = _varint(view, pos, end, 10)
-        elif wire in (_WIRE_FIXED64, _WIRE_FIXED32):
-            pos += 8 if wire == _WIRE_FIXED64 else 4
-            if pos > end:
+                tag, pos = _varint(view, pos, end, 5)
+                if tag > 0xFFFFFFFF:
+                    raise _Malformed
+            number = tag >> 3
+            wire = tag & 7
+            if number == 0:
                 raise _Malformed
-        elif wire == _WIRE_SGROUP:
-            # No ONNX field is a group: an unknown one. The rest of this message is copied as
-            # it is, and protobuf checks the group's nesting and end in the skeleton.
-            pos = end
-            break
-        else:  # an end of group outside any group, or wire types 6 and 7
-            raise _Malformed
-        if wire != _WIRE_LEN:
-            run = _SCALAR_RUN.match(view, pos, end)
-            while run is not None:
-                pos = run.end()
+            if wire == _WIRE_LEN:
+                tag_end = pos
+                length, body = _varint(view, pos, end, 5)
+                pos = body + length
+                if pos > end:
+                    raise _Malformed
+                action = actions.get(number)
+                if action == _KEEP or (action == _WALK and length < self.verbatim_below):
+                    continue
+                out += view[kept:start]
+                kept = pos
+                if action is None:  # unknown: protobuf keeps it unread, the checks never read it
+                    continue
+                if action == _WALK:
+                    if depth >= MAX_DEPTH:
+                        raise _Malformed
+                    child = bytearray()
+                    self.message(body, pos, plan.children[number], depth + 1, child)
+                    out += view[start:tag_end]
+                    out += _encode_varint(len(child))
+                    out += child
+                elif action == _EMPTY:
+                    out += view[start:tag_end]
+                    out.append(0)
+                else:
+                    _check_packed(view, body, pos, action)
+            elif wire == _WIRE_VARINT:
+                _, pos = _varint(view, pos, end, 10)
+            elif wire in (_WIRE_FIXED64, _WIRE_FIXED32):
+                pos += 8 if wire == _WIRE_FIXED64 else 4
+                if pos > end:
+                    raise _Malformed
+            elif wire == _WIRE_SGROUP:
+                # No ONNX field is a group: an unknown one. The rest of this message is copied
+                # as it is, and protobuf checks the group's nesting and end in the skeleton.
+                pos = end
+                break
+            else:  # an end of group outside any group, or wire types 6 and 7
+                raise _Malformed
+            if wire != _WIRE_LEN:
                 run = _SCALAR_RUN.match(view, pos, end)
-    out += view[kept:end]
+                while run is not None:
+                    self.steps -= 1
+                    pos = run.end()
+                    run = _SCALAR_RUN.match(view, pos, end)
+        out += view[kept:end]
 
 
 def _check_packed(view: memoryview, pos: int, end: int, kind: int) -> None:
