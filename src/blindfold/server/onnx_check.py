@@ -17,7 +17,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from blindfold import tensors
-from blindfold.server import ort_extensions
+from blindfold.server import onnx_skeleton, ort_extensions
 from blindfold.server.limits import Limits
 from blindfold.server.refusals import InvalidModel
 
@@ -38,13 +38,31 @@ ONNXRUNTIME_DOMAINS = frozenset(
 
 
 def check_model(data: bytes | memoryview, limits: Limits) -> onnx.ModelProto:
-    """Parses and checks `data` (bytes, or a view of a sealed memfd); raises InvalidModel
-    naming the problem."""
+    """Checks `data` (bytes, or a view of a sealed memfd); raises InvalidModel naming the
+    problem. Returns the checked model without its weights: what is parsed is the model's
+    skeleton (`onnx_skeleton`), so checking never holds a second copy of the weights, and
+    protobuf never holds a reference to `data` (a mapping stays closable after a failure)."""
+    try:
+        stripped = onnx_skeleton.skeleton(data)
+    except onnx_skeleton.MalformedModel:
+        raise _bad(_NOT_PROTOBUF) from None
+    return check_parsed(_parse(stripped), limits)
+
+
+def _parse(data: bytes) -> onnx.ModelProto:
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
     except (DecodeError, ValueError, RuntimeError):
-        raise _bad("the uploaded bytes are not an ONNX model (protobuf parse failed)") from None
+        raise _bad(_NOT_PROTOBUF) from None
+    return model
+
+
+_NOT_PROTOBUF = "the uploaded bytes are not an ONNX model (protobuf parse failed)"
+
+
+def check_parsed(model: onnx.ModelProto, limits: Limits) -> onnx.ModelProto:
+    """The checks of a parsed model (its weights are never read)."""
     if not model.HasField("graph") or model.ir_version <= 0:
         raise _bad("the uploaded bytes are not an ONNX model (no graph or IR version)")
     _check_every_message(model)
