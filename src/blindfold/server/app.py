@@ -461,6 +461,8 @@ def _load_answer(name: str, result: LoadResult) -> Response:
         answer["owner_token"] = result.owner_token
     if result.owner_chosen:  # the client's own secret: never echoed
         answer["owner_token_chosen"] = True
+    if result.warmup is not None:  # the configured warm-up ran before this answer
+        answer["warmup"] = result.warmup
     return JSONResponse(answer)
 
 
@@ -695,9 +697,11 @@ async def no_route(request: Request, exc: Exception) -> Response:
 
 @asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
-    """A replica that joined copies the existing models before it listens (uvicorn runs
-    this first), so it never answers "unknown model" for one its peers serve."""
+    """Before the server listens (uvicorn runs this first): restored models with configured
+    warm-up shapes are warmed, and a replica that joined copies the existing models, so it
+    never answers "unknown model" for one its peers serve."""
     state: ServerState = app.state.blindfold
+    await state.service.warm_up_restored()
     if state.cluster is not None:
         replicator = state.cluster[1]
         if state.join_sync is not None:
