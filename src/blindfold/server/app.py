@@ -34,7 +34,7 @@ from blindfold.server.identity import ServerIdentity
 from blindfold.server.inference import InferenceResult, InferenceService, ReceiptRequest
 from blindfold.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from blindfold.server.metrics import LoadedModel, Metrics, Snapshot
-from blindfold.server.model_bytes import ModelBytesWriter
+from blindfold.server.model_bytes import ModelBytes, ModelBytesWriter
 from blindfold.server.model_record import ModelRecord
 from blindfold.server.models import OWNER_SECRET_HEADER
 from blindfold.server.ohttp_gateway import ReplayGuard, gateway
@@ -519,13 +519,17 @@ async def repository_load_encrypted(request: Request) -> Response:
         raise RequestRejected(400, advice) from None
     limit = state.service.limits.max_model_bytes
     data = await state.encrypted_models.decrypt(path, key, limit)
-    result = await state.service.load(
-        name,
-        data,
-        credentials.token,
-        public=public if isinstance(public, bool) else None,
-        owner_secret=credentials.owner_secret,
-    )
+    try:
+        result = await state.service.load(
+            name,
+            data,
+            credentials.token,
+            public=public if isinstance(public, bool) else None,
+            owner_secret=credentials.owner_secret,
+        )
+    finally:
+        if isinstance(data, ModelBytes):
+            data.close()  # a session made from it holds its own descriptor
     return _load_answer(name, result)
 
 
