@@ -156,6 +156,9 @@ def test_shapes_that_do_not_fit_the_model_are_refused(
         ("warmup_shapes=x", "warmup_shapes must map input names to dimensions"),
         ("warmup_shapes=x:1,x:2", "names input 'x' twice"),
         ("warmup_shapes=%7Bbad", "the JSON given does not parse"),
+        ("warmup_shapes=" + "%7B%22x%22:" + "%5B" * 5000, "the JSON given does not parse"),
+        ("warmup_shapes=x:1x%C2%B2", "whole numbers from 1"),
+        ("max_batch_size=%C2%B2", "max_batch_size must be a whole number"),
     ],
 )
 def test_malformed_shapes_are_refused_before_the_body(

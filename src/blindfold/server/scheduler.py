@@ -199,11 +199,16 @@ DEFAULT = SchedulingOptions()
 
 def _integer(values: Mapping[str, Any], name: str, low: int, high: int) -> int:
     value = values.get(name, 0)
-    if isinstance(value, str) and value.strip().isdigit():
+    if _digits(value):
         value = int(value)
     if type(value) is not int or not low <= value <= high:
         raise InvalidRequest(f"{name} must be a whole number from {low} to {high}")
     return value
+
+
+def _digits(value: Any) -> bool:
+    # ASCII only: str.isdigit() also accepts '²', which int() refuses (a 500, not a 400).
+    return isinstance(value, str) and value.strip().isascii() and value.strip().isdigit()
 
 
 def _sizes(value: Any) -> tuple[int, ...]:
@@ -236,7 +241,7 @@ def _warmup_shapes(value: Any) -> WarmupShapes:
         # The JSON form in a query parameter (the SDK's): names may hold ',' there.
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting beyond Python's
             raise InvalidRequest(f"{_WARMUP_FORMS}; the JSON given does not parse") from None
     if isinstance(value, str):
         # Split at each item's last ':': input names exported from TensorFlow end in ':0'.
@@ -275,7 +280,7 @@ def _dims(name: str, value: Any) -> tuple[int, ...]:
         )
     dims = []
     for item in items:
-        if isinstance(item, str) and item.strip().isdigit():
+        if _digits(item):
             item = int(item)
         if type(item) is not int or not 1 <= item <= MAX_WARMUP_DIM:
             raise InvalidRequest(
