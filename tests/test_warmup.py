@@ -104,6 +104,7 @@ def test_the_query_short_form_and_triton_load_parameters(client: blindfold.Clien
     answer = json.loads(response.body)
     assert answer["warmup"] == "ok"
     assert answer["scheduling"]["warmup_shapes"] == {"m": [1, 5], "x": [1, 3, 8, 2]}
+    owners = {"warm-query": answer["owner_token"]}
     document = {
         "parameters": {
             "config": "{}",
@@ -119,9 +120,12 @@ def test_the_query_short_form_and_triton_load_parameters(client: blindfold.Clien
         {"Content-Type": "application/json"},
     )
     assert response.status == 200, response.body
-    assert json.loads(response.body)["warmup"] == "ok"
-    for name in ("warm-query", "warm-triton"):
-        send(client, "POST", f"/v2/repository/models/{name}/unload", b"{}")
+    answer = json.loads(response.body)
+    assert answer["warmup"] == "ok"
+    owners["warm-triton"] = answer["owner_token"]
+    for name, owner in owners.items():
+        unloaded = send(client, "POST", f"/v2/repository/models/{name}/unload", b"{}", token=owner)
+        assert unloaded.status == 200, unloaded.body
 
 
 @pytest.mark.parametrize(
