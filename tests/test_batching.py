@@ -348,6 +348,8 @@ def test_cli_upload_takes_the_options(batch_server: ServerProcess, tmp_path: Pat
             "100",
             "--preferred-batch-sizes",
             "2,4",
+            "--warmup-shapes",
+            "x:2x8",
         ],
         capture_output=True,
         text=True,
@@ -356,6 +358,7 @@ def test_cli_upload_takes_the_options(batch_server: ServerProcess, tmp_path: Pat
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
     assert answer["scheduling"]["preferred_batch_sizes"] == [2, 4]
+    assert answer["scheduling"]["warmup_shapes"] == {"x": [2, 8]} and answer["warmup"] == "ok"
 
 
 # --- the fair queue and per-model limits ---

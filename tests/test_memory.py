@@ -47,7 +47,12 @@ def reshape_model() -> onnx.ModelProto:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = start_server(tmp_path_factory.mktemp("memory"), "--open-upload")
+    process = start_server(
+        tmp_path_factory.mktemp("memory"),
+        "--open-upload",
+        "--encrypted-models-dir",
+        str(tmp_path_factory.getbasetemp()),
+    )
     yield process
     process.stop()
 
@@ -141,6 +146,32 @@ def test_an_upload_streams_into_one_copy_in_the_front(server: ServerProcess) -> 
         figures = (front_growth / MiB, load_transient / MiB)
         assert front_growth < 2.3 * size * MiB, figures
         assert load_transient < 1.6 * size * MiB, figures
+        client.delete_model(model.name)
+        client.delete_model(warm.name)
+
+
+def test_an_encrypted_model_decrypts_into_one_copy_in_the_front(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """load-encrypted decrypts chunk by chunk into the sealed memfd the model's worker opens:
+    the front's peak is that copy plus the checker's transient one (as a streamed upload).
+    Decrypting into bytes (the chunks, then their join) and copying those into a memfd
+    peaked at three copies."""
+    from blindfold.sealing import encrypt_model_file
+
+    size = 96
+    plain = tmp_path / "model.onnx"
+    plain.write_bytes(weights_model(size, seed=2).SerializeToString())
+    key = encrypt_model_file(plain, tmp_path / "model.enc")
+    plain.unlink()
+    with connect(server) as client:
+        warm = client.upload_model(identity_model(TensorProto.FLOAT, [7]), name="mem-enc-warm")
+        front = server.process.pid
+        before = proc_field(front, "status", "VmHWM")
+        model = client.load_encrypted_model("mem-enc", str(tmp_path / "model.enc"), key)
+        front_growth = proc_field(front, "status", "VmHWM") - before
+        assert front_growth < 2.3 * size * MiB, front_growth / MiB
+        assert model.sha256 == key.sha256
         client.delete_model(model.name)
         client.delete_model(warm.name)
 

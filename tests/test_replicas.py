@@ -420,13 +420,15 @@ def test_a_replica_store_is_sealed_under_the_service_key(
 def test_scheduling_options_reach_every_replica(
     tmp_path: Path, policy: Path, first: ServerProcess
 ) -> None:
-    """An owner's batching and concurrency options travel with the model: to a replica that
-    joins later (the snapshot) and to one that is already a member (the push)."""
+    """An owner's batching, concurrency and warm-up options travel with the model: to a
+    replica that joins later (the snapshot) and to one that is already a member (the push),
+    which warms it on the configured shapes before serving it."""
     options: dict[str, Any] = {
         "max_batch_size": 4,
         "max_queue_delay_us": 1500,
         "preferred_batch_sizes": [2, 4],
         "max_concurrency": 2,
+        "warmup_shapes": {"x": [3, 4]},
     }
     x = np.ones((1, 4), np.float32)
     with connect(first) as on_first:
@@ -453,6 +455,10 @@ def test_scheduling_options_reach_every_replica(
                     eventually(copied, f"{model.name} copied")
                     metadata = on_second.model_metadata(model.name, token=model.owner_token)
                     assert metadata.get("scheduling") == options, model.name
+                    assert (
+                        f"model {model.name!r} (sha256:{model.sha256}) warmed up on its "
+                        "configured warmup_shapes 3x4 before ready" in second.log()
+                    )
         finally:
             second.stop()
 

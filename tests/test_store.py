@@ -753,6 +753,27 @@ def test_restart_keeps_scheduling_options(
                 )
 
 
+def test_restart_keeps_warmup_shapes_and_warms_before_serving(
+    tmp_path: Path, store_dir: Path, servers: list[ServerProcess]
+) -> None:
+    """The configured warm-up shapes are in the model's row: after a restart the metadata
+    shows them and the restored model is warmed on them before the server answers."""
+    from test_warmup import image_model
+
+    _server, client = restart(servers, tmp_path, store_dir)
+    uploaded = client.upload_model(image_model(), name="warm", warmup_shapes={"x": [1, 3, 4, 4]})
+    assert uploaded.warmup == "ok"
+    client.close()
+    server, client = restart(servers, tmp_path, store_dir)
+    with client:
+        metadata = client.model_metadata("warm", token=uploaded.owner_token)
+        assert metadata["scheduling"]["warmup_shapes"] == {"x": [1, 3, 4, 4]}
+    assert (
+        f"model 'warm' (sha256:{uploaded.sha256}) warmed up on its configured warmup_shapes "
+        "1x3x4x4 before ready" in server.log()
+    )
+
+
 def test_identical_bytes_share_one_blob(
     tmp_path: Path, store_dir: Path, servers: list[ServerProcess]
 ) -> None:

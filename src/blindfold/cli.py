@@ -272,9 +272,24 @@ def cmd_upload(args: argparse.Namespace) -> int:
             max_queue_delay_us=args.max_queue_delay_us,
             preferred_batch_sizes=args.preferred_batch_sizes,
             max_concurrency=args.max_concurrency,
+            warmup_shapes=args.warmup_shapes,
         )
         _print_json(model.__dict__)
     return 0
+
+
+def _warmup_shapes(text: str) -> dict[str, list[int]]:
+    """`images:1x3x640x640,mask:1x128` as {input: dims}; the server checks the values."""
+    shapes: dict[str, list[int]] = {}
+    for item in filter(None, text.split(",")):
+        name, _, dims = item.rpartition(":")  # the last ':': names may end in ':0'
+        try:
+            shapes[name] = [int(dim) for dim in dims.split("x")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not INPUT:DIMS, e.g. images:1x3x640x640"
+            ) from None
+    return shapes
 
 
 def _read_inputs(path: Path) -> Any:
@@ -897,6 +912,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="at most N runs of this model at once (default: --max-concurrent-inferences)",
+    )
+    batching.add_argument(
+        "--warmup-shapes",
+        type=_warmup_shapes,
+        metavar="INPUT:DIMS,...",
+        help="run the model once on zeros of these input shapes before it is ready, e.g. "
+        "images:1x3x640x640 (README: Warm-up shapes)",
     )
     upload.set_defaults(handler=cmd_upload)
 

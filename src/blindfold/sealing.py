@@ -3,8 +3,8 @@
 This module owns the one sealed-stream format of Blindfold and the encrypted model file
 (`blindfold encrypt-model`) with its key file. Everything else that needs bytes encrypted at
 rest (the model store, the CLI) goes through `seal` / `unseal` / `seal_file` /
-`unseal_to_bytes` with a `label` naming what the bytes are, so a blob sealed for one purpose
-can never be accepted for another.
+`unseal_to_bytes` / `unseal_into` with a `label` naming what the bytes are, so a blob sealed
+for one purpose can never be accepted for another.
 
 Sealed stream layout (all integers little-endian)::
 
@@ -31,9 +31,10 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -223,9 +224,13 @@ def _read_header(src: BinaryIO, label: bytes) -> tuple[bytes, bytes, int]:
     return header, base_nonce, chunk_size
 
 
-def unseal_to_bytes(key: bytes, src: BinaryIO, *, label: bytes, max_bytes: int) -> bytes:
-    """Decrypts a sealed stream; fails as soon as the plaintext would exceed `max_bytes`, so
-    memory stays bounded by `max_bytes` plus one chunk.
+def unseal_into(
+    key: bytes, src: BinaryIO, sink: Callable[[bytes], object], *, label: bytes, max_bytes: int
+) -> int:
+    """Decrypts a sealed stream chunk by chunk into `sink` (say, a model's memfd), so the
+    plaintext is held once; returns its length. Fails as soon as the plaintext would exceed
+    `max_bytes`. Each chunk reaches `sink` only once it authenticated, but a later chunk can
+    still fail: on SealError the caller must discard what `sink` received.
 
     Raises SealError on any authentication failure, truncation or appended data.
     """
@@ -234,7 +239,6 @@ def unseal_to_bytes(key: bytes, src: BinaryIO, *, label: bytes, max_bytes: int) 
     header, base_nonce, chunk_size = _read_header(src, label)
     aead = _subkey(key, base_nonce)
     record_size = chunk_size + TAG_SIZE
-    parts: list[bytes] = []
     total = 0
     index = 0
     while True:
@@ -251,17 +255,29 @@ def unseal_to_bytes(key: bytes, src: BinaryIO, *, label: bytes, max_bytes: int) 
             )
         nonce = _chunk_nonce(base_nonce, index)
         try:
-            parts.append(aead.decrypt(nonce, record, _aad(header, label, index, final)))
+            plaintext = aead.decrypt(nonce, record, _aad(header, label, index, final))
         except InvalidTag:
             raise SealError(
                 f"sealed data for {where} does not authenticate at chunk {index}: wrong key, "
                 "wrong label, or the data was modified, reordered or truncated"
             ) from None
+        sink(plaintext)
         if final:
             # A short record is only read at end of stream, so nothing can follow it: bytes
             # appended to a blob become part of its final record and fail authentication.
-            return b"".join(parts)
+            return total
         index += 1
+
+
+def unseal_to_bytes(key: bytes, src: BinaryIO, *, label: bytes, max_bytes: int) -> bytes:
+    """Decrypts a sealed stream into bytes; memory stays bounded by `max_bytes` plus one
+    chunk (and the join, once the whole stream authenticated).
+
+    Raises SealError on any authentication failure, truncation or appended data.
+    """
+    parts: list[bytes] = []
+    unseal_into(key, src, parts.append, label=label, max_bytes=max_bytes)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def unseal(key: bytes, blob: bytes, *, label: bytes) -> bytes:
@@ -373,14 +389,45 @@ def encrypt_model_file(src: Path, dst: Path) -> ModelKey:
     return ModelKey(key=key, sha256=digest.hexdigest())
 
 
+class HashingSink(Protocol):
+    """Where a decrypted model goes: it takes the plaintext chunk by chunk and hashes it as
+    it goes (the server's `ModelBytesWriter`, a memfd), so nothing hashes it twice."""
+
+    def write(self, chunk: bytes) -> object: ...
+
+    def hexdigest(self) -> str: ...
+
+
+class _BytesSink:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self._hash = hashlib.sha256()
+
+    def write(self, chunk: bytes) -> None:
+        self.parts.append(chunk)
+        self._hash.update(chunk)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
 def decrypt_model_file(path: Path, key: ModelKey, *, max_bytes: int) -> bytes:
     """Decrypts an encrypted model file and checks it is the model the key file names."""
+    sink = _BytesSink()
+    decrypt_model_file_into(path, key, sink, max_bytes=max_bytes)
+    return sink.parts[0] if len(sink.parts) == 1 else b"".join(sink.parts)
+
+
+def decrypt_model_file_into(
+    path: Path, key: ModelKey, sink: HashingSink, *, max_bytes: int
+) -> None:
+    """Decrypts an encrypted model file into `sink` and checks it is the model the key file
+    names. On SealError `sink` holds part or all of a refused model: discard it."""
     with open(path, "rb") as handle:
-        plaintext = unseal_to_bytes(key.key, handle, label=MODEL_FILE_LABEL, max_bytes=max_bytes)
-    found = hashlib.sha256(plaintext).hexdigest()
+        unseal_into(key.key, handle, sink.write, label=MODEL_FILE_LABEL, max_bytes=max_bytes)
+    found = sink.hexdigest()
     if not hmac.compare_digest(found, key.sha256):
         raise SealError(
             f"decrypted model {Path(path).name} has SHA-256 {found}, but the key file expects "
             f"{key.sha256}; the key file belongs to another model"
         )
-    return plaintext

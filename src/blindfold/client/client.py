@@ -100,6 +100,9 @@ class UploadedModel:
     public: bool
     # The scheduling options the server applies (dynamic batching, concurrency), if any.
     scheduling: dict[str, Any] | None = None
+    # The outcome of the configured warm-up (`warmup_shapes`), run before the server
+    # answered: "ok", or "failed: " and why (the model loaded all the same); None: none.
+    warmup: str | None = None
 
     @classmethod
     def from_answer(cls, answer: dict[str, Any], sent: str | None = None) -> UploadedModel:
@@ -113,6 +116,7 @@ class UploadedModel:
             owner_token=owner,
             public=answer["public"],
             scheduling=answer.get("scheduling"),
+            warmup=answer.get("warmup"),
         )
 
 
@@ -416,6 +420,7 @@ class Client:
         max_queue_delay_us: int | None = None,
         preferred_batch_sizes: Sequence[int] | None = None,
         max_concurrency: int | None = None,
+        warmup_shapes: Mapping[str, Sequence[int]] | None = None,
     ) -> UploadedModel:
         """Uploads ONNX bytes (a path, bytes or an onnx.ModelProto) and returns its identity.
 
@@ -427,8 +432,11 @@ class Client:
         Scheduling (README, "Dynamic batching"): `max_batch_size` > 0 lets the server run
         concurrent requests together (every input and output needs a dynamic first axis),
         waiting at most `max_queue_delay_us` for company and sending early at one of
-        `preferred_batch_sizes`; `max_concurrency` caps this model's simultaneous runs. A
-        replaced model keeps its options unless one of them is given.
+        `preferred_batch_sizes`; `max_concurrency` caps this model's simultaneous runs.
+        `warmup_shapes` ({input name: dims}, e.g. {"images": [1, 3, 640, 640]}) makes the
+        server run the model once on zeros of those shapes before it answers (README, "Warm-up
+        shapes"); the answer's `warmup` says how it went. A replaced model keeps its options
+        unless one of them is given.
         """
         data, default_name = _model_bytes(model)
         name = name or default_name or f"model-{hashlib.sha256(data).hexdigest()[:12]}"
@@ -445,6 +453,10 @@ class Client:
                 query[option] = value
         if preferred_batch_sizes is not None:
             query["preferred_batch_sizes"] = ",".join(str(size) for size in preferred_batch_sizes)
+        if warmup_shapes is not None:
+            # The JSON form: input names may hold the ',' and ':' of the short form.
+            shapes = {name: [int(dim) for dim in dims] for name, dims in warmup_shapes.items()}
+            query["warmup_shapes"] = json.dumps(shapes, separators=(",", ":"))
         if query:
             path += "?" + urlencode(query)
 

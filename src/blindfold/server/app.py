@@ -34,7 +34,7 @@ from blindfold.server.identity import ServerIdentity
 from blindfold.server.inference import InferenceResult, InferenceService, ReceiptRequest
 from blindfold.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from blindfold.server.metrics import LoadedModel, Metrics, Snapshot
-from blindfold.server.model_bytes import ModelBytesWriter
+from blindfold.server.model_bytes import ModelBytes, ModelBytesWriter
 from blindfold.server.model_record import ModelRecord
 from blindfold.server.models import OWNER_SECRET_HEADER
 from blindfold.server.ohttp_gateway import ReplayGuard, gateway
@@ -461,6 +461,8 @@ def _load_answer(name: str, result: LoadResult) -> Response:
         answer["owner_token"] = result.owner_token
     if result.owner_chosen:  # the client's own secret: never echoed
         answer["owner_token_chosen"] = True
+    if result.warmup is not None:  # the configured warm-up ran before this answer
+        answer["warmup"] = result.warmup
     return JSONResponse(answer)
 
 
@@ -517,13 +519,17 @@ async def repository_load_encrypted(request: Request) -> Response:
         raise RequestRejected(400, advice) from None
     limit = state.service.limits.max_model_bytes
     data = await state.encrypted_models.decrypt(path, key, limit)
-    result = await state.service.load(
-        name,
-        data,
-        credentials.token,
-        public=public if isinstance(public, bool) else None,
-        owner_secret=credentials.owner_secret,
-    )
+    try:
+        result = await state.service.load(
+            name,
+            data,
+            credentials.token,
+            public=public if isinstance(public, bool) else None,
+            owner_secret=credentials.owner_secret,
+        )
+    finally:
+        if isinstance(data, ModelBytes):
+            data.close()  # a session made from it holds its own descriptor
     return _load_answer(name, result)
 
 
@@ -695,9 +701,11 @@ async def no_route(request: Request, exc: Exception) -> Response:
 
 @asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
-    """A replica that joined copies the existing models before it listens (uvicorn runs
-    this first), so it never answers "unknown model" for one its peers serve."""
+    """Before the server listens (uvicorn runs this first): restored models with configured
+    warm-up shapes are warmed, and a replica that joined copies the existing models, so it
+    never answers "unknown model" for one its peers serve."""
     state: ServerState = app.state.blindfold
+    await state.service.warm_up_restored()
     if state.cluster is not None:
         replicator = state.cluster[1]
         if state.join_sync is not None:

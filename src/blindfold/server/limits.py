@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 
 GiB = 1 << 30
 MiB = 1 << 20
+# Warm-up inputs (zeros, `worker.warm_up` and an owner's `warmup_shapes`) larger than this
+# over all inputs are not made: a model declaring (or configured with) huge inputs would
+# spend its memory limit on zeros before any user asked for a run.
+WARMUP_INPUT_LIMIT = 256 * MiB
 
 
 def machine_memory() -> int:

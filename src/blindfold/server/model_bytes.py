@@ -1,4 +1,5 @@
-"""An uploaded model's bytes, held once: in a sealed memfd that the upload streams into, the
+"""An uploaded model's bytes, held once: in a sealed memfd that the upload (or the decryption
+of an encrypted model file) streams into, the
 ONNX checker and the store's sealing read through a read-only mapping, and the model's
 worker opens by path (and reopens after a crash). No Python `bytes` copy of the model is
 made on the way.
@@ -101,6 +102,10 @@ class ModelBytesWriter:
         self._hash.update(view)
         self.size += len(view)
 
+    def hexdigest(self) -> str:
+        """The SHA-256 of what was written so far."""
+        return self._hash.hexdigest()
+
     def finish(self) -> ModelBytes:
         """Seals the memfd; the returned ModelBytes owns the descriptor."""
         fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, _SEALS)
@@ -114,6 +119,7 @@ class ModelBytesWriter:
             self._fd = -1
 
 
-# A model as the service takes it: streamed uploads come as ModelBytes, models that arrive
-# whole (decrypted files, peer replicas, BlindAI uploads, the store at start) as bytes.
+# A model as the service takes it: streamed uploads and decrypted model files come as
+# ModelBytes, models that arrive whole (peer replicas, BlindAI uploads, the store at start,
+# anything without memfd) as bytes.
 ModelData = bytes | ModelBytes

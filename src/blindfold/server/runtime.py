@@ -308,7 +308,7 @@ def _report_warmup(sha256: str, ready: Mapping[str, Any]) -> None:
     else:
         logger.warning(
             "model sha256:%s was not warmed up (%s); its first request pays onnxruntime's "
-            "first-run cost",
+            "first-run cost, unless a model using it has warm-up shapes (warmup_shapes)",
             sha256,
             warmup,
         )

@@ -17,12 +17,17 @@ It owns three things:
 
 When nothing waits and a slot is free, a request runs at once in its own task: the path of a
 model without batching costs two counter updates.
+
+`SchedulingOptions` also carries the owner's other per-model option, `warmup_shapes` (Triton's
+`model_warmup`): the shapes of the zero inputs the model service runs once, through this
+scheduler, before the model is reported ready.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections import deque
 from collections.abc import Hashable, Mapping
@@ -31,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from blindfold import tensors
+from blindfold.server.limits import WARMUP_INPUT_LIMIT
 from blindfold.server.refusals import InvalidRequest
 
 if TYPE_CHECKING:
@@ -40,8 +47,23 @@ MAX_BATCH_SIZE = 1024
 MAX_QUEUE_DELAY_US = 10_000_000  # 10 s: longer only hides a client that should batch itself
 LARGE_BATCH = 1 << 20  # bytes of inputs concatenated off the event loop
 
+MAX_WARMUP_INPUTS = 64
+MAX_WARMUP_DIMS = 64  # numpy's own limit (tensors.MAX_DIMENSIONS)
+MAX_WARMUP_DIM = (1 << 31) - 1
+MAX_WARMUP_NAME = 256
+
 # The option names, as the load URL's query, Triton's load parameters and the SDK spell them.
-OPTION_NAMES = ("max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "max_concurrency")
+OPTION_NAMES = (
+    "max_batch_size",
+    "max_queue_delay_us",
+    "preferred_batch_sizes",
+    "max_concurrency",
+    "warmup_shapes",
+)
+
+# Input name -> the dimensions of its warm-up zeros, sorted by name (options are compared
+# and hashed: the scheduler keys its queues by them).
+WarmupShapes = tuple[tuple[str, tuple[int, ...]], ...]
 
 
 @dataclass(frozen=True)
@@ -53,6 +75,7 @@ class SchedulingOptions:
     max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
     max_concurrency: int = 0  # 0: --max-concurrent-inferences
+    warmup_shapes: WarmupShapes = ()  # (): only the worker's warm-up on the declared shapes
 
     @property
     def batching(self) -> bool:
@@ -79,11 +102,14 @@ class SchedulingOptions:
                 f"preferred_batch_sizes {list(preferred)} must each be at most max_batch_size "
                 f"({batch})",
             )
-        return cls(batch, delay, preferred, concurrency)
+        warmup = _warmup_shapes(given.get("warmup_shapes"))
+        return cls(batch, delay, preferred, concurrency, warmup)
 
     def check_model(self, session: Session) -> None:
-        """Batching splits outputs by their first axis: every input and output must have a
-        dynamic one, or the model cannot be batched (400 at upload, naming the tensors)."""
+        """Whether the model can take these options (400 at upload, naming the tensors):
+        the warm-up shapes must fit its inputs, and batching splits outputs by their first
+        axis, so every input and output needs a dynamic one."""
+        self._warmup_plan(session)
         if not self.batching:
             return
         fixed = [
@@ -100,13 +126,72 @@ class SchedulingOptions:
                 "it without max_batch_size",
             )
 
+    def warmup_feeds(self, session: Session) -> dict[str, np.ndarray] | None:
+        """The zero inputs of the configured warm-up (None when none is configured): the
+        named inputs in their configured shapes, the others in their declared shapes with
+        dynamic dimensions 1 (as the worker's own warm-up)."""
+        shapes = self._warmup_plan(session)
+        if shapes is None:
+            return None
+        feeds: dict[str, np.ndarray] = {}
+        for name, (shape, entry) in shapes.items():
+            if entry.oip == "BYTES":  # the wire's BYTES elements are bytes objects
+                feeds[name] = np.full(shape, b"", dtype=object)
+            else:
+                feeds[name] = np.zeros(shape, dtype=entry.numpy)
+        return feeds
+
+    def _warmup_plan(
+        self, session: Session
+    ) -> dict[str, tuple[tuple[int, ...], tensors.DataType]] | None:
+        """Each input's warm-up shape and datatype; a 400 when a configured name is not an
+        input, a shape does not fit its input or the zeros exceed WARMUP_INPUT_LIMIT."""
+        if not self.warmup_shapes:
+            return None
+        configured = dict(self.warmup_shapes)
+        specs = {spec.name: spec for spec in session.inputs}
+        unknown = [name for name in configured if name not in specs]
+        if unknown:
+            raise InvalidRequest(
+                f"warmup_shapes names {_names(unknown)}, not an input of the model; its "
+                f"inputs are {_names(list(specs))}",
+            )
+        plan: dict[str, tuple[tuple[int, ...], tensors.DataType]] = {}
+        total = 0
+        for name, spec in specs.items():
+            if spec.datatype not in _DATATYPES:
+                raise InvalidRequest(
+                    f"warmup_shapes: input {name!r} is a {spec.datatype[:64]}, not a tensor "
+                    "Blindfold can send, so the model cannot be warmed up: upload it without "
+                    "warmup_shapes",
+                )
+            entry = tensors.by_oip(spec.datatype)
+            shape = configured.get(name)
+            if shape is None:
+                shape = tuple(dim if dim >= 0 else 1 for dim in spec.shape)
+            else:
+                _check_fits(name, shape, spec.shape)
+            plan[name] = (shape, entry)
+            total += tensors.element_count(shape) * entry.numpy.itemsize
+            if total > WARMUP_INPUT_LIMIT:
+                raise InvalidRequest(
+                    f"warmup_shapes: the warm-up inputs would take more than "
+                    f"{WARMUP_INPUT_LIMIT >> 20} MiB of zeros; configure smaller shapes",
+                )
+        return plan
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        # warmup_shapes only when set: stored rows MAC this document (ModelRecord.canonical),
+        # and rows written before the option existed must still authenticate.
+        document: dict[str, Any] = {
             "max_batch_size": self.max_batch_size,
             "max_queue_delay_us": self.max_queue_delay_us,
             "preferred_batch_sizes": list(self.preferred_batch_sizes),
             "max_concurrency": self.max_concurrency,
         }
+        if self.warmup_shapes:
+            document["warmup_shapes"] = {name: list(dims) for name, dims in self.warmup_shapes}
+        return document
 
 
 DEFAULT = SchedulingOptions()
@@ -114,11 +199,16 @@ DEFAULT = SchedulingOptions()
 
 def _integer(values: Mapping[str, Any], name: str, low: int, high: int) -> int:
     value = values.get(name, 0)
-    if isinstance(value, str) and value.strip().isdigit():
+    if _digits(value):
         value = int(value)
     if type(value) is not int or not low <= value <= high:
         raise InvalidRequest(f"{name} must be a whole number from {low} to {high}")
     return value
+
+
+def _digits(value: Any) -> bool:
+    # ASCII only: str.isdigit() also accepts '²', which int() refuses (a 500, not a 400).
+    return isinstance(value, str) and value.strip().isascii() and value.strip().isdigit()
 
 
 def _sizes(value: Any) -> tuple[int, ...]:
@@ -133,6 +223,90 @@ def _sizes(value: Any) -> tuple[int, ...]:
         if not (isinstance(item, str) and not item.strip())
     )
     return tuple(sorted(set(sizes)))
+
+
+_DATATYPES = frozenset(tensors.SUPPORTED_DATATYPES)
+_WARMUP_FORMS = (
+    'warmup_shapes must map input names to dimensions: {"input": [1, 3, 640, 640]} in a '
+    "JSON load request, or 'input:1x3x640x640,mask:1x128' (or that JSON) as a query parameter"
+)
+
+
+def _warmup_shapes(value: Any) -> WarmupShapes:
+    """The configured warm-up shapes, as given: their fit to the model's inputs is checked
+    once it is loaded (`warmup_feeds`). "" or {} configure none."""
+    if value is None:
+        return ()
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        # The JSON form in a query parameter (the SDK's): names may hold ',' there.
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):  # RecursionError: nesting beyond Python's
+            raise InvalidRequest(f"{_WARMUP_FORMS}; the JSON given does not parse") from None
+    if isinstance(value, str):
+        # Split at each item's last ':': input names exported from TensorFlow end in ':0'.
+        items: list[tuple[Any, Any]] = []
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            name, colon, dims = item.rpartition(":")
+            if not colon or not name:
+                raise InvalidRequest(f"{_WARMUP_FORMS}; got an item without 'name:dims'")
+            items.append((name, dims))
+    elif isinstance(value, dict):
+        items = list(value.items())
+    else:
+        raise InvalidRequest(_WARMUP_FORMS)
+    if len(items) > MAX_WARMUP_INPUTS:
+        raise InvalidRequest(f"warmup_shapes names at most {MAX_WARMUP_INPUTS} inputs")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, dims in items:
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_WARMUP_NAME:
+            raise InvalidRequest(
+                f"warmup_shapes: input names must be 1 to {MAX_WARMUP_NAME} characters"
+            )
+        if name in shapes:
+            raise InvalidRequest(f"warmup_shapes names input {name!r} twice")
+        shapes[name] = _dims(name, dims)
+    return tuple(sorted(shapes.items()))
+
+
+def _dims(name: str, value: Any) -> tuple[int, ...]:
+    items = value.split("x") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or len(items) > MAX_WARMUP_DIMS:
+        raise InvalidRequest(
+            f"warmup_shapes: the shape of {name!r} must be a list of at most {MAX_WARMUP_DIMS} "
+            "dimensions, e.g. [1, 3, 640, 640] or '1x3x640x640'",
+        )
+    dims = []
+    for item in items:
+        if _digits(item):
+            item = int(item)
+        if type(item) is not int or not 1 <= item <= MAX_WARMUP_DIM:
+            raise InvalidRequest(
+                f"warmup_shapes: the dimensions of {name!r} must be whole numbers from 1 to "
+                f"{MAX_WARMUP_DIM}",
+            )
+        dims.append(item)
+    return tuple(dims)
+
+
+def _check_fits(name: str, shape: tuple[int, ...], declared: tuple[int, ...]) -> None:
+    fits = len(shape) == len(declared) and all(
+        want in (-1, dim) for dim, want in zip(shape, declared, strict=True)
+    )
+    if not fits:
+        shown = ["?" if dim == -1 else dim for dim in declared]
+        raise InvalidRequest(
+            f"warmup_shapes gives input {name!r} the shape {list(shape)}, but the model "
+            f"declares {shown} ('?': any size): give as many dimensions, and the declared "
+            "size for each fixed one",
+        )
+
+
+def _names(names: list[str], shown: int = 8) -> str:
+    text = ", ".join(repr(name[:MAX_WARMUP_NAME]) for name in names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 @dataclass

@@ -95,6 +95,7 @@ class LoadResult:
     owner_token: str | None  # only when the server made it: it keeps just its hash
     replaced: bool
     owner_chosen: bool = False  # the new model's owner token is the one the client sent
+    warmup: str | None = None  # the configured warm-up's outcome; None: none configured
 
 
 @dataclass(frozen=True)
@@ -433,6 +434,7 @@ class ModelService:
         entry = _loaded(record, session)
         try:
             scheduling.check_model(session)
+            warmup = await self._warm_up(record, session)
             if self.store is None:
                 self._commit_load(existing, record, entry, data)
             else:
@@ -455,8 +457,62 @@ class ModelService:
             self._notify(Change("put", record, b"" if kept else _copy(data), scheduling))
         chosen = owner_token is not None and owner_token == owner_secret
         return LoadResult(
-            entry, None if chosen else owner_token, existing is not None, owner_chosen=chosen
+            entry,
+            None if chosen else owner_token,
+            existing is not None,
+            owner_chosen=chosen,
+            warmup=warmup,
         )
+
+    async def _warm_up(self, record: ModelRecord, session: Session) -> str | None:
+        """Runs the owner's configured warm-up (`warmup_shapes`, Triton's `model_warmup`)
+        once, as a request through the scheduler, so that onnxruntime's first-run cost for
+        the shapes users send is paid before the model is reported ready. Returns "ok", or
+        "failed: " and the refusal (its message never quotes tensor values); None when none
+        is configured. A failed warm-up does not refuse the model: some models need
+        particular values, not zeros."""
+        options = record.scheduling
+        if not options.warmup_shapes:
+            return None
+        # Off the loop: zeros of up to WARMUP_INPUT_LIMIT (for BYTES, one object each).
+        feeds = await asyncio.to_thread(options.warmup_feeds, session)
+        if feeds is None:
+            return None
+        # Only the dimensions: input names come from the model, and are not logged.
+        shapes = ", ".join("x".join(map(str, dims)) for _, dims in options.warmup_shapes)
+        try:
+            await self._runner.run(session, session.output_names, feeds)
+        except Refusal as exc:
+            logger.warning(
+                "model %r (sha256:%s) failed its configured warm-up (warmup_shapes %s): %s; "
+                "it loads, and its first requests pay onnxruntime's first-run cost",
+                record.name,
+                record.sha256,
+                shapes,
+                exc.message,
+            )
+            return f"failed: {exc.message}"
+        finally:
+            del feeds
+        logger.info(
+            "model %r (sha256:%s) warmed up on its configured warmup_shapes %s before ready",
+            record.name,
+            record.sha256,
+            shapes,
+        )
+        return "ok"
+
+    async def warm_up_restored(self) -> None:
+        """The configured warm-ups of the models `restore()` brought back: run by the app's
+        start-up, on the event loop that serves them, before the server listens."""
+        for entry in self.registry.entries():
+            if entry.scheduling.warmup_shapes and entry.session is not None:
+                try:
+                    await self._warm_up(entry, entry.session)
+                except Refusal as exc:  # shapes that no longer fit: only the warm-up is lost
+                    logger.warning(
+                        "model %r: its configured warm-up was not run: %s", entry.name, exc.message
+                    )
 
     def _notify(self, change: Change) -> None:
         if self.on_change is not None:
@@ -482,6 +538,7 @@ class ModelService:
         entry = _loaded(record, session)
         try:
             scheduling.check_model(session)
+            await self._warm_up(record, session)
             if self.store is None:
                 self._commit_load(existing, record, entry, data)
             else:

@@ -35,6 +35,7 @@ import onnxruntime as ort
 from blindfold import tensors
 from blindfold.errors import InputError
 from blindfold.server import tensor_frames as frames
+from blindfold.server.limits import WARMUP_INPUT_LIMIT
 
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNS = 0x00020000
@@ -47,9 +48,6 @@ _MS_PRIVATE = 1 << 18
 _MNT_DETACH = 2
 _FD_DIRECTORY = "fd"  # where the worker sees its own descriptors while it loads the model
 MAX_NAME_LENGTH = 256
-# Warm-up inputs larger than this are not made: a model declaring huge static inputs would
-# spend its memory limit on zeros before any user asked for a run.
-WARMUP_INPUT_LIMIT = 256 << 20
 # What `_confine` achieved, as the worker reports it to the front process.
 CONFINED_CHROOT = "chroot into an empty directory"
 CONFINED_CHDIR = "empty working directory"
