@@ -13,6 +13,7 @@ Appendix A.1 vectors (tests/test_hpke.py) and RFC 9458's (tests/test_ohttp_frami
 
 from __future__ import annotations
 
+import functools
 import hmac
 
 from cryptography.exceptions import InvalidTag
@@ -98,6 +99,7 @@ def _shared_secret(dh: bytes, enc: bytes, recipient_public: bytes) -> bytes:
     return _labeled_expand(_KEM_SUITE, eae_prk, b"shared_secret", enc + recipient_public, N_SECRET)
 
 
+@functools.lru_cache(maxsize=256)  # OHTTP's info differs only by the one-byte key id
 def key_schedule_context(info: bytes) -> bytes:
     return _MODE_BASE + _PSK_ID_HASH + _labeled_extract(_SUITE, b"", b"info_hash", info)
 
