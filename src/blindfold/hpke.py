@@ -152,6 +152,11 @@ class Context:
         return _labeled_expand(_SUITE, self._exporter_secret, b"sec", exporter_context, length)
 
 
+@functools.lru_cache(maxsize=16)  # a client encrypts every request to the same key or two
+def _public_key(data: bytes) -> X25519PublicKey:
+    return X25519PublicKey.from_public_bytes(data)
+
+
 def setup_sender(
     recipient_public: bytes, info: bytes, *, ephemeral: KeyPair | None = None
 ) -> tuple[bytes, Context]:
@@ -159,9 +164,9 @@ def setup_sender(
     call; `ephemeral` is for test vectors only."""
     pair = ephemeral if ephemeral is not None else KeyPair.generate()
     try:
-        dh = pair.private_key.exchange(X25519PublicKey.from_public_bytes(recipient_public))
+        dh = pair.private_key.exchange(_public_key(recipient_public))
     except ValueError:
-        raise HpkeError("the recipient's key is of small order: not a usable X25519 key") from None
+        raise HpkeError("the recipient's key is of small order or malformed") from None
     enc = pair.public_key
     return enc, Context(_shared_secret(dh, enc, recipient_public), info)
 
@@ -173,5 +178,5 @@ def setup_recipient(enc: bytes, recipient: KeyPair, info: bytes) -> Context:
         # RFC 9180 section 7.1.4 requires.
         dh = recipient.private_key.exchange(X25519PublicKey.from_public_bytes(enc))
     except ValueError:
-        raise HpkeError("the encapsulated key is of small order: not usable") from None
+        raise HpkeError("the encapsulated key is of small order or malformed") from None
     return Context(_shared_secret(dh, enc, recipient.public_key), info)
