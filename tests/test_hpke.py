@@ -113,6 +113,17 @@ def test_exported_values_match_and_longer_exports_extend_them() -> None:
         sender.export(b"", 255 * 32 + 1)
 
 
+def test_every_sender_context_has_its_own_ephemeral_key() -> None:
+    """Requests must not be linkable by their key: each setup makes a fresh pair."""
+    recipient = hpke.KeyPair.derive(IKM_R)
+    encs = {hpke.setup_sender(recipient.public_key, INFO)[0] for _ in range(50)}
+    assert len(encs) == 50
+    enc, sender = hpke.setup_sender(recipient.public_key, INFO)
+    opened = hpke.setup_recipient(enc, recipient, INFO)
+    assert opened.open(sender.seal(b"m", b"a"), b"a") == b"m"
+    assert opened.export(b"ctx", 16) == sender.export(b"ctx", 16)
+
+
 def test_altered_ciphertexts_and_unusable_keys_are_refused() -> None:
     _, sender = _sender()
     sealed = bytearray(sender.seal(PLAINTEXT))
