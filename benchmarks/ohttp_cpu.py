@@ -1,14 +1,15 @@
 """CPU per request that the Oblivious HTTP channel adds over pinned TLS, client and server.
 
-    .venv/bin/python benchmarks/ohttp_cpu.py [--rounds 5] [--requests 2000]
+    .venv/bin/python benchmarks/ohttp_cpu.py [--rounds 5] [--requests 2000] [--model tiny]
 
 Latency on a shared machine moves with everyone else's load; CPU time per request moves
 much less, so this is the figure to judge a change to the channel by (`ohttp.py` measures
 the latency itself). Starts a real `blindfold serve --open-upload` process, uploads
-overhead.py's "tiny" model, and runs alternating rounds of `--requests` requests over each
-channel, one client each, reading the client's CPU (`time.process_time`) and the server's
-front process's (user + system from /proc/PID/stat; Linux only). Prints per-channel medians
-and the median of the per-round OHTTP - TLS differences.
+overhead.py's "tiny" (or "medium") model, and runs alternating rounds of `--requests`
+requests over each channel, one client each, reading the client's CPU
+(`time.process_time`) and the server's front process's (user + system from /proc/PID/stat;
+Linux only). Prints per-channel medians and the median of the per-round OHTTP - TLS
+differences.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import blindfold
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from ohttp import _unverified
-from overhead import tiny_model
+from overhead import medium_model, tiny_model
 
 from server_process import start_server
 
@@ -41,8 +42,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--model", choices=["tiny", "medium"], default="tiny")
     args = parser.parse_args()
-    data, x = tiny_model()
+    data, x = tiny_model() if args.model == "tiny" else medium_model()
     per_ms = 1000 / args.requests
     client: dict[str, list[float]] = {"tls": [], "ohttp": []}
     server_cpu: dict[str, list[float]] = {"tls": [], "ohttp": []}
@@ -57,9 +59,9 @@ def main() -> None:
                         server.url, allow_simulation=True, channel="ohttp", verify=_unverified()
                     ),
                 }
-            digest = channels["tls"].upload_model(data, "tiny", public=True).sha256
+            digest = channels["tls"].upload_model(data, args.model, public=True).sha256
             for sdk in channels.values():  # warm up both paths
-                for _ in range(300):
+                for _ in range(min(300, args.requests)):
                     sdk.run_model(digest, x)
             for _ in range(args.rounds):
                 for name, sdk in channels.items():
