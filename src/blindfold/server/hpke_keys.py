@@ -87,7 +87,7 @@ class HpkeKeyring:
         return [self._key(period).config for period in self._periods()]
 
     def private_key(self, key_id: int) -> hpke.KeyPair:
-        """The private key for `key_id`, or UnknownKeyError when it is not (or no longer) held."""
+        """The key pair for `key_id`, or UnknownKeyError when it is not (or no longer) held."""
         periods = self._periods()
         for period in periods:
             key = self._key(period)
