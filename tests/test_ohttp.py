@@ -496,6 +496,27 @@ def test_replayed_request_is_refused_inside_the_encryption(gateway_server: Serve
     assert replay.status == 400 and "replay" in json.loads(replay.body)["error"]
 
 
+@pytest.mark.parametrize(
+    "date",
+    [None, "garbage", "Sun, 31 Feb 2026 10:00:00 GMT", "Sun, 06 Nov 1994 08:49:37 -0000"],
+)
+def test_a_missing_or_malformed_date_is_refused_inside_the_encryption(
+    gateway_server: ServerProcess, date: str | None
+) -> None:
+    """Whatever the date field holds, the answer is the gateway's encrypted 400 naming the
+    field (not an internal error), and the server keeps serving."""
+    fields = [] if date is None else [("date", date)]
+    inner = ohttp.encode_request(ohttp.BinaryRequest("GET", "/v2/health/ready", fields))
+    message, context = ohttp.encapsulate_request(_key_config(gateway_server), inner)
+    status, _, answer = _post(gateway_server, message)
+    assert status == 200
+    refused = _open(context, answer)
+    assert refused.status == 400 and "date field" in json.loads(refused.body)["error"]
+    message, context = _encapsulated(_key_config(gateway_server))
+    status, _, answer = _post(gateway_server, message)
+    assert status == 200 and _open(context, answer).status == 200
+
+
 def test_stale_request_is_refused_and_the_sdk_corrects_its_clock(
     gateway_server: ServerProcess,
 ) -> None:

@@ -72,6 +72,18 @@ def test_every_route_is_documented_and_nothing_else() -> None:
     }
 
 
+def test_no_path_matches_two_routes() -> None:
+    """The routes are listed in order of use (server/app.py), which is only safe while each
+    path matches one route pattern at most: then the order never decides which one."""
+    from blindfold.server import cluster
+
+    routes = app.ROUTES + cluster.ROUTES
+    for route in routes:
+        sample = re.sub(r"\{[a-z0-9_]+\}", "x", route.path)
+        matching = [other.path for other in routes if other.path_regex.match(sample)]
+        assert matching == [route.path], f"{sample} matches {matching}"
+
+
 def test_document_is_valid_openapi_3_1() -> None:
     from openapi_spec_validator import validate
     from openapi_spec_validator.validation.validators import OpenAPIV31SpecValidator

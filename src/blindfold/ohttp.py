@@ -1,7 +1,6 @@
 """Oblivious HTTP (RFC 9458) with Binary HTTP (RFC 9292) inside: the framing shared by the
 SDK (which encapsulates requests) and the server's gateway (which decapsulates them inside
-the TEE). HPKE itself (RFC 9180) is pyhpke's; the pinned `cryptography` offers only
-single-shot HPKE, without the exporter secret that OHTTP keys its responses from.
+the TEE). HPKE itself (RFC 9180) is `blindfold.hpke`.
 
 No maintained Python package does BHTTP or OHTTP framing, so it is written here and tested
 against the RFCs' own vectors (tests/test_ohttp_framing.py). Only what Blindfold uses is
@@ -13,15 +12,18 @@ what is present before anything is sliced or allocated.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
+import hmac
 import os
+import re
 import struct
+import time
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
-from pyhpke import AEADId, CipherSuite, KDFId, KEMId, KEMKeyInterface, KEMKeyPair, OpenError
 
+from blindfold import hpke
 from blindfold.errors import BlindfoldError
 
 Buffer = bytes | bytearray | memoryview
@@ -32,13 +34,12 @@ RESPONSE_MEDIA_TYPE = "message/ohttp-res"
 # longer) accepted": the client fetches the configuration again.
 KEY_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#ohttp-key"
 
-KEM_X25519 = 0x0020
-KDF_HKDF_SHA256 = 0x0001
-AEAD_AES_128_GCM = 0x0001
-SUITE = CipherSuite.new(KEMId.DHKEM_X25519_HKDF_SHA256, KDFId.HKDF_SHA256, AEADId.AES128_GCM)
-ENC_LENGTH = 32  # Nenc of DHKEM(X25519)
-KEY_LENGTH = 16  # Nk of AES-128-GCM
-NONCE_LENGTH = 12  # Nn of AES-128-GCM
+KEM_X25519 = hpke.KEM_ID
+KDF_HKDF_SHA256 = hpke.KDF_ID
+AEAD_AES_128_GCM = hpke.AEAD_ID
+ENC_LENGTH = hpke.N_ENC  # Nenc of DHKEM(X25519)
+KEY_LENGTH = hpke.N_K  # Nk of AES-128-GCM
+NONCE_LENGTH = hpke.N_N  # Nn of AES-128-GCM
 TAG_LENGTH = 16
 RESPONSE_NONCE_LENGTH = max(KEY_LENGTH, NONCE_LENGTH)
 REQUEST_HEADER_LENGTH = 7  # key id (1), KEM (2), KDF (2), AEAD (2)
@@ -59,7 +60,7 @@ class UnknownKeyError(OhttpError):
 
 def encode_varint(value: int) -> bytes:
     if value < 0x40:
-        return bytes([value])
+        return _ONE_BYTE[value]
     if value < 0x4000:
         return struct.pack(">H", value | 0x4000)
     if value < 0x40000000:
@@ -69,45 +70,63 @@ def encode_varint(value: int) -> bytes:
     raise OhttpError(f"{value} does not fit a variable-length integer")
 
 
+_ONE_BYTE = [bytes([value]) for value in range(0x40)]
+# The value bits of a 2-, 4- and 8-byte varint (the first two bits give its size).
+_VARINT_MASK = {2: 0x3FFF, 4: 0x3FFFFFFF, 8: 0x3FFFFFFFFFFFFFFF}
+
+
 class _Reader:
-    """A cursor over a message that refuses to read past its end."""
+    """A cursor over a message (up to `end`) that refuses to read past its end. Written for
+    speed, since every request and response passes through it: slices of `bytes` are
+    returned as they are, and one-byte varints take a fast path."""
+
+    __slots__ = ("at", "data", "end", "what")
 
     def __init__(self, data: Buffer, what: str) -> None:
-        self.data = memoryview(data)
+        self.data: bytes | memoryview = data if isinstance(data, bytes) else memoryview(data)
         self.at = 0
+        self.end = len(self.data)
         self.what = what
 
     def remaining(self) -> int:
-        return len(self.data) - self.at
+        return self.end - self.at
 
-    def take(self, size: int, part: str) -> memoryview:
-        if size > self.remaining():
+    def take(self, size: int, part: str) -> bytes | memoryview:
+        at = self.at
+        stop = at + size
+        if stop > self.end:
             raise OhttpError(
                 f"the {self.what} is truncated: its {part} needs {size} bytes, "
-                f"{self.remaining()} remain"
+                f"{self.end - at} remain"
             )
-        chunk = self.data[self.at : self.at + size]
-        self.at += size
-        return chunk
+        self.at = stop
+        return self.data[at:stop]
 
     def varint(self, part: str) -> int:
-        if self.remaining() < 1:
+        at = self.at
+        if at >= self.end:
             raise OhttpError(f"the {self.what} is truncated before its {part}")
-        first = self.data[self.at]
+        first = self.data[at]
+        if first < 0x40:
+            self.at = at + 1
+            return first
         size = 1 << (first >> 6)
-        raw = bytes(self.take(size, part))
-        value = raw[0] & 0x3F
-        for byte in raw[1:]:
-            value = (value << 8) | byte
-        return value
+        return int.from_bytes(self.take(size, part), "big") & _VARINT_MASK[size]
 
-    def prefixed(self, part: str) -> bytes:
-        return bytes(self.take(self.varint(f"{part} length"), part))
+    def prefixed(self, part: str, length_part: str) -> bytes:
+        return bytes(self.take(self.varint(length_part), part))
 
 
 # --- Binary HTTP (RFC 9292), known-length form ---
 
 Fields = list[tuple[str, str]]
+
+# RFC 9292 section 3.6 / RFC 9110: a field name is a token (visible ASCII, here lowercase),
+# a value holds no NUL, CR or LF; a method and a path are visible ASCII. Checked with one
+# compiled pattern each rather than byte by byte in Python.
+_FIELD_NAME = re.compile(rb"[\x21-\x40\x5b-\x7e]+")
+_BAD_VALUE = re.compile(rb"[\x00\n\r]")
+_VISIBLE = re.compile(rb"[\x21-\x7e]+")
 
 
 @dataclass
@@ -131,6 +150,8 @@ class BinaryResponse:
 
 
 def _field_section(fields: Fields) -> bytes:
+    if not fields:
+        return b"\x00"
     section = b"".join(
         _prefixed(name.encode("latin-1")) + _prefixed(value.encode("latin-1"))
         for name, value in fields
@@ -179,40 +200,64 @@ def encode_response(response: BinaryResponse, buckets: tuple[int, ...] | None = 
     return _joined(parts, buckets)
 
 
-def _read_fields(reader: _Reader, known_length: bool, part: str) -> Fields:
+class _Part:
+    """The names a field section's errors use, built once rather than per field."""
+
+    __slots__ = ("length", "name", "name_length", "part", "value", "value_length")
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+        self.length = f"{part} length"
+        self.name = f"{part} field name"
+        self.name_length = f"{part} field name length"
+        self.value = f"{part} field value"
+        self.value_length = f"{part} field value length"
+
+
+_HEADERS = _Part("header section")
+_TRAILERS = _Part("trailer section")
+_INFORMATIONAL = _Part("informational headers")
+
+
+def _read_fields(reader: _Reader, known_length: bool, part: _Part) -> Fields:
     """A field section; truncation right before it (RFC 9292 section 3.8) means empty."""
-    if reader.remaining() == 0:
+    if reader.at == reader.end:
         return []
     fields: Fields = []
     if known_length:
-        section = _Reader(reader.take(reader.varint(f"{part} length"), part), reader.what)
-        while section.remaining():
-            fields.append(_read_field(section, part))
+        size = reader.varint(part.length)
+        if size > reader.end - reader.at:
+            reader.take(size, part.part)  # raises: the section is truncated
+        # The section's fields are read within its bounds, as a reader of its own would.
+        outer_end, reader.end = reader.end, reader.at + size
+        while reader.at < reader.end:
+            fields.append(_read_field(reader, part))
+        reader.end = outer_end
         return fields
     while True:
-        if reader.remaining() == 0:
-            raise OhttpError(f"the {reader.what} is truncated inside its {part}")
+        if reader.at == reader.end:
+            raise OhttpError(f"the {reader.what} is truncated inside its {part.part}")
         if reader.data[reader.at] == 0:  # the content terminator: a zero-length name
             reader.at += 1
             return fields
         fields.append(_read_field(reader, part))
 
 
-def _read_field(reader: _Reader, part: str) -> tuple[str, str]:
-    name = reader.prefixed(f"{part} field name")
-    value = reader.prefixed(f"{part} field value")
-    if not name or name.lower() != name or any(b <= 0x20 or b >= 0x7F for b in name):
-        raise OhttpError(f"the {reader.what} has an invalid field name in its {part}")
-    if any(b in (0x00, 0x0A, 0x0D) for b in value):
-        raise OhttpError(f"the {reader.what} has an invalid field value in its {part}")
+def _read_field(reader: _Reader, part: _Part) -> tuple[str, str]:
+    name = reader.prefixed(part.name, part.name_length)
+    value = reader.prefixed(part.value, part.value_length)
+    if _FIELD_NAME.fullmatch(name) is None:  # empty, uppercase, or not visible ASCII
+        raise OhttpError(f"the {reader.what} has an invalid field name in its {part.part}")
+    if _BAD_VALUE.search(value) is not None:
+        raise OhttpError(f"the {reader.what} has an invalid field value in its {part.part}")
     return name.decode("ascii"), value.decode("latin-1")
 
 
 def _read_content(reader: _Reader, known_length: bool) -> bytes:
-    if reader.remaining() == 0:
+    if reader.at == reader.end:
         return b""
     if known_length:
-        return reader.prefixed("content")
+        return reader.prefixed("content", "content length")
     chunks: list[bytes] = []
     while True:
         size = reader.varint("content chunk length")
@@ -222,8 +267,10 @@ def _read_content(reader: _Reader, known_length: bool) -> bytes:
 
 
 def _check_padding(reader: _Reader) -> None:
-    rest = reader.data[reader.at :]
-    if rest and bytes(rest).count(0) != len(rest):  # counted in C: padding can be large
+    data, at, end = reader.data, reader.at, reader.end
+    if isinstance(data, memoryview):
+        data, at, end = bytes(data[at:end]), 0, end - at
+    if data.count(0, at, end) != end - at:  # counted in C: padding can be large
         raise OhttpError(f"the {reader.what} has padding that is not zero bytes")
 
 
@@ -237,17 +284,17 @@ def _framing(reader: _Reader, known: int, indeterminate: int, what: str) -> bool
 def decode_request(data: Buffer) -> BinaryRequest:
     reader = _Reader(data, "binary HTTP request")
     known = _framing(reader, 0, 2, "request")
-    control = []
-    for part in ("method", "scheme", "authority", "path"):
-        control.append(reader.prefixed(part))
-    method, scheme, authority, path = control
-    if not method or any(b <= 0x20 or b >= 0x7F for b in method):
+    method = reader.prefixed("method", "method length")
+    scheme = reader.prefixed("scheme", "scheme length")
+    authority = reader.prefixed("authority", "authority length")
+    path = reader.prefixed("path", "path length")
+    if _VISIBLE.fullmatch(method) is None:
         raise OhttpError("the binary HTTP request has an invalid method")
-    if not path or any(b <= 0x20 or b >= 0x7F for b in path):
+    if _VISIBLE.fullmatch(path) is None:
         raise OhttpError("the binary HTTP request has an empty or invalid path")
-    headers = _read_fields(reader, known, "header section")
+    headers = _read_fields(reader, known, _HEADERS)
     body = _read_content(reader, known)
-    trailers = _read_fields(reader, known, "trailer section")
+    trailers = _read_fields(reader, known, _TRAILERS)
     _check_padding(reader)
     return BinaryRequest(
         method=method.decode("ascii"),
@@ -270,10 +317,10 @@ def decode_response(data: Buffer) -> BinaryResponse:
             raise OhttpError(f"the binary HTTP response has status code {status}")
         if status >= 200:
             break
-        informational.append((status, _read_fields(reader, known, "informational headers")))
-    headers = _read_fields(reader, known, "header section")
+        informational.append((status, _read_fields(reader, known, _INFORMATIONAL)))
+    headers = _read_fields(reader, known, _HEADERS)
     body = _read_content(reader, known)
-    trailers = _read_fields(reader, known, "trailer section")
+    trailers = _read_fields(reader, known, _TRAILERS)
     _check_padding(reader)
     return BinaryResponse(status, headers, body, trailers, informational)
 
@@ -342,16 +389,18 @@ class ServerContext:
 
 
 def encapsulate_request(
-    config: KeyConfig, request: bytes, *, ephemeral: KEMKeyPair | None = None
+    config: KeyConfig, request: bytes, *, ephemeral: hpke.KeyPair | None = None
 ) -> tuple[bytes, ClientContext]:
     """Encrypts a BHTTP request to `config`; `ephemeral` is for the RFC's test vector only."""
     if not config.supports_our_suite():
         raise OhttpError("the OHTTP key configuration does not offer HKDF-SHA256 + AES-128-GCM")
     header = _request_header(config.key_id)
-    public_key = SUITE.kem.deserialize_public_key(config.public_key)
-    enc, sender = SUITE.create_sender_context(
-        public_key, info=REQUEST_LABEL + b"\x00" + header, eks=ephemeral
-    )
+    try:
+        enc, sender = hpke.setup_sender(
+            config.public_key, REQUEST_LABEL + b"\x00" + header, ephemeral=ephemeral
+        )
+    except hpke.HpkeError as exc:
+        raise OhttpError(f"the OHTTP key configuration's key cannot be used: {exc}") from None
     sealed = sender.seal(request)
     secret = sender.export(RESPONSE_LABEL, RESPONSE_NONCE_LENGTH)
     return header + enc + sealed, ClientContext(enc, secret)
@@ -374,35 +423,30 @@ def request_key_id(message: Buffer) -> int:
     return int(key_id)
 
 
-def decapsulate_request(
-    private_key: KEMKeyInterface, message: Buffer
-) -> tuple[bytes, ServerContext]:
-    """Opens an encapsulated request with the private key of the key id it names."""
+def decapsulate_request(private_key: hpke.KeyPair, message: Buffer) -> tuple[bytes, ServerContext]:
+    """Opens an encapsulated request with the key pair of the key id it names."""
     view = memoryview(message)
     key_id = request_key_id(view)
     header = _request_header(key_id)
     enc = bytes(view[REQUEST_HEADER_LENGTH : REQUEST_HEADER_LENGTH + ENC_LENGTH])
     try:
-        recipient = SUITE.create_recipient_context(
-            enc, private_key, info=REQUEST_LABEL + b"\x00" + header
-        )
-        plaintext = recipient.open(bytes(view[REQUEST_HEADER_LENGTH + ENC_LENGTH :]))
-    except (OpenError, ValueError) as exc:
+        recipient = hpke.setup_recipient(enc, private_key, REQUEST_LABEL + b"\x00" + header)
+        plaintext = recipient.open(view[REQUEST_HEADER_LENGTH + ENC_LENGTH :])
+    except hpke.HpkeError as exc:
         raise OhttpError(
             "the Oblivious HTTP request does not decrypt: it was altered on the way, or "
-            f"encrypted to another key ({type(exc).__name__})"
+            f"encrypted to another key ({exc})"
         ) from None
     secret = recipient.export(RESPONSE_LABEL, RESPONSE_NONCE_LENGTH)
     return plaintext, ServerContext(enc, secret)
 
 
 def _response_aead(secret: bytes, enc: bytes, response_nonce: bytes) -> tuple[AESGCM, bytes]:
-    salt = enc + response_nonce
-    extract = hmac.HMAC(salt, hashes.SHA256())
-    extract.update(secret)
-    prk = extract.finalize()
-    key = HKDFExpand(hashes.SHA256(), KEY_LENGTH, b"key").derive(prk)
-    nonce = HKDFExpand(hashes.SHA256(), NONCE_LENGTH, b"nonce").derive(prk)
+    # RFC 9458 section 4.4: HKDF-SHA256 with salt enc || response_nonce; each output is at
+    # most one hash long, so each Expand is one HMAC (stdlib's, OpenSSL's code).
+    prk = hmac.digest(enc + response_nonce, secret, "sha256")
+    key = hmac.digest(prk, b"key\x01", "sha256")[:KEY_LENGTH]
+    nonce = hmac.digest(prk, b"nonce\x01", "sha256")[:NONCE_LENGTH]
     return AESGCM(key), nonce
 
 
@@ -427,12 +471,65 @@ def decapsulate_response(context: ClientContext, message: Buffer) -> bytes:
     nonce_bytes = bytes(view[:RESPONSE_NONCE_LENGTH])
     aead, nonce = _response_aead(context.secret, context.enc, nonce_bytes)
     try:
-        return aead.decrypt(nonce, bytes(view[RESPONSE_NONCE_LENGTH:]), None)
+        return aead.decrypt(nonce, view[RESPONSE_NONCE_LENGTH:], None)
     except Exception:
         raise OhttpError(
             "the Oblivious HTTP response does not decrypt: it was altered on the way, or "
             "did not come from the attested server"
         ) from None
+
+
+# --- HTTP dates (RFC 9110 section 5.6.7), which requests carry for the replay check ---
+
+_MONTHS = {
+    name: number
+    for number, name in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
+    )
+}
+_IMF_FIXDATE = re.compile(
+    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), (\d\d) ([A-Z][a-z]{2}) (\d{4}) (\d\d):(\d\d):(\d\d) GMT"
+)
+# The last date formatted: the text changes once a second, and every request and response
+# carries one. Replacing the one tuple is atomic, so threads may share it.
+_last_date: list[tuple[int, str]] = [(-1, "")]
+
+
+def format_http_date(timestamp: float | None = None) -> str:
+    """The IMF-fixdate form of `timestamp` (now by default)."""
+    second = int(time.time() if timestamp is None else timestamp)
+    cached_second, text = _last_date[0]
+    if second != cached_second:
+        text = email.utils.formatdate(second, usegmt=True)
+        _last_date[0] = (second, text)
+    return text
+
+
+def parse_http_date(text: str) -> float | None:
+    """The POSIX time an HTTP date names, or None when it is not a date with a time zone.
+    The IMF-fixdate form that HTTP/1.1 senders use takes a fast path; other forms (RFC 850,
+    asctime, numeric zones) go through `email.utils`."""
+    match = _IMF_FIXDATE.fullmatch(text)
+    if match is not None and match.group(2) in _MONTHS:
+        day, month, year, hour, minute, second = match.groups()
+        try:
+            moment = datetime.datetime(
+                int(year),
+                _MONTHS[month],
+                int(day),
+                int(hour),
+                int(minute),
+                int(second),
+                tzinfo=datetime.timezone.utc,
+            )
+        except ValueError:  # no such day or time
+            return None
+        return moment.timestamp()
+    try:
+        parsed = email.utils.parsedate_to_datetime(text)
+    except (ValueError, TypeError, IndexError):
+        return None
+    return None if parsed.tzinfo is None else parsed.timestamp()
 
 
 # --- padding to size buckets ---

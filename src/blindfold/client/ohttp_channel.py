@@ -11,7 +11,6 @@ the channel corrects its offset from the (encrypted, so authentic) answer and re
 
 from __future__ import annotations
 
-import email.utils
 import json
 import ssl
 import time
@@ -79,9 +78,10 @@ class OhttpTransport:
         method, path, headers = request.method, request.path, request.headers
         response = self._exchange(method, path, data, headers)
         if response.status == 400 and "date" in response.headers and _clock_refusal(response):
-            server_time = email.utils.parsedate_to_datetime(response.headers["date"]).timestamp()
-            self.clock_offset = server_time - time.time()
-            response = self._exchange(method, path, data, headers)
+            server_time = ohttp.parse_http_date(response.headers["date"])
+            if server_time is not None:
+                self.clock_offset = server_time - time.time()
+                response = self._exchange(method, path, data, headers)
         return response
 
     def _exchange(
@@ -92,9 +92,7 @@ class OhttpTransport:
             for name, value in (headers or {}).items()
             if name.lower() not in ("content-length", "host", "date")
         ]
-        fields.append(
-            ("date", email.utils.formatdate(time.time() + self.clock_offset, usegmt=True))
-        )
+        fields.append(("date", ohttp.format_http_date(time.time() + self.clock_offset)))
         request = ohttp.BinaryRequest(method, path, fields, data)
         encoded = ohttp.encode_request(request, self.pad_buckets)
         message, context = ohttp.encapsulate_request(self.key_config, encoded)

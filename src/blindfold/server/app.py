@@ -657,7 +657,14 @@ MODEL = "/v2/models/{name}"
 VERSION = "/v2/models/{name}/versions/{version}"
 REPO = "/v2/repository/models/{name}"
 
+# The routes' patterns do not overlap, so their order decides only how many patterns a
+# request is tried against before its own (Starlette tries them in turn): the gateway and
+# inference, which every request of the two channels takes, come first.
 ROUTES = [
+    # Any of the routes below, as an Oblivious HTTP message encrypted to the TEE.
+    Route(ohttp_gateway.PATH, gateway, methods=["POST"]),
+    Route(MODEL + "/infer", infer, methods=["POST"]),
+    Route(VERSION + "/infer", infer, methods=["POST"]),
     Route("/v2/health/live", live),
     Route("/v2/health/ready", ready),
     Route("/v2", server_metadata),
@@ -669,8 +676,6 @@ ROUTES = [
     Route(VERSION, model_metadata),
     Route(MODEL + "/ready", model_ready),
     Route(VERSION + "/ready", model_ready),
-    Route(MODEL + "/infer", infer, methods=["POST"]),
-    Route(VERSION + "/infer", infer, methods=["POST"]),
     Route("/v2/repository/index", repository_index, methods=["POST"]),
     Route(REPO + "/load", repository_load, methods=["POST"]),
     Route(REPO + "/unload", repository_unload, methods=["POST"]),
@@ -678,8 +683,6 @@ ROUTES = [
     Route(REPO + "/access", set_access, methods=["POST"]),
     Route(REPO + "/keys", create_run_key, methods=["POST"]),
     Route(REPO + "/keys/{key_id}", revoke_run_key, methods=["DELETE"]),
-    # Any of the routes above, as an Oblivious HTTP message encrypted to the TEE.
-    Route(ohttp_gateway.PATH, gateway, methods=["POST"]),
 ]
 
 

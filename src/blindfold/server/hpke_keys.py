@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from pyhpke import KEMKeyInterface
 
-from blindfold import ohttp
+from blindfold import hpke, ohttp
 
 DEFAULT_ROTATION_SECONDS = 24 * 3600.0
 DEFAULT_GRACE_SECONDS = 3600.0
@@ -34,7 +33,7 @@ DEFAULT_GRACE_SECONDS = 3600.0
 @dataclass(frozen=True)
 class HpkeKey:
     config: ohttp.KeyConfig
-    private_key: KEMKeyInterface
+    private_key: hpke.KeyPair
 
 
 class HpkeKeyring:
@@ -69,9 +68,8 @@ class HpkeKeyring:
                     salt=None,
                     info=b"blindfold ohttp key " + period.to_bytes(8, "big", signed=True),
                 ).derive(self._seed)
-                pair = ohttp.SUITE.kem.derive_key_pair(material)
-                public = pair.public_key.to_public_bytes()
-                key = HpkeKey(ohttp.KeyConfig(period % 256, public), pair.private_key)
+                pair = hpke.KeyPair.derive(material)
+                key = HpkeKey(ohttp.KeyConfig(period % 256, pair.public_key), pair)
                 self._keys = {p: k for p, k in self._keys.items() if p >= period - 1}
                 self._keys[period] = key
             return key
@@ -88,8 +86,8 @@ class HpkeKeyring:
         """The configurations accepted now, current first."""
         return [self._key(period).config for period in self._periods()]
 
-    def private_key(self, key_id: int) -> KEMKeyInterface:
-        """The private key for `key_id`, or UnknownKeyError when it is not (or no longer) held."""
+    def private_key(self, key_id: int) -> hpke.KeyPair:
+        """The key pair for `key_id`, or UnknownKeyError when it is not (or no longer) held."""
         periods = self._periods()
         for period in periods:
             key = self._key(period)

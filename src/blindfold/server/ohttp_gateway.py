@@ -20,7 +20,6 @@ would observe again).
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import time
 from collections import OrderedDict
@@ -148,7 +147,7 @@ def _inner_error(status: int, message: str) -> tuple[int, list[tuple[str, str]],
     body = JSONResponse({"error": message}).body
     return (
         status,
-        [("content-type", "application/json"), ("date", email.utils.formatdate(usegmt=True))],
+        [("content-type", "application/json"), ("date", ohttp.format_http_date())],
         bytes(body),
     )
 
@@ -163,23 +162,22 @@ async def _run_inner(
             400, f"{exc} (the encapsulated message must be RFC 9292 binary HTTP)"
         ) from None
     del data
-    fields = dict(inner.headers)
-    sent = fields.get("date")
-    parsed = email.utils.parsedate_to_datetime(sent) if sent else None
-    if parsed is None or parsed.tzinfo is None:
+    sent = next((value for name, value in reversed(inner.headers) if name == "date"), None)
+    sent_at = ohttp.parse_http_date(sent) if sent else None
+    if sent_at is None:
         raise _Inner(
             400,
             "the encapsulated request needs a date field (an HTTP date, RFC 9110) so that "
             "the gateway can refuse replays",
         )
-    state.ohttp_replays.admit(enc, parsed.timestamp(), time.time())
+    state.ohttp_replays.admit(enc, sent_at, time.time())
     path, _, query = inner.path.partition("?")
     if not path.startswith("/") or path == PATH:
         raise _Inner(400, f"the encapsulated request's path {path[:100]!r} is not an API route")
     headers = [
-        (name.encode("latin-1"), value.encode("latin-1"))
-        for name, value in inner.headers
-        if name.encode("latin-1") not in HOP_BY_HOP and name != "host"
+        (raw, value.encode("latin-1"))
+        for raw, value in ((name.encode("latin-1"), value) for name, value in inner.headers)
+        if raw not in HOP_BY_HOP and raw != b"host"
     ]
     headers.append((b"content-length", str(len(inner.body)).encode()))
     headers.append((b"host", (outer.headers.get("host") or "blindfold").encode("latin-1")))
@@ -226,5 +224,5 @@ async def _run_inner(
             chunks.append(message.get("body", b""))
 
     await outer.app(scope, receive, send)
-    response_headers.append(("date", email.utils.formatdate(usegmt=True)))
+    response_headers.append(("date", ohttp.format_http_date()))
     return status, response_headers, b"".join(chunks)
