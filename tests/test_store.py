@@ -35,6 +35,7 @@ import blindfold
 from blindfold.errors import ConfigurationError
 from blindfold.sealing import seal
 from blindfold.server.main import open_store
+from blindfold.server.model_bytes import ModelBytes, memfd_available
 from blindfold.server.model_record import ModelRecord
 from blindfold.server.scheduler import DEFAULT, SchedulingOptions
 from blindfold.server.store import (
@@ -180,6 +181,34 @@ def test_store_keeps_scheduling_options_under_the_row_mac(tmp_path: Path, key: b
             assert "modified outside" in str(loaded[0].problem)
         finally:
             store.close()
+
+
+def test_store_opens_a_model_into_a_sealed_memfd(tmp_path: Path, key: bytes) -> None:
+    """A model restored at start is unsealed straight into a memfd (its plaintext held once);
+    a blob that fails part-way leaves no descriptor behind, and the same reason."""
+    if not memfd_available():
+        pytest.skip("this platform has no memfd (the store then returns bytes)")
+    data = model_bytes("a") + b"\x00" * (3 << 20)  # several sealed chunks
+    rec = record("a", data)
+    store = ModelStore(tmp_path, key)
+    try:
+        put(store, rec, data)
+        opened = store.open_model(rec, 8 << 20)
+        assert isinstance(opened, ModelBytes) and opened.sha256 == rec.sha256
+        with opened.view() as view:
+            assert view == data
+        opened.close()
+        blob = store.blob_path(rec.sha256)
+        damaged = bytearray(blob.read_bytes())
+        damaged[len(damaged) // 2] ^= 1
+        blob.write_bytes(bytes(damaged))
+        descriptors = len(os.listdir("/proc/self/fd"))
+        for reader in (store.open_model, store.read_model):
+            with pytest.raises(ModelUnavailable, match="was refused"):
+                reader(rec, 8 << 20)
+        assert len(os.listdir("/proc/self/fd")) == descriptors
+    finally:
+        store.close()
 
 
 STORE_V2 = Path(__file__).parent / "data" / "store-v2"

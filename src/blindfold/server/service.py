@@ -329,13 +329,17 @@ class ModelService:
     def _restore_session(self, record: ModelRecord) -> Session | str:
         if self.store is None:  # restore() calls this only with a store
             return "the server has no model store to restore the model from"
+        data: ModelData | None = None
         try:
-            data = self.store.read_model(record, self.limits.max_model_bytes)
+            data = self.store.open_model(record, self.limits.max_model_bytes)
             return self._new_session(data, record.sha256)
         except ModelUnavailable as exc:
             return exc.reason
         except Refusal as exc:
             return f"the server now refuses its bytes: {exc.message}"
+        finally:
+            if isinstance(data, ModelBytes):
+                data.close()  # the session keeps its own descriptor
 
     def _mark_unavailable(
         self, record: ModelRecord, reason: str, *, metadata_trusted: bool

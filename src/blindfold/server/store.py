@@ -75,8 +75,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from blindfold.errors import BlindfoldError, ConfigurationError, SealError
-from blindfold.sealing import KEY_SIZE, seal, seal_into, seal_reader, unseal, unseal_to_bytes
-from blindfold.server.model_bytes import ModelBytes, ModelData
+from blindfold.sealing import KEY_SIZE, seal, seal_into, seal_reader, unseal, unseal_into
+from blindfold.server.model_bytes import (
+    ModelBytes,
+    ModelBytesWriter,
+    ModelData,
+    memfd_available,
+)
 from blindfold.server.model_record import ModelRecord
 from blindfold.server.refusals import Refusal
 from blindfold.server.scheduler import DEFAULT, SchedulingOptions
@@ -764,28 +769,51 @@ class ModelStore:
 
     def read_model(self, record: ModelRecord, max_bytes: int) -> bytes:
         """Unseals and checks a model's bytes; raises ModelUnavailable saying why."""
+        parts: list[bytes] = []
+        self._unseal(record, max_bytes, parts.append)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(data) != record.size or hashlib.sha256(data).hexdigest() != record.sha256:
+            raise _unavailable(
+                record, "its unsealed bytes do not match the SHA-256 recorded for it"
+            )
+        return data
 
-        def refuse(reason: str) -> ModelUnavailable:
-            return ModelUnavailable(record.name, record.sha256, reason)
+    def open_model(self, record: ModelRecord, max_bytes: int) -> ModelData:
+        """`read_model` into a sealed memfd where the platform has them: restoring a model
+        then holds its plaintext once (not the chunks, their join, and the worker's copy)."""
+        if not memfd_available():
+            return self.read_model(record, max_bytes)
+        writer = ModelBytesWriter()
+        try:
+            self._unseal(record, max_bytes, writer.write)
+            if writer.size != record.size or writer.hexdigest() != record.sha256:
+                raise _unavailable(
+                    record, "its unsealed bytes do not match the SHA-256 recorded for it"
+                )
+            return writer.finish()
+        finally:
+            writer.abandon()  # (nothing left to free once finished)
 
+    def _unseal(self, record: ModelRecord, max_bytes: int, sink: Callable[[bytes], object]) -> None:
         try:
             path = self.blob_path(record.sha256)
         except StoreError:
-            raise refuse("its row holds an invalid SHA-256") from None
+            raise _unavailable(record, "its row holds an invalid SHA-256") from None
         try:
             with open(path, "rb") as handle:
-                data = unseal_to_bytes(
-                    self._key, handle, label=blob_label(record.sha256), max_bytes=max_bytes
+                unseal_into(
+                    self._key, handle, sink, label=blob_label(record.sha256), max_bytes=max_bytes
                 )
         except FileNotFoundError:
-            raise refuse(f"its sealed blob {path.name} is missing from the store") from None
+            raise _unavailable(
+                record, f"its sealed blob {path.name} is missing from the store"
+            ) from None
         except OSError as exc:
-            raise refuse(f"its sealed blob {path.name} cannot be read ({exc.strerror})") from None
+            raise _unavailable(
+                record, f"its sealed blob {path.name} cannot be read ({exc.strerror})"
+            ) from None
         except SealError as exc:
-            raise refuse(f"its sealed blob {path.name} was refused: {exc}") from None
-        if len(data) != record.size or hashlib.sha256(data).hexdigest() != record.sha256:
-            raise refuse("its unsealed bytes do not match the SHA-256 recorded for it")
-        return data
+            raise _unavailable(record, f"its sealed blob {path.name} was refused: {exc}") from None
 
     # --- writing ---
 
@@ -991,6 +1019,10 @@ class ModelStore:
             except OSError as exc:
                 # Harmless: recover() removes unreferenced blobs at the next start.
                 logger.warning("store: cannot remove unused blob %s (%s)", path.name, exc.strerror)
+
+
+def _unavailable(record: ModelRecord, reason: str) -> ModelUnavailable:
+    return ModelUnavailable(record.name, record.sha256, reason)
 
 
 def _scheduling(stored: object) -> SchedulingOptions | None:
