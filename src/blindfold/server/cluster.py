@@ -56,7 +56,7 @@ from blindfold.errors import (
     EvidenceError,
     RequestRejected,
 )
-from blindfold.server.model_bytes import ModelBytes
+from blindfold.server.model_bytes import ModelBytes, return_freed_memory
 from blindfold.server.model_record import ModelRecord
 from blindfold.server.scheduler import DEFAULT, SchedulingOptions
 from blindfold.server.service import Change, ModelService
@@ -531,7 +531,10 @@ class Replicator:
                         response.body[:300].decode(errors="replace"),
                     )
                 break
+            put = not isinstance(content, bytes)
             del content, body
+            if put:
+                return_freed_memory()
 
     # incoming
 
@@ -581,6 +584,7 @@ class Replicator:
                 continue
             frame = encode_change(Change("put", record, data, scheduling))
             yield struct.pack(">Q", len(frame)) + frame
+        return_freed_memory()
 
     async def sync_from(self, peer_url: str, members: list[str]) -> int:
         """A joiner's first step: copy every model from its peer, then announce itself to

@@ -598,26 +598,9 @@ def _keep_secrets_out_of_reach() -> None:
 _PR_SET_DUMPABLE = 4
 
 
-def _return_large_buffers_to_the_system() -> None:
-    """glibc raises its mmap threshold after every large free (up to 32 MiB), so the chunks
-    of model uploads, replication frames and tensors then come from a thread's malloc arena,
-    which keeps the memory after they are freed: a 64 MiB model left a 64 MiB arena behind in
-    a replica. A fixed threshold makes every buffer of 1 MiB or more an mmap that free returns."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-    except (OSError, AttributeError):  # not glibc: its allocator decides
-        pass
-
-
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD = 1024 * 1024
-
-
 def serve(config: ServerConfig) -> None:
     logs.configure(config.log_format)
     _keep_secrets_out_of_reach()
-    _return_large_buffers_to_the_system()
     state, access = build_state(config)
     if config.log_format == "json" and access.generated_key is not None:
         state.runner.shutdown()

@@ -11,6 +11,8 @@ so nobody, a worker included, can change the bytes the hash names.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import fcntl
 import functools
 import hashlib
@@ -117,6 +119,17 @@ class ModelBytesWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def return_freed_memory() -> None:
+    """Gives the memory of freed buffers back to the system, in every thread's malloc arena.
+
+    Called after model-sized work (replicating a model, a joiner's snapshot): glibc keeps
+    what a thread's arena freed, and a 64 MiB model left a 64 MiB arena behind in a replica.
+    A fixed mmap threshold would do the same for every large buffer, but made each tensor
+    of a megabyte or more pay for fresh pages (1 MiB in + out: 4.4 -> 6.6 ms)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator decides
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 # A model as the service takes it: streamed uploads and decrypted model files come as
