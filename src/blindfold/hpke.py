@@ -20,6 +20,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from blindfold.errors import BlindfoldError
+
 Buffer = bytes | bytearray | memoryview
 
 KEM_ID = 0x0020  # DHKEM(X25519, HKDF-SHA256)
@@ -38,7 +40,7 @@ _SUITE = (
 _MODE_BASE = b"\x00"
 
 
-class HpkeError(ValueError):
+class HpkeError(BlindfoldError, ValueError):
     """An encapsulated key or ciphertext that does not open (altered, or another key's)."""
 
 
