@@ -34,7 +34,7 @@ from blindfold.server.identity import ServerIdentity
 from blindfold.server.inference import InferenceResult, InferenceService, ReceiptRequest
 from blindfold.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from blindfold.server.metrics import LoadedModel, Metrics, Snapshot
-from blindfold.server.model_bytes import ModelBytes, ModelBytesWriter
+from blindfold.server.model_bytes import ModelBytes, ModelBytesWriter, ModelData
 from blindfold.server.model_record import ModelRecord
 from blindfold.server.models import OWNER_SECRET_HEADER
 from blindfold.server.ohttp_gateway import ReplayGuard, gateway
@@ -368,7 +368,6 @@ async def repository_index(request: Request) -> Response:
 async def repository_load(request: Request) -> Response:
     state = state_of(request)
     name = request.path_params["name"]
-    limits = state.service.limits
     # Authorized from the headers: a body the server would refuse is never read.
     credentials = load_credentials(request)
     state.service.check_capacity(name)
@@ -378,30 +377,46 @@ async def repository_load(request: Request) -> Response:
     if "public" in request.query_params:
         public = request.query_params["public"].lower() in ("1", "true", "yes")
     scheduling = SchedulingOptions.parse(request.query_params)
-    raw = request.headers.get("content-type", "").startswith("application/octet-stream")
-    if raw and not model_bytes.memfd_available():
-        # Hashed as it arrives, as the streamed path does: hashing in `load` would stall the
-        # event loop for a large model.
-        hasher = hashlib.sha256()
-        body = await read_body(
-            request, state.body_budget, limits.max_model_bytes, "model", "--max-model-bytes", hasher
-        )
-        data = bytes(body)
-        del body
+    data, sha256, parameter, options = await _received_model(request, state)
+    try:
         result = await state.service.load(
             name,
             data,
             credentials.token,
-            public=public,
-            sha256=hasher.hexdigest(),
+            public=public if parameter is None else parameter,
+            sha256=sha256,
             owner_secret=credentials.owner_secret,
-            scheduling=scheduling,
+            scheduling=scheduling if options is None else options,
         )
-        return _load_answer(name, result)
-    if raw:
-        # Blindfold's raw upload: the body is the ONNX file, no base64 blow-up. It streams
-        # into one sealed memfd, hashed as it arrives; the checker, the store and the
-        # model's worker all read that one copy.
+    finally:
+        if isinstance(data, ModelBytes):
+            data.close()  # a session made from it holds its own descriptor
+    return _load_answer(name, result)
+
+
+async def _received_model(
+    request: Request, state: ServerState
+) -> tuple[ModelData, str, bool | None, SchedulingOptions | None]:
+    """The uploaded model, its SHA-256 (hashed as it arrived, never on the event loop), and
+    the options a Triton load request carries as parameters (None: not given).
+
+    Blindfold's raw upload (`application/octet-stream`) is the ONNX file itself, no base64
+    blow-up: it streams into one sealed memfd that the checker, the store and the model's
+    worker all read (whole, as bytes, where there is no memfd: Gramine). A Triton load
+    request carries it base64-encoded in JSON."""
+    limits = state.service.limits
+    if request.headers.get("content-type", "").startswith("application/octet-stream"):
+        if not model_bytes.memfd_available():
+            hasher = hashlib.sha256()
+            body = await read_body(
+                request,
+                state.body_budget,
+                limits.max_model_bytes,
+                "model",
+                "--max-model-bytes",
+                hasher,
+            )
+            return bytes(body), hasher.hexdigest(), None, None
         writer = ModelBytesWriter()
         try:
             await stream_body(
@@ -415,36 +430,13 @@ async def repository_load(request: Request) -> Response:
             model = writer.finish()
         finally:
             writer.abandon()
-        try:
-            result = await state.service.load(
-                name,
-                model,
-                credentials.token,
-                public=public,
-                sha256=model.sha256,
-                owner_secret=credentials.owner_secret,
-                scheduling=scheduling,
-            )
-        finally:
-            model.close()  # a session made from it holds its own descriptor
-        return _load_answer(name, result)
+        return model, model.sha256, None, None
     limit = limits.max_model_bytes * 4 // 3 + JSON_SLACK
     body = await read_body(request, state.body_budget, limit, "model", "--max-model-bytes")
-    data, parameter, options = await state.pools.loading.call(_model_from_triton_load, body)
-    public = public if parameter is None else parameter
-    scheduling = scheduling if options is None else options
+    data, public, options = await state.pools.loading.call(_model_from_triton_load, body)
     del body
     hasher = await state.pools.loading.call(hashlib.sha256, data)
-    result = await state.service.load(
-        name,
-        data,
-        credentials.token,
-        public=public,
-        sha256=hasher.hexdigest(),
-        owner_secret=credentials.owner_secret,
-        scheduling=scheduling,
-    )
-    return _load_answer(name, result)
+    return data, hasher.hexdigest(), public, options
 
 
 def _load_answer(name: str, result: LoadResult) -> Response:
