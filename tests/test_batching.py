@@ -373,7 +373,10 @@ def test_a_flooded_model_does_not_starve_another(tmp_path: Path) -> None:
         with connect(server) as client:
             slow = client.upload_model(slow_model(), "flooded")
             fast = client.upload_model(matmul_model(8), "quiet")
-            x = np.ones((1, 1024), np.float32)
+            # 64 rows: each of A's runs takes tens of ms, longer than B's trip from the
+            # client to the queue on a loaded machine (with one row, 4 ms runs let several
+            # of A's finish while B was on its way, and the order said nothing).
+            x = np.ones((64, 1024), np.float32)
             finished: list[str] = []
             lock = threading.Lock()
 
