@@ -18,6 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import blindfold
+from blindfold.client.transport import HttpResponse
 from blindfold.server.model_record import ModelRecord
 from blindfold.server.refusals import InvalidRequest
 from blindfold.server.runtime import Session, TensorSpec
@@ -140,13 +141,7 @@ def test_the_query_short_form_and_triton_load_parameters(client: blindfold.Clien
 def test_shapes_that_do_not_fit_the_model_are_refused(
     client: blindfold.Client, query: str, words: str
 ) -> None:
-    response = send(
-        client,
-        "POST",
-        f"/v2/repository/models/warm-bad/load?{query}",
-        image_model().SerializeToString(),
-        {"Content-Type": "application/octet-stream"},
-    )
+    response = _raw_upload(client, "warm-bad", query, image_model().SerializeToString())
     assert response.status == 400, response.body
     assert words in json.loads(response.body)["error"]
     assert "warm-bad" not in [row["name"] for row in client.list_models()]
@@ -168,13 +163,7 @@ def test_shapes_that_do_not_fit_the_model_are_refused(
 def test_malformed_shapes_are_refused_before_the_body(
     client: blindfold.Client, query: str, words: str
 ) -> None:
-    response = send(
-        client,
-        "POST",
-        f"/v2/repository/models/warm-bad/load?{query}",
-        b"not onnx: never read",
-        {"Content-Type": "application/octet-stream"},
-    )
+    response = _raw_upload(client, "warm-bad", query, b"not onnx: never read")
     assert response.status == 400, response.body
     assert words in json.loads(response.body)["error"]
 
@@ -258,3 +247,14 @@ def test_cli_parses_warmup_shapes() -> None:
         "images": [1, 3, 640, 640],
         "in:0": [1, 8],
     }
+
+
+def _raw_upload(client: blindfold.Client, name: str, query: str, body: bytes) -> HttpResponse:
+    """A raw upload with `query` as its options, answered as sent (no SDK checks)."""
+    return send(
+        client,
+        "POST",
+        f"/v2/repository/models/{name}/load?{query}",
+        body,
+        {"Content-Type": "application/octet-stream"},
+    )

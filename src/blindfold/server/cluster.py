@@ -463,11 +463,10 @@ class Replicator:
             member.pending.put(item)
 
     def _keep(self, change: Change) -> None:
-        held = self._held(change.record.sha256) if change.op == "put" else None
-        if held is not None:
-            held.close()
+        session = self.service.registry.session_for(change.record.sha256)
+        kept = session is not None and session.keeps_model_bytes
         with self._lock:
-            if change.op == "put" and held is None:
+            if change.op == "put" and not kept:
                 self._blobs[change.record.sha256] = change.data
             elif change.op == "delete":
                 live = {e.sha256 for e in self.service.registry.entries()}
