@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -58,7 +59,6 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import tomllib
 import tritonclient.http as triton
 from tritonclient.utils import np_to_triton_dtype
 

@@ -41,7 +41,7 @@ def self_signed_certificate(
 ) -> x509.Certificate:
     """A day-long self-signed CA certificate for 127.0.0.1 and localhost."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(name)

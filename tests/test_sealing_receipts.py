@@ -470,6 +470,26 @@ def test_chain_reordered_or_replayed(server_key: ec.EllipticCurvePrivateKey) -> 
         strict.verify(r3, server_key.public_key())
 
 
+def test_chain_remembers_only_the_window_over_a_long_shuffled_stream(
+    server_key: ec.EllipticCurvePrivateKey,
+) -> None:
+    """Receipts shuffled within small runs (threads sharing a client) over a stream 20
+    windows long: every one is accepted once, every repeat refused, and what the verifier
+    keeps stays near the window however long the client lives."""
+    signer = _signer(server_key)
+    receipts = [_sign(signer, f"r{n}") for n in range(160)]
+    arrival = [r for start in range(0, 160, 5) for r in reversed(receipts[start : start + 5])]
+    chain = ReceiptChainVerifier(window=8)
+    for receipt in arrival:
+        chain.verify(receipt, server_key.public_key())
+        kept = chain._seen[(receipt.server_key_sha256, receipt.evidence_sha256)].receipts
+        assert len(kept) <= 8 + 5
+    assert chain.last(receipts[0].server_key_sha256) == receipts[-1]
+    for again in receipts[-8:]:
+        with pytest.raises(ReceiptError, match="replayed"):
+            chain.verify(again, server_key.public_key())
+
+
 def test_chain_late_receipt_must_fit_between_its_neighbours(
     server_key: ec.EllipticCurvePrivateKey,
 ) -> None:

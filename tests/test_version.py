@@ -4,9 +4,8 @@ the OpenAPI document and by a running server's metadata (GET /v2)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 import blindfold
 from blindfold.server import app

@@ -520,7 +520,7 @@ def parse_http_date(text: str) -> float | None:
                 int(hour),
                 int(minute),
                 int(second),
-                tzinfo=datetime.timezone.utc,
+                tzinfo=datetime.UTC,
             )
         except ValueError:  # no such day or time
             return None

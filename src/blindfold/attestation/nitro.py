@@ -153,7 +153,7 @@ def _check_validity(chain: list[x509.Certificate], at: int) -> tuple[int, int]:
 
 
 def _utc(ts: int) -> str:
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- the verdict ---

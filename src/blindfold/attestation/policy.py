@@ -14,12 +14,11 @@ kind means adding a spec here and a `TeeKind` in `attestation.kinds`.
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-
-import tomllib
 
 from blindfold.attestation.formats import snp
 from blindfold.attestation.verdict import Verdict

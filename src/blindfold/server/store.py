@@ -772,10 +772,7 @@ class ModelStore:
         parts: list[bytes] = []
         self._unseal(record, max_bytes, parts.append)
         data = parts[0] if len(parts) == 1 else b"".join(parts)
-        if len(data) != record.size or hashlib.sha256(data).hexdigest() != record.sha256:
-            raise _unavailable(
-                record, "its unsealed bytes do not match the SHA-256 recorded for it"
-            )
+        _check_unsealed(record, len(data), hashlib.sha256(data).hexdigest())
         return data
 
     def open_model(self, record: ModelRecord, max_bytes: int) -> ModelData:
@@ -786,10 +783,7 @@ class ModelStore:
         writer = ModelBytesWriter()
         try:
             self._unseal(record, max_bytes, writer.write)
-            if writer.size != record.size or writer.hexdigest() != record.sha256:
-                raise _unavailable(
-                    record, "its unsealed bytes do not match the SHA-256 recorded for it"
-                )
+            _check_unsealed(record, writer.size, writer.hexdigest())
             return writer.finish()
         finally:
             writer.abandon()  # (nothing left to free once finished)
@@ -1023,6 +1017,11 @@ class ModelStore:
 
 def _unavailable(record: ModelRecord, reason: str) -> ModelUnavailable:
     return ModelUnavailable(record.name, record.sha256, reason)
+
+
+def _check_unsealed(record: ModelRecord, size: int, sha256: str) -> None:
+    if size != record.size or sha256 != record.sha256:
+        raise _unavailable(record, "its unsealed bytes do not match the SHA-256 recorded for it")
 
 
 def _scheduling(stored: object) -> SchedulingOptions | None:

@@ -16,7 +16,7 @@ the window also ends at the earliest certificate expiry, not only at the nextUpd
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
@@ -179,7 +179,7 @@ def timestamp(stamp: Any) -> int:
         raise ValueError(f"not a date string: {stamp!r}")
     parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return int(parsed.timestamp())
 
 
