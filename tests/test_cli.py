@@ -22,6 +22,7 @@ from blindfold.attestation.simulation import WARNING as SIMULATION_WARNING
 from blindfold.attestation.simulation import measure_package
 
 from conftest import ServerProcess
+from helpers import connect
 from onnx_models import add_mul_model, identity_model
 from server_process import unverified_context
 
@@ -45,10 +46,7 @@ def cli(*args: Any, expect: int | None = 0) -> subprocess.CompletedProcess[str]:
 
 def sdk_delete(url: str, name: str, token: str) -> None:
     """Cleans up through the SDK (faster than another subprocess)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        connection = blindfold.connect(url, allow_simulation=True)
-    with connection:
+    with connect(url) as connection:
         connection.delete_model(name, token=token)
 
 

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import re
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ from onnx import TensorProto
 import blindfold
 from blindfold import tensors
 
+from helpers import connect
 from onnx_models import add_mul_model, identity_model, product_sum_model
 from transports import send
 
@@ -75,19 +75,14 @@ def bytes_array(values: list[bytes]) -> np.ndarray:
 
 def stranger(client: blindfold.Client) -> blindfold.Client:
     """Another Client of the same server: it holds none of the owner tokens `client` does."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(client.url, allow_simulation=True)
+    return connect(client.url)
 
 
 @contextlib.contextmanager
 def uploaded_for_module(server: Any, models: dict[str, Any]) -> Iterator[None]:
     """Uploads `models` by name for a module and unloads them afterwards, so the shared
     server does not fill up to --max-models."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        connection = blindfold.connect(server.url, allow_simulation=True)
-    with connection:
+    with connect(server) as connection:
         tokens = {
             name: connection.upload_model(model, name=name, public=True).owner_token
             for name, model in models.items()

@@ -5,7 +5,6 @@ is reported ready. Real `blindfold serve` processes, real onnxruntime, memory re
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,19 +13,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import blindfold
-
 from conftest import ServerProcess, start_server
+from helpers import connect
 from onnx_models import external_data_model, identity_model, weights_model
 from server_process import model_workers, proc_field, tree_memory
 
 MiB = 1 << 20
-
-
-def connect(server: ServerProcess) -> blindfold.Client:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blindfold.connect(server.url, allow_simulation=True)
 
 
 def reshape_model() -> onnx.ModelProto:
