@@ -301,6 +301,32 @@ def test_run_errors_exit_1(url: str, uploaded: dict[str, Any], tmp_path: Path) -
     assert ".npz, .npy or .json" in result.stderr
 
 
+def test_encrypt_then_load_encrypted_with_options(url: str, tmp_path: Path) -> None:
+    """encrypt-model, then load-encrypted with an upload's per-model options: the answer
+    reports the options the server applies and the configured warm-up's outcome."""
+    path = tmp_path / "enc.onnx"
+    path.write_bytes(identity_model(TensorProto.FLOAT).SerializeToString())
+    cli("encrypt-model", path, "--out", tmp_path / "enc.onnx.enc")
+    loaded = json_out(
+        cli(
+            "load-encrypted",
+            url,
+            "cli-encrypted",
+            tmp_path / "enc.onnx.enc",
+            tmp_path / "enc.onnx.enc.key.json",
+            "--max-batch-size",
+            "4",
+            "--warmup-shapes",
+            "x:2x3",
+            "--allow-simulation",
+        )
+    )
+    assert loaded["scheduling"]["max_batch_size"] == 4
+    assert loaded["scheduling"]["warmup_shapes"] == {"x": [2, 3]}
+    assert loaded["warmup"] == "ok"
+    sdk_delete(url, "cli-encrypted", loaded["owner_token"])
+
+
 def test_delete_with_owner_token(url: str, tmp_path: Path) -> None:
     path = tmp_path / "del.onnx"
     path.write_bytes(identity_model(TensorProto.FLOAT, name="cli-del").SerializeToString())

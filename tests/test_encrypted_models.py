@@ -178,3 +178,48 @@ def test_a_corrupt_encrypted_file_replaces_nothing_on_the_server(
     assert metadata["versions"] == ["1"] and metadata["sha256"] == key.sha256
     np.testing.assert_array_equal(client.run_model("enc-bias", x)["y"], first)
     client.delete_model("enc-bias")
+
+
+def test_an_encrypted_model_takes_the_upload_options(
+    client: blindfold.Client, tmp_path: Path
+) -> None:
+    """load-encrypted takes the per-model options an upload takes: the owner's batching and
+    warm-up shapes apply and are reported; a wrong option is a 400 naming it, given before
+    the file is even looked for."""
+    model = bias_model(1_000)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    model.graph.initializer[0].CopyFrom(
+        numpy_helper.from_array(np.arange(1_000, dtype=np.float32), "b")
+    )
+    plain = tmp_path / "batched.onnx"
+    plain.write_bytes(model.SerializeToString())
+    key = encrypt_model_file(plain, tmp_path / "batched.enc")
+    loaded = client.load_encrypted_model(
+        "enc-options",
+        str(tmp_path / "batched.enc"),
+        key,
+        max_batch_size=8,
+        max_queue_delay_us=500,
+        preferred_batch_sizes=[4],
+        warmup_shapes={"x": [4, 1_000]},
+    )
+    assert loaded.warmup == "ok"
+    assert loaded.scheduling is not None
+    assert loaded.scheduling["max_batch_size"] == 8
+    assert loaded.scheduling["warmup_shapes"] == {"x": [4, 1_000]}
+    assert client.model_metadata("enc-options")["scheduling"]["preferred_batch_sizes"] == [4]
+    x = np.ones((2, 1_000), np.float32)
+    np.testing.assert_array_equal(client.run_model("enc-options", x)["y"], x + np.arange(1_000))
+    for options, named in (
+        ({"max_batch_size": -1}, "max_batch_size"),
+        ({"warmup_shapes": {"x": [0, 1_000]}}, "warmup_shapes"),
+        ({"preferred_batch_sizes": [4]}, "give max_batch_size too"),
+    ):
+        with pytest.raises(blindfold.ServerError) as refused:
+            client.load_encrypted_model(
+                "enc-options-2", str(tmp_path / "not-there.enc"), key, **options
+            )
+        assert refused.value.status == 400, refused.value.message
+        assert named in refused.value.message
+    client.delete_model("enc-options")

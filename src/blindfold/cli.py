@@ -268,14 +268,57 @@ def cmd_upload(args: argparse.Namespace) -> int:
             args.name,
             public=_public(args),
             progress=progress,
-            max_batch_size=args.max_batch_size,
-            max_queue_delay_us=args.max_queue_delay_us,
-            preferred_batch_sizes=args.preferred_batch_sizes,
-            max_concurrency=args.max_concurrency,
-            warmup_shapes=args.warmup_shapes,
+            **_model_options(args),
         )
         _print_json(model.__dict__)
     return 0
+
+
+def _model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The per-model options of `upload` and `load-encrypted` (`_model_option_arguments`)."""
+    return {
+        "max_batch_size": args.max_batch_size,
+        "max_queue_delay_us": args.max_queue_delay_us,
+        "preferred_batch_sizes": args.preferred_batch_sizes,
+        "max_concurrency": args.max_concurrency,
+        "warmup_shapes": args.warmup_shapes,
+    }
+
+
+def _model_option_arguments(parser: argparse.ArgumentParser) -> None:
+    batching = parser.add_argument_group("per-model options (README: Dynamic batching)")
+    batching.add_argument(
+        "--max-batch-size",
+        type=int,
+        metavar="N",
+        help="run up to N rows of concurrent requests together (every input and output needs "
+        "a dynamic first axis); 0: no batching",
+    )
+    batching.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        metavar="US",
+        help="how long a request may wait for others to batch with (microseconds)",
+    )
+    batching.add_argument(
+        "--preferred-batch-sizes",
+        type=lambda text: [int(size) for size in text.split(",") if size],
+        metavar="N,M",
+        help="batch sizes to send at once when reached, e.g. 4,8",
+    )
+    batching.add_argument(
+        "--max-concurrency",
+        type=int,
+        metavar="N",
+        help="at most N runs of this model at once (default: --max-concurrent-inferences)",
+    )
+    batching.add_argument(
+        "--warmup-shapes",
+        type=_warmup_shapes,
+        metavar="INPUT:DIMS,...",
+        help="run the model once on zeros of these input shapes before it is ready, e.g. "
+        "images:1x3x640x640 (README: Warm-up shapes)",
+    )
 
 
 def _warmup_shapes(text: str) -> dict[str, list[int]]:
@@ -353,7 +396,9 @@ def cmd_encrypt_model(args: argparse.Namespace) -> int:
 
 def cmd_load_encrypted(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        model = client.load_encrypted_model(args.name, args.path, args.key, public=_public(args))
+        model = client.load_encrypted_model(
+            args.name, args.path, args.key, public=_public(args), **_model_options(args)
+        )
         _print_json(model.__dict__)
     return 0
 
@@ -887,39 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument(
         "--public", action="store_true", help="let anyone who attests the server run it"
     )
-    batching = upload.add_argument_group("scheduling (README: Dynamic batching)")
-    batching.add_argument(
-        "--max-batch-size",
-        type=int,
-        metavar="N",
-        help="run up to N rows of concurrent requests together (every input and output needs "
-        "a dynamic first axis); 0: no batching",
-    )
-    batching.add_argument(
-        "--max-queue-delay-us",
-        type=int,
-        metavar="US",
-        help="how long a request may wait for others to batch with (microseconds)",
-    )
-    batching.add_argument(
-        "--preferred-batch-sizes",
-        type=lambda text: [int(size) for size in text.split(",") if size],
-        metavar="N,M",
-        help="batch sizes to send at once when reached, e.g. 4,8",
-    )
-    batching.add_argument(
-        "--max-concurrency",
-        type=int,
-        metavar="N",
-        help="at most N runs of this model at once (default: --max-concurrent-inferences)",
-    )
-    batching.add_argument(
-        "--warmup-shapes",
-        type=_warmup_shapes,
-        metavar="INPUT:DIMS,...",
-        help="run the model once on zeros of these input shapes before it is ready, e.g. "
-        "images:1x3x640x640 (README: Warm-up shapes)",
-    )
+    _model_option_arguments(upload)
     upload.set_defaults(handler=cmd_upload)
 
     run = commands.add_parser("run", help="run a model on inputs from .npz/.npy/.json")
@@ -950,6 +963,7 @@ def build_parser() -> argparse.ArgumentParser:
     load_encrypted.add_argument(
         "--public", action="store_true", help="let anyone who attests the server run it"
     )
+    _model_option_arguments(load_encrypted)
     load_encrypted.set_defaults(handler=cmd_load_encrypted)
 
     receipt = commands.add_parser("receipt", help="verify saved inference receipts offline")

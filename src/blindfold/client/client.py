@@ -444,19 +444,21 @@ class Client:
         query: dict[str, str | int] = {}
         if public is not None:
             query["public"] = "true" if public else "false"
-        for option, value in (
-            ("max_batch_size", max_batch_size),
-            ("max_queue_delay_us", max_queue_delay_us),
-            ("max_concurrency", max_concurrency),
-        ):
-            if value is not None:
+        options = _model_options(
+            max_batch_size,
+            max_queue_delay_us,
+            preferred_batch_sizes,
+            max_concurrency,
+            warmup_shapes,
+        )
+        for option, value in options.items():
+            if isinstance(value, list):
+                query[option] = ",".join(str(size) for size in value)
+            elif isinstance(value, dict):
+                # The JSON form: input names may hold the ',' and ':' of the short form.
+                query[option] = json.dumps(value, separators=(",", ":"))
+            else:
                 query[option] = value
-        if preferred_batch_sizes is not None:
-            query["preferred_batch_sizes"] = ",".join(str(size) for size in preferred_batch_sizes)
-        if warmup_shapes is not None:
-            # The JSON form: input names may hold the ',' and ':' of the short form.
-            shapes = {name: [int(dim) for dim in dims] for name, dims in warmup_shapes.items()}
-            query["warmup_shapes"] = json.dumps(shapes, separators=(",", ":"))
         if query:
             path += "?" + urlencode(query)
 
@@ -683,12 +685,28 @@ class Client:
         *,
         public: bool | None = None,
         token: str | None = None,
+        max_batch_size: int | None = None,
+        max_queue_delay_us: int | None = None,
+        preferred_batch_sizes: Sequence[int] | None = None,
+        max_concurrency: int | None = None,
+        warmup_shapes: Mapping[str, Sequence[int]] | None = None,
     ) -> UploadedModel:
         """Serves a model left encrypted on the server's disk (`blindfold encrypt-model`):
-        only the key travels, over the attested channel; the server checks its SHA-256."""
+        only the key travels, over the attested channel; the server checks its SHA-256.
+        The options are `upload_model`'s."""
         if not isinstance(key, ModelKey):
             key = ModelKey.load(Path(key))
-        document: dict[str, Any] = {"path": path_on_server, "key": key.to_json()}
+        document: dict[str, Any] = {
+            "path": path_on_server,
+            "key": key.to_json(),
+            **_model_options(
+                max_batch_size,
+                max_queue_delay_us,
+                preferred_batch_sizes,
+                max_concurrency,
+                warmup_shapes,
+            ),
+        }
         if public is not None:
             document["public"] = public
         sent = self._token_for(name, token)
@@ -744,6 +762,33 @@ def _model_path(model: str, version: str | None) -> str:
 def _safe_name(name: str | None) -> str | None:
     cleaned = re.sub(r"[^A-Za-z0-9_.\-]", "-", name or "").strip("-.")[:128]
     return cleaned or None
+
+
+def _model_options(
+    max_batch_size: int | None,
+    max_queue_delay_us: int | None,
+    preferred_batch_sizes: Sequence[int] | None,
+    max_concurrency: int | None,
+    warmup_shapes: Mapping[str, Sequence[int]] | None,
+) -> dict[str, Any]:
+    """The per-model options given (None: not given), as JSON values; the server checks
+    them."""
+    options: dict[str, Any] = {
+        name: value
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("max_queue_delay_us", max_queue_delay_us),
+            ("max_concurrency", max_concurrency),
+        )
+        if value is not None
+    }
+    if preferred_batch_sizes is not None:
+        options["preferred_batch_sizes"] = [int(size) for size in preferred_batch_sizes]
+    if warmup_shapes is not None:
+        options["warmup_shapes"] = {
+            name: [int(dim) for dim in dims] for name, dims in warmup_shapes.items()
+        }
+    return options
 
 
 def _model_bytes(model: str | Path | bytes | Any) -> tuple[bytes, str | None]:

@@ -500,7 +500,8 @@ async def repository_load_encrypted(request: Request) -> Response:
     credentials = load_credentials(request)
     body = await read_body(request, state.body_budget, 1 << 16, "request", "fixed")
     advice = (
-        'send {"path": "<file on the server>", "key": <key file JSON from blindfold encrypt-model>}'
+        'send {"path": "<file on the server>", "key": <key file JSON from blindfold encrypt-model>'
+        "} and, optionally, the upload's options (public, max_batch_size, warmup_shapes, ...)"
     )
     document = oip.parse_json(body, advice)
     try:
@@ -509,6 +510,8 @@ async def repository_load_encrypted(request: Request) -> Response:
         public = document.get("public")
     except (KeyError, TypeError, ConfigurationError):
         raise RequestRejected(400, advice) from None
+    # Checked before the file is read: a wrong option costs no decryption.
+    scheduling = SchedulingOptions.parse(document)
     limit = state.service.limits.max_model_bytes
     data = await state.encrypted_models.decrypt(path, key, limit)
     try:
@@ -518,6 +521,7 @@ async def repository_load_encrypted(request: Request) -> Response:
             credentials.token,
             public=public if isinstance(public, bool) else None,
             owner_secret=credentials.owner_secret,
+            scheduling=scheduling,
         )
     finally:
         if isinstance(data, ModelBytes):
