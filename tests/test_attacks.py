@@ -835,6 +835,36 @@ def test_key_change_to_an_unattested_certificate_fails_closed(
         server.stop()
 
 
+def test_a_loopback_peer_cannot_choose_the_client_address_the_logs_show(
+    victim: ServerProcess,
+) -> None:
+    """A local process (a relay, a sidecar, anything on the host's loopback) sends
+    X-Forwarded-For and X-Forwarded-Proto: the access log must still name the TCP peer.
+    uvicorn's default trusted these headers from 127.0.0.1, so the logs named whatever
+    address such a process chose."""
+    spoofed = "203.0.113.77"
+    watch = LogWatch(victim)
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", victim.port, context=unverified_context(), timeout=10
+    )
+    try:
+        connection.request(
+            "GET",
+            "/v2/health/live",
+            headers={"X-Forwarded-For": spoofed, "X-Forwarded-Proto": "http"},
+        )
+        assert connection.getresponse().status == 200
+    finally:
+        connection.close()
+    deadline = time.monotonic() + 5
+    while not any("/v2/health/live" in line for line in watch.lines(expect_attestation=False)):
+        assert time.monotonic() < deadline, victim.log()[watch.mark :]
+        time.sleep(0.05)
+    logged = victim.log()[watch.mark :]
+    assert spoofed not in logged
+    assert "127.0.0.1" in logged
+
+
 # --- h. model ownership ---
 
 

@@ -647,6 +647,10 @@ def _uvicorn_options(config: ServerConfig) -> dict[str, Any]:
         "http": GuardedProtocol.with_limits(config.connections),
         "loop": "uvloop",
         "timeout_keep_alive": config.connections.keep_alive_timeout,
+        # uvicorn's default trusts X-Forwarded-For/-Proto from loopback peers: any local
+        # process (a relay, a sidecar) could then choose the client address the logs show.
+        # The address is the TCP peer's; this also drops a middleware from every request.
+        "proxy_headers": False,
     }
 
 
