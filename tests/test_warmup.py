@@ -10,6 +10,9 @@ the configured size, and fails on any other configured size."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from typing import cast
 
 import numpy as np
@@ -25,6 +28,7 @@ from blindfold.server.runtime import Session, TensorSpec
 from blindfold.server.scheduler import DEFAULT, SchedulingOptions
 
 from conftest import ServerProcess
+from server_process import model_workers
 from transports import send
 
 
@@ -72,6 +76,33 @@ def test_the_configured_warm_up_runs_before_the_upload_answers(
     outputs = client.run_model("warm-image", {"x": x, "m": m})
     np.testing.assert_array_equal(outputs["y"], x.reshape(1, 48))
     client.delete_model("warm-image")
+
+
+def test_a_worker_restarted_after_a_crash_runs_the_configured_warm_up(
+    server: ServerProcess, client: blindfold.Client
+) -> None:
+    """The model's worker dies (SIGKILL, as a crashing runtime would); the next request
+    restarts it, and the new worker runs the configured warm-up shapes before that request,
+    not only its own warm-up on the declared shapes (which this model cannot run)."""
+    before = model_workers(server.process.pid)
+    model = client.upload_model(image_model(), "warm-restart", warmup_shapes={"x": [1, 3, 4, 4]})
+    (worker,) = model_workers(server.process.pid) - before
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while worker in model_workers(server.process.pid):
+        assert time.monotonic() < deadline, "the killed worker did not go"
+        time.sleep(0.05)
+    mark = len(server.log())
+    x = np.arange(48, dtype=np.float32).reshape(1, 3, 4, 4)
+    m = np.array([[7]], np.int64)
+    np.testing.assert_array_equal(
+        client.run_model("warm-restart", {"x": x, "m": m})["y"], x.reshape(1, 48)
+    )
+    assert (
+        f"model sha256:{model.sha256}: its restarted worker ran the configured warm-up "
+        "(warmup_shapes 1x3x4x4): ok" in server.log()[mark:]
+    )
+    client.delete_model("warm-restart")
 
 
 def test_a_configured_warm_up_that_fails_is_reported_and_the_model_loads(

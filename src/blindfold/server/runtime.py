@@ -38,7 +38,13 @@ from blindfold.server.refusals import (
     Unavailable,
     WorkerFailed,
 )
-from blindfold.server.scheduler import DEFAULT, RunTiming, Scheduler, SchedulingOptions
+from blindfold.server.scheduler import (
+    DEFAULT,
+    RunTiming,
+    Scheduler,
+    SchedulingOptions,
+    WarmupShapes,
+)
 from blindfold.server.worker import (
     CONFINED_CHDIR,
     CONFINED_CHROOT,
@@ -116,6 +122,10 @@ class Session:
         self.closed = False
 
     keeps_model_bytes = False  # whether `model_bytes` can hand the model back
+
+    def remember_warmup(self, options: SchedulingOptions) -> None:
+        """Keeps a model's configured warm-up (`warmup_shapes`) that ran: a session whose
+        worker is restarted after a crash runs it again."""
 
     def model_bytes(self) -> ModelBytes | None:
         """A new handle on the model's bytes when this session keeps them (the caller closes
@@ -195,8 +205,10 @@ class IsolatedSession(Session):
         )
         self._start_lock = threading.Lock()
         self._worker: ModelWorker | None = None
+        self._warmups: dict[WarmupShapes, SchedulingOptions] = {}
         try:
-            ready = self._start()
+            started = self._start()
+            ready = started.ready if started is not None else {}
             self.inputs = _specs(ready.get("inputs"))
             self.outputs = _specs(ready.get("outputs"))
             self.confinement = _confinement(ready)
@@ -204,13 +216,13 @@ class IsolatedSession(Session):
             self.close()
             raise
 
-    def _start(self) -> dict[str, Any]:
-        """Starts a worker unless a live one exists; returns its load answer."""
+    def _start(self) -> ModelWorker | None:
+        """Starts a worker unless a live one exists; returns the one this call started."""
         with self._start_lock:
             if self.closed:
                 raise Conflict("the model was unloaded while this request waited")
             if self._worker is not None and self._worker.alive:
-                return self._worker.ready
+                return None
             timeout = max(120.0, self._limits.inference_timeout)
             try:
                 worker = ModelWorker(self._model_fd, self._settings, timeout)
@@ -229,15 +241,21 @@ class IsolatedSession(Session):
             self._worker = worker
             _report_confinement(_confinement(worker.ready))
             _report_warmup(self.sha256, worker.ready)
-            return worker.ready
+            return worker
+
+    def remember_warmup(self, options: SchedulingOptions) -> None:
+        if options.warmup_shapes:
+            self._warmups[options.warmup_shapes] = options
 
     async def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         worker = self._worker
         if worker is None or not worker.alive:
-            await asyncio.to_thread(self._start)
+            started = await asyncio.to_thread(self._start)
             worker = self._worker
             if worker is None:  # close() ran between the start and here
                 raise Conflict("the model was unloaded while this request waited")
+            if started is not None:
+                await self._warm_up_restarted(started)
         names = list(feeds)
         arrays = [feeds[name] for name in names]
         try:
@@ -270,6 +288,50 @@ class IsolatedSession(Session):
             raise WorkerFailed(
                 "the model's worker process answered with malformed tensors"
             ) from None
+
+    async def _warm_up_restarted(self, worker: ModelWorker) -> None:
+        """Runs the remembered configured warm-ups on a worker restarted after a crash, before
+        the request that restarted it: the worker's own warm-up covers only the declared
+        shapes. Straight to the worker, not through the scheduler, whose slot that request
+        holds. An outcome other than "ok" is only logged: the request then finds the worker
+        as the warm-up left it."""
+        for options in list(self._warmups.values()):
+            shapes = ", ".join("x".join(map(str, dims)) for _, dims in options.warmup_shapes)
+            try:
+                feeds = await asyncio.to_thread(options.warmup_feeds, self)
+            except Refusal:
+                continue
+            if feeds is None:
+                continue
+            names = list(feeds)
+            try:
+                async with asyncio.timeout(self._limits.inference_timeout + TIMEOUT_GRACE):
+                    message = await worker.run(
+                        names,
+                        [feeds[name] for name in names],
+                        self.output_names,
+                        send_off_loop=True,
+                    )
+                error = message.header.get("error")
+                outcome = (
+                    "ok" if message.header.get("ok") else f"failed ({_printable(str(error))[:40]})"
+                )
+            except TimeoutError:
+                worker.kill("a run exceeded --inference-timeout")
+                outcome = "failed (it exceeded --inference-timeout)"
+            except WorkerDied as exc:
+                outcome = f"failed (the worker stopped: {exc.reason})"
+            finally:
+                del feeds
+            logger.info(
+                "model sha256:%s: its restarted worker ran the configured warm-up "
+                "(warmup_shapes %s): %s",
+                self.sha256,
+                shapes,
+                outcome,
+            )
+            if not worker.alive:
+                return
 
     keeps_model_bytes = True
 

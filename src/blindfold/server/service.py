@@ -498,6 +498,7 @@ class ModelService:
             return f"failed: {exc.message}"
         finally:
             del feeds
+        session.remember_warmup(options)
         logger.info(
             "model %r (sha256:%s) warmed up on its configured warmup_shapes %s before ready",
             record.name,
