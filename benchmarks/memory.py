@@ -7,11 +7,12 @@ Builds models with `onnx.helper` (one MatMul on random float32 weights, which no
 compress), starts a real `blindfold serve --open-upload` (simulation TEE) on a free loopback
 port and measures, in the same run:
 
-* **loaded**: the proportional set size (PSS) of the server's process tree after uploading
-  `--models` models of `--model-mb` MiB, minus before; against the same sessions opened by
-  path in one in-process onnxruntime process (a child interpreter, PSS after minus before).
-  Goal: ratio <= 1.15. The sealed memfds the front keeps to restart a crashed worker are
-  printed apart: they are in no process's PSS.
+* **loaded**: what the server holds after uploading `--models` models of `--model-mb` MiB,
+  minus before: the proportional set size (PSS) of its process tree plus the sealed memfds
+  the front keeps to restart a crashed worker (mapped by no process, so in no PSS); against
+  the same sessions opened by path in one in-process onnxruntime process (a child
+  interpreter, PSS after minus before). Goal: ratio <= 1.15. The PSS-only ratio is printed
+  too.
 * **upload peak**: uploading one more model, the front's peak resident growth (VmHWM: the
   streamed memfd, mapped, and the checker's parse) and the new worker's load peak beyond its
   loaded session, each over the file size; the peak beyond the loaded session is the larger
@@ -165,17 +166,22 @@ def main() -> None:
     results["load_average_after"] = os.getloadavg()
     mib = float(MiB)
     print(f"load average before {results['load_average']}, after {os.getloadavg()}")
+    # The goal counts what the server holds: its processes' PSS and the sealed memfds the
+    # front keeps to restart a crashed worker (mapped by no process, so in no PSS).
+    held = (loaded + restart_copies) / in_process
+    results["loaded_with_restart_copies_ratio"] = held
     print(
-        f"loaded {args.models} x {args.model_mb} MiB: server PSS +{loaded / mib:.0f} MiB, "
-        f"in-process +{in_process / mib:.0f} MiB, ratio {loaded / in_process:.2f} "
-        f"(goal <= 1.15) {'PASS' if loaded / in_process <= 1.15 else 'MISS'}"
+        f"loaded {args.models} x {args.model_mb} MiB: server +{(loaded + restart_copies) / mib:.0f}"
+        f" MiB (PSS +{loaded / mib:.0f}, restart copies in sealed memfds "
+        f"{restart_copies / mib:.0f}), in-process +{in_process / mib:.0f} MiB, ratio "
+        f"{held:.2f} (goal <= 1.15) {'PASS' if held <= 1.15 else 'MISS'}"
     )
+    print(f"  without the restart copies (PSS only): ratio {loaded / in_process:.2f}")
     print(
         f"  totals: server tree PSS {server_total / mib:.0f} MiB (front, fork server, "
         f"{args.models} workers), in-process {in_process_total / mib:.0f} MiB, ratio "
         f"{server_total / in_process_total:.2f}"
     )
-    print(f"  restart copies in sealed memfds (in no PSS): {restart_copies / mib:.0f} MiB")
     # While the checker parses, the front holds the memfd and the parse; while the worker
     # loads, the memfd (kept as the restart copy) and the worker's load transient.
     beyond = max(front_growth, size + load_transient) / size
