@@ -1,6 +1,6 @@
 """Server memory per loaded model and upload cost, against in-process onnxruntime.
 
-    .venv/bin/python benchmarks/memory.py [--models 4] [--model-mb 64] [--large-mb 320]
+    .venv/bin/python benchmarks/memory.py [--models 4] [--model-mb 64] [--large-mb 320] [--store]
                                           [--json out.json]
 
 Builds models with `onnx.helper` (one MatMul on random float32 weights, which nothing can
@@ -21,6 +21,11 @@ port and measures, in the same run:
 * **upload rate**: a `--large-mb` MiB model uploaded through the SDK (attested, pinned TLS),
   end to end: streamed in, checked, sealed in a memfd, loaded and warmed up by its worker.
   Goal: >= 200 MB/s.
+
+With `--store` the server runs with a (temporary) model store: a stored model's session
+then reopens the model from its sealed blob on disk when it needs the bytes again (a worker
+restart, a joining replica), so the front keeps no restart memfd and the store's disk, not
+the server's memory, holds the second copy.
 
 A benchmark, not a test: absolute numbers depend on the machine and what else it runs.
 """
@@ -45,7 +50,13 @@ import blindfold
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from onnx_models import weights_model  # noqa: E402
-from server_process import model_workers, proc_field, start_server, tree_memory  # noqa: E402
+from server_process import (  # noqa: E402
+    model_memfds,
+    model_workers,
+    proc_field,
+    start_server,
+    tree_memory,
+)
 
 MiB = 1 << 20
 
@@ -68,23 +79,17 @@ print(before, pss())
 """
 
 
-def model_memfds(pid: int) -> int:
-    """Bytes in the model memfds the front process holds (restart copies)."""
-    total = 0
-    for entry in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            if "memfd:blindfold-model" in os.readlink(entry):
-                total += entry.stat().st_size
-        except OSError:
-            continue
-    return total
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=int, default=4)
     parser.add_argument("--model-mb", type=int, default=64)
     parser.add_argument("--large-mb", type=int, default=320)
+    parser.add_argument(
+        "--store",
+        action="store_true",
+        help="serve with --store (a temporary one): stored models' restart copies are its "
+        "sealed blobs on disk, not memfds",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -109,7 +114,8 @@ def main() -> None:
         in_process = after - before
         in_process_total = after
 
-        server = start_server(folder, "--open-upload")
+        store = ["--store", str(folder / "store")] if args.store else []
+        server = start_server(folder, "--open-upload", *store)
         try:
             front = server.process.pid
             with blindfold.connect(server.url, allow_simulation=True) as client:
@@ -120,7 +126,7 @@ def main() -> None:
                     client.upload_model(paths[index], name=f"m{index}")
                 loaded = tree_memory(front) - base
                 server_total = tree_memory(front)
-                restart_copies = model_memfds(front)
+                restart_copies = sum(model_memfds(front))
 
                 # Resets the front's VmHWM to its current resident size (proc(5) clear_refs).
                 Path(f"/proc/{front}/clear_refs").write_text("5")

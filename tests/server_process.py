@@ -275,6 +275,19 @@ def model_workers(front: int) -> set[int]:
     return {pid for pid in children if proc_field(pid, "status", "PPid") // 1024 != front}
 
 
+def model_memfds(pid: int | str = "self") -> list[int]:
+    """The sizes of the model memfds a process holds (ModelBytesWriter and the store's
+    unsealing name them `blindfold-model`): restart copies and models being uploaded."""
+    sizes = []
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(entry).startswith("/memfd:blindfold-model"):
+                sizes.append(entry.stat().st_size)
+        except OSError:  # closed meanwhile (the listing's own descriptor, say)
+            continue
+    return sizes
+
+
 def tree_memory(pid: int) -> int:
     """The proportional set size (PSS) of a process tree, in bytes: pages shared between its
     processes count once. Memory held only in unmapped memfds is not included."""

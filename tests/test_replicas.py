@@ -22,6 +22,7 @@ from helpers import connect
 from onnx_models import add_mul_model, matmul_model, weights_model
 from server_process import (
     ServerProcess,
+    model_memfds,
     proc_field,
     run_replica_expecting_failure,
     start_replica,
@@ -526,3 +527,24 @@ def _live(server: ServerProcess) -> bool:
             return bool(answer.status == 200)
     except OSError:
         return False
+
+
+def test_a_replica_with_a_store_sends_models_from_its_sealed_blobs(
+    tmp_path: Path, policy: Path
+) -> None:
+    """A replica with --store keeps no memfd of a stored model (its session reopens the
+    model from the sealed blob when needed): a joiner still receives the model, read from
+    that blob, and serves it."""
+    origin = start_replica(tmp_path, policy, "--store", str(tmp_path / "origin-store"))
+    try:
+        with connect(origin) as on_origin:
+            model = on_origin.upload_model(add_mul_model().SerializeToString(), name="from-blob")
+        assert model_memfds(origin.process.pid) == []
+        joiner = start_replica(tmp_path, policy, join=origin)
+        try:
+            with connect(joiner) as on_joiner:
+                eventually(lambda: serves(on_joiner, "from-blob", model.owner_token), "received")
+        finally:
+            joiner.stop()
+    finally:
+        origin.stop()

@@ -53,7 +53,7 @@ from blindfold.server.tee.simulation import SEALING_KEY_FILE
 from conftest import ServerProcess, start_server
 from helpers import connect
 from onnx_models import identity_model, matmul_model
-from server_process import unverified_context
+from server_process import model_memfds, model_workers, unverified_context
 from transports import send
 
 X = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -1307,3 +1307,71 @@ def test_planted_schema_objects_refuse_the_store_and_lose_nothing(
         listed = index(client, b.owner_token)
         assert {row["state"] for row in listed.values()} == {"READY"}
         assert set(listed) == {"a", "b"}
+
+
+# --- a stored model is held once in memory: restart copies come from the sealed blob ---
+
+
+def kill_worker_of(server: ServerProcess, known: set[int]) -> int:
+    """SIGKILLs the one model worker not in `known` (as a crashing runtime would die), and
+    waits until the front has noticed (it watches a worker once it has run a request)."""
+    (worker,) = model_workers(server.process.pid) - known
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while f"model worker {worker} stopped" not in server.log():  # the front has noticed
+        assert time.monotonic() < deadline, "the front did not notice the killed worker"
+        time.sleep(0.05)
+    return worker
+
+
+@pytest.mark.skipif(not memfd_available(), reason="memfd is Linux only")
+def test_a_stored_model_is_held_once_and_its_worker_restarts_from_the_store(
+    tmp_path: Path, store_dir: Path, servers: list[ServerProcess]
+) -> None:
+    """With --store the front keeps no second copy of a model in memory: once the model is
+    durable its sealed memfd is closed, and a worker that dies is restarted from the store's
+    blob (unsealed for that start only). The same after a restart of the server."""
+    server, client = restart(servers, tmp_path, store_dir)
+    with client:
+        before = model_workers(server.process.pid)
+        client.upload_model(matmul_model(64), name="held", public=True)
+        assert model_memfds(server.process.pid) == []
+        x = np.ones((1, 64), np.float32)
+        expected = client.run_model("held", x)["y"]
+        kill_worker_of(server, before)
+        np.testing.assert_array_equal(client.run_model("held", x)["y"], expected)
+        assert model_memfds(server.process.pid) == []
+    server, client = restart(servers, tmp_path, store_dir)
+    with client:
+        assert model_memfds(server.process.pid) == []
+        np.testing.assert_array_equal(client.run_model("held", x)["y"], expected)
+        kill_worker_of(server, set())
+        np.testing.assert_array_equal(client.run_model("held", x)["y"], expected)
+
+
+@pytest.mark.skipif(not memfd_available(), reason="memfd is Linux only")
+def test_a_blob_changed_under_a_running_model_fails_its_restart_clearly(
+    tmp_path: Path, store_dir: Path, servers: list[ServerProcess]
+) -> None:
+    """A hostile host edits a served model's blob, then the model's worker dies: the
+    restart refuses the blob with a 503 naming the problem and what to do, no other model
+    is affected, and uploading the model again heals it."""
+    victim_bytes, good_bytes = model_bytes("victim-live"), model_bytes("good-live")
+    server, client = restart(servers, tmp_path, store_dir)
+    with client:
+        before = model_workers(server.process.pid)
+        victim = client.upload_model(victim_bytes, name="victim", public=True)
+        known = model_workers(server.process.pid)
+        client.upload_model(good_bytes, name="good", public=True)
+        np.testing.assert_array_equal(client.run_model("victim", X)["y"], X)
+        _damage_blob(store_dir, sha(victim_bytes), "flip", victim_bytes)
+        kill_worker_of(server, before | (model_workers(server.process.pid) - known))
+        with pytest.raises(blindfold.ServerError) as refused:
+            client.run_model("victim", X)
+        assert refused.value.status == 503
+        assert "must be reloaded from the model store" in refused.value.message
+        assert "upload it again" in refused.value.message
+        assert victim_bytes.hex()[:64] not in server.log()
+        np.testing.assert_array_equal(client.run_model("good", X)["y"], X)
+        client.upload_model(victim_bytes, name="victim", token=victim.owner_token, public=True)
+        np.testing.assert_array_equal(client.run_model("victim", X)["y"], X)

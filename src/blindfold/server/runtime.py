@@ -16,7 +16,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +127,11 @@ class Session:
         """Keeps a model's configured warm-up (`warmup_shapes`) that ran: a session whose
         worker is restarted after a crash runs it again."""
 
+    def reopen_from(self, source: Callable[[], ModelData]) -> None:
+        """Lets go of the copy of the model's bytes this session keeps for restarts (if it
+        keeps one), to get them from `source` when needed: the model store's sealed blob,
+        so that the server's memory holds each stored model once, as its session."""
+
     def model_bytes(self) -> ModelBytes | None:
         """A new handle on the model's bytes when this session keeps them (the caller closes
         it); None when it does not."""
@@ -176,7 +181,8 @@ class Session:
 
 class IsolatedSession(Session):
     """A session whose onnxruntime lives in a confined worker process, restarted on demand
-    when it dies; the model bytes wait in a sealed memfd for the next start."""
+    when it dies. The model bytes wait for the next start in a sealed memfd, or, once
+    `reopen_from` names a source (the store's sealed blob), there."""
 
     def __init__(
         self,
@@ -199,10 +205,10 @@ class IsolatedSession(Session):
             concurrency=limits.max_concurrent_inferences,
             custom_ops_library=custom_ops_library,
         )
-        # The restart copy: the upload's own sealed memfd when it streamed into one.
-        self._model_fd = (
-            os.dup(data.fd) if isinstance(data, ModelBytes) else frames.sealed_memfd(data)
-        )
+        # The restart copy: the upload's own sealed memfd when it streamed into one; None
+        # once `reopen_from` gave a source to reopen it from.
+        self._model_fd: int | None = _memfd_of(data)
+        self._reopen: Callable[[], ModelData] | None = None
         self._start_lock = threading.Lock()
         self._worker: ModelWorker | None = None
         self._warmups: dict[WarmupShapes, SchedulingOptions] = {}
@@ -224,8 +230,9 @@ class IsolatedSession(Session):
             if self._worker is not None and self._worker.alive:
                 return None
             timeout = max(120.0, self._limits.inference_timeout)
+            model_fd = self._model_fd if self._model_fd is not None else self._reopened()
             try:
-                worker = ModelWorker(self._model_fd, self._settings, timeout)
+                worker = ModelWorker(model_fd, self._settings, timeout)
             except WorkerDied as exc:
                 # SIGKILL: the kernel ended it at its memory limit.
                 refused = OutOfMemory if "SIGKILL" in exc.reason else InvalidModel
@@ -234,6 +241,9 @@ class IsolatedSession(Session):
                     f"({exc.reason}); a model needing more than --max-inference-memory "
                     "while loading is refused",
                 ) from None
+            finally:
+                if model_fd != self._model_fd:  # reopened for this start only
+                    os.close(model_fd)
             if not worker.ready.get("ok"):
                 worker.close()
                 detail = _printable(str(worker.ready.get("detail", "")))
@@ -243,9 +253,28 @@ class IsolatedSession(Session):
             _report_warmup(self.sha256, worker.ready)
             return worker
 
+    def _reopened(self) -> int:
+        """A new sealed memfd of the model, from the source `reopen_from` gave."""
+        if self._reopen is None:  # (only when closed, which `_start` refuses first)
+            raise Conflict("the model was unloaded while this request waited")
+        data = self._reopen()
+        try:
+            return _memfd_of(data)
+        finally:
+            if isinstance(data, ModelBytes):
+                data.close()
+
     def remember_warmup(self, options: SchedulingOptions) -> None:
         if options.warmup_shapes:
             self._warmups[options.warmup_shapes] = options
+
+    def reopen_from(self, source: Callable[[], ModelData]) -> None:
+        with self._start_lock:
+            if self.closed or self._model_fd is None:
+                return
+            self._reopen = source
+            os.close(self._model_fd)
+            self._model_fd = None
 
     async def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         worker = self._worker
@@ -341,7 +370,12 @@ class IsolatedSession(Session):
         with self._start_lock:
             if self.closed:
                 return None
-            return ModelBytes(os.dup(self._model_fd), self.size, self.sha256)
+            if self._model_fd is not None:
+                return ModelBytes(os.dup(self._model_fd), self.size, self.sha256)
+            try:
+                return ModelBytes(self._reopened(), self.size, self.sha256)
+            except Refusal:
+                return None  # the caller has other ways, or reports the model as missing
 
     def close(self) -> None:
         with self._start_lock:
@@ -350,7 +384,13 @@ class IsolatedSession(Session):
             super().close()
             if self._worker is not None:
                 self._worker.close()
-            os.close(self._model_fd)
+            if self._model_fd is not None:
+                os.close(self._model_fd)
+
+
+def _memfd_of(data: ModelData) -> int:
+    """A new descriptor of a sealed memfd holding `data` (its own, when it has one)."""
+    return os.dup(data.fd) if isinstance(data, ModelBytes) else frames.sealed_memfd(data)
 
 
 def _confinement(ready: Mapping[str, Any]) -> str:

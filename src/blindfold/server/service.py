@@ -332,7 +332,9 @@ class ModelService:
         data: ModelData | None = None
         try:
             data = self.store.open_model(record, self.limits.max_model_bytes)
-            return self._new_session(data, record.sha256)
+            session = self._new_session(data, record.sha256)
+            session.reopen_from(self._reopener(self.store, record))
+            return session
         except ModelUnavailable as exc:
             return exc.reason
         except Refusal as exc:
@@ -600,10 +602,10 @@ class ModelService:
         store = self.store
         staged = None
         try:
-            if store is not None and not (
-                self.registry.session_for(record.sha256) is not None
-                and store.has_blob(record.sha256)
-            ):
+            if store is not None:
+                # Even when a blob of these bytes exists: sessions reopen their model from it
+                # (`Session.reopen_from`), and the upload is the chance to replace a blob the
+                # host damaged since.
                 staged = store.stage_blob(record.sha256, data)  # slow: outside the lock
             with self._lock:
                 if self._current(record.name) is not existing:
@@ -618,10 +620,9 @@ class ModelService:
                         "upload again",
                     )
                 if store is not None:
-                    if staged is None and not store.has_blob(record.sha256):
-                        staged = store.stage_blob(record.sha256, data)  # removed meanwhile
                     store.commit_model(record, staged)
                     staged = None
+                    entry.loaded().reopen_from(self._reopener(store, record))
                 self.registry.put(entry)
                 self.registry.unavailable.pop(record.name, None)
                 self._heal(entry.sha256, entry.loaded())
@@ -666,6 +667,24 @@ class ModelService:
             raise
         finally:
             del self._loading[sha256]
+
+    def _reopener(self, store: ModelStore, record: ModelRecord) -> Callable[[], ModelData]:
+        """Gets a stored model's bytes back from its sealed blob, for a session that lets go
+        of its own copy (`Session.reopen_from`): to restart its worker after a crash, or to
+        send the model to a joining replica. A blob the host removed or changed meanwhile is
+        a 503 naming the problem; the model serves again once it is uploaded again."""
+        limit = self.limits.max_model_bytes
+
+        def reopen() -> ModelData:
+            try:
+                return store.open_model(record, limit)
+            except ModelUnavailable as exc:
+                raise Unavailable(
+                    f"model {record.name!r} must be reloaded from the model store, but "
+                    f"{exc.reason}; upload it again"
+                ) from None
+
+        return reopen
 
     def _new_session(self, data: ModelData, sha256: str) -> Session:
         if isinstance(data, ModelBytes):
