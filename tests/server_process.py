@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -286,6 +287,18 @@ def model_memfds(pid: int | str = "self") -> list[int]:
         except OSError:  # closed meanwhile (the listing's own descriptor, say)
             continue
     return sizes
+
+
+def kill_worker_of(server: ServerProcess, known: set[int]) -> int:
+    """SIGKILLs the one model worker not in `known` (as a crashing runtime would die), and
+    waits until the front has noticed (it watches a worker once it has run a request)."""
+    (worker,) = model_workers(server.process.pid) - known
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while f"model worker {worker} stopped" not in server.log():  # the front has noticed
+        assert time.monotonic() < deadline, "the front did not notice the killed worker"
+        time.sleep(0.05)
+    return worker
 
 
 def tree_memory(pid: int) -> int:

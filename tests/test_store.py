@@ -53,7 +53,7 @@ from blindfold.server.tee.simulation import SEALING_KEY_FILE
 from conftest import ServerProcess, start_server
 from helpers import connect
 from onnx_models import identity_model, matmul_model
-from server_process import model_memfds, model_workers, unverified_context
+from server_process import kill_worker_of, model_memfds, model_workers, unverified_context
 from transports import send
 
 X = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -1310,18 +1310,6 @@ def test_planted_schema_objects_refuse_the_store_and_lose_nothing(
 
 
 # --- a stored model is held once in memory: restart copies come from the sealed blob ---
-
-
-def kill_worker_of(server: ServerProcess, known: set[int]) -> int:
-    """SIGKILLs the one model worker not in `known` (as a crashing runtime would die), and
-    waits until the front has noticed (it watches a worker once it has run a request)."""
-    (worker,) = model_workers(server.process.pid) - known
-    os.kill(worker, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while f"model worker {worker} stopped" not in server.log():  # the front has noticed
-        assert time.monotonic() < deadline, "the front did not notice the killed worker"
-        time.sleep(0.05)
-    return worker
 
 
 @pytest.mark.skipif(not memfd_available(), reason="memfd is Linux only")

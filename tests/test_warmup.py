@@ -10,9 +10,6 @@ the configured size, and fails on any other configured size."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from typing import cast
 
 import numpy as np
@@ -28,7 +25,7 @@ from blindfold.server.runtime import Session, TensorSpec
 from blindfold.server.scheduler import DEFAULT, SchedulingOptions
 
 from conftest import ServerProcess
-from server_process import model_workers
+from server_process import kill_worker_of, model_workers
 from transports import send
 
 
@@ -86,12 +83,7 @@ def test_a_worker_restarted_after_a_crash_runs_the_configured_warm_up(
     not only its own warm-up on the declared shapes (which this model cannot run)."""
     before = model_workers(server.process.pid)
     model = client.upload_model(image_model(), "warm-restart", warmup_shapes={"x": [1, 3, 4, 4]})
-    (worker,) = model_workers(server.process.pid) - before
-    os.kill(worker, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while f"model worker {worker} stopped" not in server.log():  # the front has noticed
-        assert time.monotonic() < deadline, "the front did not notice the killed worker"
-        time.sleep(0.05)
+    kill_worker_of(server, before)
     mark = len(server.log())
     x = np.arange(48, dtype=np.float32).reshape(1, 3, 4, 4)
     m = np.array([[7]], np.int64)

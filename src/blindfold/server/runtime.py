@@ -325,7 +325,7 @@ class IsolatedSession(Session):
         holds. An outcome other than "ok" is only logged: the request then finds the worker
         as the warm-up left it."""
         for options in list(self._warmups.values()):
-            shapes = ", ".join("x".join(map(str, dims)) for _, dims in options.warmup_shapes)
+            shapes = options.warmup_dimensions()
             try:
                 feeds = await asyncio.to_thread(options.warmup_feeds, self)
             except Refusal:

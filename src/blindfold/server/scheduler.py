@@ -126,6 +126,11 @@ class SchedulingOptions:
                 "it without max_batch_size",
             )
 
+    def warmup_dimensions(self) -> str:
+        """The warm-up shapes as logs show them, `1x3x640x640, 1x128`: dimensions only,
+        never input names (they come from the model)."""
+        return ", ".join("x".join(map(str, dims)) for _, dims in self.warmup_shapes)
+
     def warmup_feeds(self, session: Session) -> dict[str, np.ndarray] | None:
         """The zero inputs of the configured warm-up (None when none is configured): the
         named inputs in their configured shapes, the others in their declared shapes with

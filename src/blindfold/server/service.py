@@ -485,7 +485,7 @@ class ModelService:
         if feeds is None:
             return None
         # Only the dimensions: input names come from the model, and are not logged.
-        shapes = ", ".join("x".join(map(str, dims)) for _, dims in options.warmup_shapes)
+        shapes = options.warmup_dimensions()
         try:
             await self._runner.run(session, session.output_names, feeds)
         except Refusal as exc:
